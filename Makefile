@@ -1,0 +1,34 @@
+# Two commands for a newcomer: `make demo` (the main job) and `make test`.
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Pytest's worker count; the suite is sized for 2 cores.
+PYTEST_ARGS ?=
+
+.PHONY: install test demo assets bench clean
+
+install: $(STAMP)
+
+# torch is pinned (constraints.txt) because an unpinned torch pulls a multi-GB CUDA build.
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+assets: install
+	$(BIN)/python -m gemma_hf.assets all
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/python -m gemma_hf.demo
+
+bench: install
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,0 +1,104 @@
+"""Tiny configs of every Gemma variant, and stock/ours model pairs with identical weights."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from gemma_hf import GemmaHFConfig, GemmaHFForCausalLM
+from gemma_hf.model.configuration import alternating_layer_types
+
+WINDOW = 8  # small, so test sequences run well past it
+
+_COMMON = dict(
+    vocab_size=257,
+    hidden_size=64,
+    intermediate_size=96,
+    head_dim=16,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
+
+TINY = {
+    # Gemma 1 2B style: multi-query attention (one KV head)
+    "gemma1-mqa": dict(family="gemma", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                       layer_types=["full_attention"] * 2, sliding_window=None, attn_logit_softcapping=None,
+                       final_logit_softcapping=None, use_post_norms=False),
+    # Gemma 1 7B style: multi-head attention
+    "gemma1-mha": dict(family="gemma", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                       layer_types=["full_attention"] * 2, sliding_window=None, attn_logit_softcapping=None,
+                       final_logit_softcapping=None, use_post_norms=False),
+    # Gemma 2: GQA, local/global alternation, both soft-caps on
+    "gemma2": dict(family="gemma2", num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                   layer_types=alternating_layer_types(4, 1), sliding_window=WINDOW,
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=16),
+    # Gemma 2 27B style: queries scaled by d_model/num_heads, not head_dim (64/4 = 16 vs head_dim 24)
+    "gemma2-27b-style": dict(family="gemma2", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=24, query_pre_attn_scalar=16, layer_types=alternating_layer_types(2, 1),
+                             sliding_window=WINDOW, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    # Gemma 3: QK-norm, 5 local : 1 global, two RoPE bases
+    "gemma3": dict(family="gemma3", num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1,
+                   layer_types=alternating_layer_types(6, 5), sliding_window=WINDOW, attn_logit_softcapping=None,
+                   final_logit_softcapping=None, use_qk_norm=True, query_pre_attn_scalar=16,
+                   rope_theta=1_000_000.0, rope_local_base_freq=10_000.0),
+    # Gemma 3 4B+ style: linear RoPE scaling on global layers
+    "gemma3-linear-rope": dict(family="gemma3", num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                               layer_types=alternating_layer_types(6, 5), sliding_window=WINDOW,
+                               attn_logit_softcapping=None, final_logit_softcapping=None, use_qk_norm=True,
+                               query_pre_attn_scalar=16, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                               rope_linear_factor=8.0),
+}
+# Variants without an attention soft-cap, where sdpa is exact.
+NO_ATTN_SOFTCAP = [name for name, kw in TINY.items() if kw["attn_logit_softcapping"] is None]
+
+
+def tiny_config(name: str, **overrides) -> GemmaHFConfig:
+    return GemmaHFConfig(**{**_COMMON, **TINY[name], **overrides})
+
+
+def randomize_norms(model: torch.nn.Module, seed: int = 0) -> None:
+    """Norm weights initialise to zero (identity); give them values so the tests see them."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+
+
+def make_ours(name: str, attn: str = "eager", seed: int = 0, **overrides) -> GemmaHFForCausalLM:
+    torch.manual_seed(seed)
+    model = GemmaHFForCausalLM._from_config(tiny_config(name, **overrides), attn_implementation=attn)
+    randomize_norms(model, seed)
+    return model.eval()
+
+
+def stock_from(ours: torch.nn.Module, attn: str = "eager", head: str = "causal-lm"):
+    """A stock transformers model holding exactly our weights (strict: every tensor name matches)."""
+    stock_dict = ours.config.to_stock_dict()
+    stock_config = AutoConfig.for_model(stock_dict.pop("model_type"), **stock_dict)
+    if head == "causal-lm":
+        stock = AutoModelForCausalLM.from_config(stock_config, attn_implementation=attn)
+    else:
+        from transformers import AutoModelForSequenceClassification
+
+        stock = AutoModelForSequenceClassification.from_config(stock_config, attn_implementation=attn)
+    stock.load_state_dict(ours.state_dict(), strict=True)
+    return stock.eval()
+
+
+def make_pair(name: str, attn: str = "eager", stock_attn: str = "eager", seed: int = 0, **overrides):
+    ours = make_ours(name, attn=attn, seed=seed, **overrides)
+    return ours, stock_from(ours, attn=stock_attn)
+
+
+def random_ids(batch: int, seq: int, vocab: int = 257, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, seq), generator=gen)
+    ids[:, 0] = 2  # <bos>
+    return ids
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
