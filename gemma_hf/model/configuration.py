@@ -128,6 +128,8 @@ class GemmaHFConfig(PreTrainedConfig):
         self.final_logit_softcapping = final_logit_softcapping
         self.use_post_norms = use_post_norms
         self.use_qk_norm = use_qk_norm
+        # Ours first: transformers' own validators (run inside super().__init__) give vaguer messages.
+        self.validate_gemma()
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -135,7 +137,6 @@ class GemmaHFConfig(PreTrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
-        self.validate_gemma()
 
     # -- conversion to and from stock transformers configs ----------------------------------------
     @classmethod
