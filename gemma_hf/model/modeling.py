@@ -33,6 +33,7 @@ from transformers.modeling_utils import PreTrainedModel
 
 from .attention import GemmaAttention, softcap_error
 from .configuration import FULL, SLIDING, GemmaHFConfig
+from .loss import chunked_causal_lm_loss
 from .layers import GemmaMLP, GemmaRMSNorm, GemmaRotaryEmbedding, GemmaScaledEmbedding
 
 
@@ -250,8 +251,13 @@ class GemmaHFForCausalLM(GemmaHFPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        return_logits: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """With `labels`, the loss is computed by the chunked, soft-capped cross-entropy
+        (gemma_hf.model.loss) and `logits` is None: the [B, T, V] logits are never built.
+        Pass `return_logits=True` to get logits too (the loss then comes from the full logits,
+        exactly as stock transformers computes it)."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -263,6 +269,15 @@ class GemmaHFForCausalLM(GemmaHFPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        if labels is not None and not return_logits:
+            if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+                raise ValueError("labels with logits_to_keep: the loss needs every position; drop one of them.")
+            loss = chunked_causal_lm_loss(
+                hidden_states, self.lm_head.weight, labels, self.config.final_logit_softcapping, **kwargs
+            )
+            return CausalLMOutputWithPast(
+                loss=loss, logits=None, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            )
         # logits_to_keep: an int keeps the last N positions (0 = all), a tensor selects indices.
         if isinstance(logits_to_keep, int):
             kept = hidden_states[:, -logits_to_keep:, :] if logits_to_keep > 0 else hidden_states

@@ -1,0 +1,135 @@
+"""Chunked, soft-capped cross-entropy for the LM head: never materialises [batch, seq, vocab] logits.
+
+With Gemma's 256k vocabulary the logits are the largest tensor of a training step: stock
+transformers builds [B, T, V] logits, soft-caps them, upcasts them to fp32 and keeps them for
+backward. Here the head projection, the final soft-cap, the log-sum-exp and the gradients are
+computed chunk by chunk over tokens:
+
+    for each chunk of c valid tokens (ignored labels are dropped before any matmul):
+        t      = tanh(h W^T / cap)                  [c, V]  one matmul, one tanh pass
+        e      = exp(cap * t - max)                 [c, V]  one exp pass
+        loss  += log(sum e) + max - cap * t[target]
+        dz     = (e / sum e - onehot) * (1 - t^2)   [c, V]  d(loss)/d(logits before the cap)
+        dh     = dz W                               [c, H]  second matmul
+        dW    += dz^T h                             [V, H]  third matmul
+
+Gradients are computed during the forward pass (the step needs them anyway) and only scaled by
+the incoming gradient in backward, so the three matmuls and the one tanh / one exp pass are the
+whole cost: the floor of an exact head. Peak extra memory is two [c, V] fp32 buffers plus
+[V, H] for dW, whatever the sequence length.
+
+Semantics follow transformers' ForCausalLMLoss: labels are shifted inside (or `shift_labels`
+is taken as given), `ignore_index` positions contribute nothing, the sum is divided by
+`num_items_in_batch` when given (gradient accumulation), else by the number of valid tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+# Elements of one [chunk, vocab] fp32 buffer (2**25 floats = 128 MiB); two such buffers live at once.
+CHUNK_ELEMENTS = 2**25
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    return max(1, CHUNK_ELEMENTS // vocab_size)
+
+
+class ChunkedSoftcappedCrossEntropy(torch.autograd.Function):
+    """Sum over rows of cross-entropy(softcap(hidden @ weight^T), targets), divided by `denominator`."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap, chunk_size, denominator):
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n = hidden.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_dh else None
+        # Accumulate dW in fp32 whatever the weight dtype (bf16 accumulation over chunks drifts).
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+
+        for start in range(0, n, chunk_size):
+            h = hidden[start:start + chunk_size]
+            t_idx = targets[start:start + chunk_size].unsqueeze(1)
+            z = h @ weight.t()
+            if z.dtype != torch.float32:
+                z = z.float()
+            if softcap is not None:
+                z.mul_(1.0 / softcap).tanh_()  # z holds tanh(logits / cap)
+                scale = softcap
+            else:
+                scale = 1.0
+            row_max = z.amax(dim=1, keepdim=True)
+            # e = exp(scale * z - scale * max), in one pass
+            e = torch.add(row_max * -scale, z, alpha=scale).exp_()
+            sums = e.sum(dim=1, keepdim=True)
+            target_z = z.gather(1, t_idx)
+            total += (sums.log() + scale * row_max - scale * target_z).sum()
+
+            if need_dh or need_dw:
+                e.div_(sums)  # softmax
+                e.scatter_add_(1, t_idx, torch.full_like(target_z, -1.0))  # minus one-hot
+                if softcap is not None:
+                    # d/dx [cap * tanh(x / cap)] = 1 - tanh^2
+                    e.addcmul_(e, z.square_(), value=-1.0)
+                dz = e if e.dtype == weight.dtype else e.to(weight.dtype)
+                if need_dh:
+                    torch.matmul(dz, weight, out=grad_hidden[start:start + chunk_size])
+                if need_dw:
+                    if dz.dtype == torch.float32 and h.dtype == torch.float32:
+                        grad_weight.addmm_(dz.t(), h)
+                    else:
+                        grad_weight.add_((dz.t() @ h).float())
+            del z, e
+
+        ctx.save_for_backward(grad_hidden if need_dh else None, grad_weight if need_dw else None)
+        ctx.denominator = denominator
+        ctx.weight_dtype = weight.dtype
+        return total / denominator
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        factor = grad_output / ctx.denominator
+        dh = grad_hidden * factor.to(grad_hidden.dtype) if grad_hidden is not None else None
+        dw = (grad_weight * factor).to(ctx.weight_dtype) if grad_weight is not None else None
+        return dh, dw, None, None, None, None
+
+
+def chunked_causal_lm_loss(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    softcap: float | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    **unused,
+) -> torch.Tensor:
+    """Causal-LM loss from final hidden states [B, T, H] and the head weight [V, H]."""
+    if shift_labels is None:
+        if labels is None:
+            raise ValueError("chunked_causal_lm_loss needs labels or shift_labels.")
+        # Like transformers: pad then shift, so position i predicts label i + 1.
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    targets = shift_labels.reshape(-1).to(hidden.device)
+    if targets.shape[0] != hidden.shape[0]:
+        raise ValueError(
+            f"labels cover {targets.shape[0]} positions but hidden states have {hidden.shape[0]} "
+            "(logits_to_keep and labels cannot be combined)."
+        )
+    valid = targets != ignore_index
+    hidden, targets = hidden[valid], targets[valid]
+    if num_items_in_batch is None:
+        denominator = valid.sum()  # zero valid tokens gives nan, as transformers' mean reduction does
+    else:
+        denominator = num_items_in_batch
+    if torch.is_tensor(denominator):
+        denominator = denominator.to(device=hidden.device, dtype=torch.float32)
+    chunk = chunk_size or default_chunk_size(lm_head_weight.shape[0])
+    return ChunkedSoftcappedCrossEntropy.apply(hidden, lm_head_weight, targets, softcap, chunk, denominator)
+
+
+__all__ = ["chunked_causal_lm_loss", "ChunkedSoftcappedCrossEntropy", "default_chunk_size"]
