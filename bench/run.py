@@ -1,0 +1,276 @@
+"""Benchmarks: gemma_hf against stock transformers, identical weights and inputs, side by side.
+
+Every measurement runs in its own subprocess (so peak RSS is that measurement's, read from the
+OS via getrusage), timings are the median of several runs after a warm-up, and the table
+prints ours / stock ratios. JSON goes to bench/results/<timestamp>.json (and --json PATH).
+
+    python bench/run.py            # full: train steps at seq 512/1024/2048, 270M generation and forward
+    python bench/run.py --quick    # under 3 minutes: seq 512 only, fewer tokens and repeats
+
+Measurements (CPU):
+- train: one forward+backward with labels, Gemma 2 config (hidden 256, 2 layers, vocab 256000,
+  soft-caps 50/30), eager attention, fp32, batch 1.
+- floor: the head's unavoidable cost on this machine: three [T x H] x [H x V] matmuls at the
+  measured fp32 rate, plus one tanh and one exp pass over [T, V].
+- generate: tokens/s of greedy decoding with cache, real Gemma 3 270M, fp32 and bf16.
+- forward: latency of one 512-token forward, real Gemma 3 270M, fp32.
+On a CUDA machine, add --gpu for bf16 train-step throughput, peak GPU memory and MFU of a
+Gemma 2 2B-shaped config (flex attention vs stock eager).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TRAIN_CONFIG = dict(
+    vocab_size=256000, hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64, sliding_window=4096,
+    layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=50.0,
+    final_logit_softcapping=30.0, max_position_embeddings=8192,
+)
+
+
+# ----------------------------------------------------------------------------- workers
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _time(fn, repeats: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _train_models(impl: str, seq: int):
+    import torch
+
+    torch.manual_seed(0)
+    if impl == "ours":
+        from gemma_hf import GemmaHFConfig, GemmaHFForCausalLM
+
+        model = GemmaHFForCausalLM._from_config(GemmaHFConfig(family="gemma2", **TRAIN_CONFIG),
+                                                attn_implementation="eager")
+    else:
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        model = Gemma2ForCausalLM._from_config(Gemma2Config(**TRAIN_CONFIG), attn_implementation="eager")
+    ids = torch.randint(0, TRAIN_CONFIG["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(1))
+    return model.train(), ids
+
+
+def worker_train(impl: str, seq: int, repeats: int) -> dict:
+    model, ids = _train_models(impl, seq)
+    base_rss = _peak_rss_mb()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+
+    times = _time(step, repeats)
+    return {"time_s": statistics.median(times), "times": times, "peak_rss_mb": _peak_rss_mb(),
+            "rss_before_mb": base_rss}
+
+
+def worker_floor(seq: int, repeats: int) -> dict:
+    import torch
+
+    hidden, vocab = TRAIN_CONFIG["hidden_size"], TRAIN_CONFIG["vocab_size"]
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(seq, hidden, generator=gen)
+    w = torch.randn(vocab, hidden, generator=gen)
+    z = torch.empty(seq, vocab)
+    matmul = statistics.median(_time(lambda: torch.matmul(h, w.t(), out=z), repeats))
+    tanh = statistics.median(_time(lambda: torch.tanh(z, out=z), repeats))
+    z.uniform_(-60.0, 0.0)  # soft-capped logits minus their max: the range exp sees in the loss
+    buf = torch.empty_like(z)
+    exp = statistics.median(_time(lambda: torch.exp(z, out=buf), repeats))
+    gflops = 2 * seq * hidden * vocab / matmul / 1e9
+    return {"matmul_s": matmul, "tanh_s": tanh, "exp_s": exp, "fp32_gflops": gflops,
+            "floor_s": 3 * matmul + tanh + exp}
+
+
+def _load_270m(impl: str, dtype_name: str):
+    import torch
+
+    from gemma_hf import assets
+
+    path = assets.gemma3_270m()
+    dtype = getattr(torch, dtype_name)
+    if impl == "ours":
+        from gemma_hf import GemmaHFForCausalLM as cls
+    else:
+        from transformers import Gemma3ForCausalLM as cls
+    # Both on their default attention choice would differ (ours: sdpa for Gemma 3); pin eager for both.
+    model = cls.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
+    return model
+
+
+def worker_generate(impl: str, dtype: str, new_tokens: int, repeats: int) -> dict:
+    import torch
+
+    model = _load_270m(impl, dtype)
+    ids = torch.tensor([[2, 818, 5279, 529, 7001, 563]])  # <bos> + a short prompt
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        assert out.shape[1] == ids.shape[1] + new_tokens
+
+    times = _time(run, repeats)
+    return {"time_s": statistics.median(times), "tokens_per_s": new_tokens / statistics.median(times),
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+def worker_forward(impl: str, seq: int, repeats: int) -> dict:
+    import torch
+
+    model = _load_270m(impl, "float32")
+    ids = torch.randint(3, 262144, (1, seq), generator=torch.Generator().manual_seed(0))
+    ids[0, 0] = 2
+
+    def run():
+        with torch.no_grad():
+            model(ids)
+
+    times = _time(run, repeats)
+    return {"time_s": statistics.median(times), "peak_rss_mb": _peak_rss_mb()}
+
+
+def worker_gpu_train(impl: str, seq: int, repeats: int) -> dict:
+    """bf16 train step of a Gemma 2 2B-shaped config on CUDA: tokens/s, peak memory, MFU."""
+    import torch
+
+    from gemma_hf import preset_config
+
+    config = preset_config("gemma2-2b", num_hidden_layers=8)
+    if impl == "ours":
+        from gemma_hf import GemmaHFForCausalLM
+
+        model = GemmaHFForCausalLM._from_config(config, attn_implementation="flex_attention", dtype=torch.bfloat16)
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        stock = config.to_stock_dict()
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(stock.pop("model_type"), **stock),
+                                                 attn_implementation="eager", dtype=torch.bfloat16)
+    model = model.cuda().train()
+    ids = torch.randint(0, config.vocab_size, (1, seq), device="cuda")
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        torch.cuda.synchronize()
+
+    torch.cuda.reset_peak_memory_stats()
+    times = _time(step, repeats)
+    t = statistics.median(times)
+    params = sum(p.numel() for p in model.parameters())
+    flops = 6 * params * seq  # dense approximation (attention FLOPs not counted)
+    peak_tflops = float(os.environ.get("GEMMA_HF_PEAK_TFLOPS", "989"))  # H100 SXM dense bf16
+    return {"time_s": t, "tokens_per_s": seq / t, "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "mfu": flops / t / (peak_tflops * 1e12)}
+
+
+WORKERS = {"train": worker_train, "floor": worker_floor, "generate": worker_generate,
+           "forward": worker_forward, "gpu_train": worker_gpu_train}
+
+
+# ----------------------------------------------------------------------------- orchestration
+def run_worker(kind: str, **kwargs) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps({"kind": kind, **kwargs})]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker {kind} {kwargs} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="seq 512 only, fewer tokens and repeats (< 3 min)")
+    parser.add_argument("--gpu", action="store_true", help="also run the CUDA bf16 train-step benchmark")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        spec = json.loads(args.worker)
+        print(json.dumps(WORKERS[spec.pop("kind")](**spec)))
+        return 0
+
+    seqs = [512] if args.quick else [512, 1024, 2048]
+    repeats = 2 if args.quick else 3
+    new_tokens = 32 if args.quick else 128
+    rows, results = [], {"quick": args.quick, "threads": os.cpu_count(), "train": {}, "generate": {}}
+
+    def ratio_row(name, ours, stock, key, unit, lower_is_better=True):
+        r = ours[key] / stock[key]
+        rows.append((name, f"{ours[key]:.3g} {unit}", f"{stock[key]:.3g} {unit}", f"{r:.2f}x",
+                     "lower is better" if lower_is_better else "higher is better"))
+        return r
+
+    for seq in seqs:
+        ours = run_worker("train", impl="ours", seq=seq, repeats=repeats)
+        stock = run_worker("train", impl="stock", seq=seq, repeats=repeats)
+        floor = run_worker("floor", seq=seq, repeats=repeats)
+        results["train"][seq] = {"ours": ours, "stock": stock, "floor": floor,
+                                 "time_ratio": ratio_row(f"train step seq {seq}: time", ours, stock, "time_s", "s"),
+                                 "memory_ratio": ratio_row(f"train step seq {seq}: peak RSS", ours, stock,
+                                                           "peak_rss_mb", "MB"),
+                                 "ours_over_floor": ours["time_s"] / floor["floor_s"]}
+        rows.append((f"  head floor seq {seq}", f"{floor['floor_s']:.3g} s", "", 
+                     f"ours/floor {ours['time_s'] / floor['floor_s']:.2f}x",
+                     f"matmul {floor['matmul_s']:.2f}s ({floor['fp32_gflops']:.0f} GFLOP/s), "
+                     f"tanh {floor['tanh_s']:.2f}s, exp {floor['exp_s']:.2f}s"))
+
+    for dtype in ("float32", "bfloat16"):
+        ours = run_worker("generate", impl="ours", dtype=dtype, new_tokens=new_tokens, repeats=repeats)
+        stock = run_worker("generate", impl="stock", dtype=dtype, new_tokens=new_tokens, repeats=repeats)
+        results["generate"][dtype] = {"ours": ours, "stock": stock, "ratio": ratio_row(
+            f"generate 270M {dtype}: tokens/s", ours, stock, "tokens_per_s", "tok/s", lower_is_better=False)}
+
+    ours = run_worker("forward", impl="ours", seq=512, repeats=repeats)
+    stock = run_worker("forward", impl="stock", seq=512, repeats=repeats)
+    results["forward_512"] = {"ours": ours, "stock": stock,
+                              "ratio": ratio_row("forward 270M seq 512: time", ours, stock, "time_s", "s")}
+
+    if args.gpu:
+        for seq in (2048, 8192):
+            ours = run_worker("gpu_train", impl="ours", seq=seq, repeats=5)
+            stock = run_worker("gpu_train", impl="stock", seq=seq, repeats=5)
+            results.setdefault("gpu_train", {})[seq] = {"ours": ours, "stock": stock}
+            ratio_row(f"GPU bf16 train seq {seq}: tokens/s", ours, stock, "tokens_per_s", "tok/s", False)
+            ratio_row(f"GPU bf16 train seq {seq}: peak mem", ours, stock, "peak_gpu_mem_gb", "GB")
+            rows.append((f"  MFU seq {seq}", f"{ours['mfu']:.1%}", f"{stock['mfu']:.1%}", "", ""))
+
+    widths = [max(len(str(r[i])) for r in rows + [("measurement", "ours", "stock", "ours/stock", "")])
+              for i in range(5)]
+    header = ("measurement", "ours", "stock", "ours/stock", "")
+    for row in [header] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+    out_dir = HERE / "results"
+    out_dir.mkdir(exist_ok=True)
+    out = out_dir / time.strftime("%Y%m%d-%H%M%S.json")
+    for path in [out] + ([args.json] if args.json else []):
+        path.write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nJSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
