@@ -13,6 +13,7 @@ from transformers import (
 )
 
 from .model import (
+    BackendUnavailableError,
     GemmaHFConfig,
     GemmaHFForCausalLM,
     GemmaHFForSequenceClassification,
@@ -46,6 +47,7 @@ __all__ = [
     "GemmaHFForSequenceClassification",
     "GemmaHFPreTrainedModel",
     "SoftcapUnsupportedError",
+    "BackendUnavailableError",
     "PRESETS",
     "get_preset",
     "preset_config",

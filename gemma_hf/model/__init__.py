@@ -1,7 +1,7 @@
 """Everything a saved checkpoint needs. Files here import each other only as `from .x import y`
 (transformers copies them next to a checkpoint for trust_remote_code loading)."""
 
-from .attention import SoftcapUnsupportedError
+from .attention import BackendUnavailableError, SoftcapUnsupportedError
 from .configuration import GemmaHFConfig
 from .modeling import (
     GemmaHFForCausalLM,
@@ -17,4 +17,5 @@ __all__ = [
     "GemmaHFForSequenceClassification",
     "GemmaHFPreTrainedModel",
     "SoftcapUnsupportedError",
+    "BackendUnavailableError",
 ]

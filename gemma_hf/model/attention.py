@@ -7,7 +7,10 @@ Backends:
   so it is refused loudly for configs with `attn_logit_softcapping` (Gemma 2); stock
   transformers silently drops the cap there, which changes the model.
 - "flex_attention", "flash_attention_2"/"_3": transformers' integrations, which apply the
-  soft-cap (score_mod / softcap argument) and the sliding window.
+  soft-cap (score_mod / softcap argument) and the sliding window. flex_attention is refused on
+  CPU: with torch 2.13 its compiled CPU kernel returned NaN or wrong values once a process had
+  run both padded and unpadded batches (stock transformers' Gemma 2 too; see
+  tests/test_attention_backends.py). It is meant for CUDA training.
 
 Masks come from transformers' masking utilities (one per layer type, built once per forward
 in modeling.py) and the cache is a transformers `Cache`, whose sliding layers keep at most
@@ -28,6 +31,10 @@ from .layers import GemmaRMSNorm, apply_rotary
 
 class SoftcapUnsupportedError(ValueError):
     """Raised when an attention backend that cannot soft-cap is asked to run a soft-capped model."""
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when an attention backend is known to give wrong results on this device."""
 
 
 # Backends that apply `softcap=` exactly. sdpa is absent on purpose: it has no score modifier.
@@ -78,11 +85,17 @@ def eager_attention_forward(
     return output, weights
 
 
-def attention_function(config: GemmaHFConfig) -> Callable:
+def attention_function(config: GemmaHFConfig, device: torch.device) -> Callable:
     """The attention callable for `config._attn_implementation`, refusing inexact combinations."""
     implementation = config._attn_implementation or "eager"
     if implementation == "eager":
         return eager_attention_forward
+    if implementation == "flex_attention" and device.type == "cpu":
+        raise BackendUnavailableError(
+            "attn_implementation='flex_attention' is refused on CPU: with torch 2.13 the compiled CPU "
+            "kernel returned NaN or wrong values after a process ran both padded and unpadded batches. "
+            "Use attn_implementation='eager' on CPU (exact); flex_attention is for CUDA."
+        )
     if config.attn_logit_softcapping is not None and not any(
         implementation.endswith(name) for name in SOFTCAP_CAPABLE
     ):
@@ -139,7 +152,7 @@ class GemmaAttention(nn.Module):
             # Sliding layers of a transformers Cache built from our config keep `sliding_window` keys.
             key, value = past_key_values.update(key, value, self.layer_idx)
 
-        attend = attention_function(self.config)
+        attend = attention_function(self.config, query.device)
         output, weights = attend(
             self,
             query,
