@@ -14,6 +14,8 @@ Measurements (CPU):
   measured fp32 rate, plus one tanh and one exp pass over [T, V].
 - generate: tokens/s of greedy decoding with cache, real Gemma 3 270M, fp32 and bf16.
 - forward: latency of one 512-token forward, real Gemma 3 270M, fp32.
+- kv cache: bytes the cache holds after an 8k-token prefill with Gemma 2's local/global pattern
+  (window 4096), against caching every layer in full.
 On a CUDA machine, add --gpu for bf16 train-step throughput, peak GPU memory and MFU of a
 Gemma 2 2B-shaped config (flex attention vs stock eager).
 """
@@ -150,6 +152,26 @@ def worker_forward(impl: str, seq: int, repeats: int) -> dict:
     return {"time_s": statistics.median(times), "peak_rss_mb": _peak_rss_mb()}
 
 
+def worker_kv_cache(context: int) -> dict:
+    """Bytes held by the KV cache after a `context`-token prefill, Gemma 2 layer pattern (local, global)."""
+    import torch
+
+    from gemma_hf import GemmaHFConfig, GemmaHFForCausalLM
+
+    config = GemmaHFConfig(family="gemma2", **{**TRAIN_CONFIG, "vocab_size": 1024, "num_hidden_layers": 4,
+                                               "layer_types": ["sliding_attention", "full_attention"] * 2})
+    model = GemmaHFForCausalLM._from_config(config, attn_implementation="eager").eval()
+    ids = torch.randint(0, 1024, (1, context), generator=torch.Generator().manual_seed(0))
+    cache, step = None, 1024  # chunked prefill keeps eager attention's score matrix small
+    with torch.no_grad():
+        for start in range(0, context, step):
+            cache = model(ids[:, start:start + step], past_key_values=cache, use_cache=True).past_key_values
+    held = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4
+    full = config.num_hidden_layers * 2 * config.num_key_value_heads * context * config.head_dim * 4
+    return {"cache_bytes": held, "full_cache_bytes": full, "ratio": held / full,
+            "window": config.sliding_window, "context": context}
+
+
 def worker_gpu_train(impl: str, seq: int, repeats: int) -> dict:
     """bf16 train step of a Gemma 2 2B-shaped config on CUDA: tokens/s, peak memory, MFU."""
     import torch
@@ -186,7 +208,7 @@ def worker_gpu_train(impl: str, seq: int, repeats: int) -> dict:
 
 
 WORKERS = {"train": worker_train, "floor": worker_floor, "generate": worker_generate,
-           "forward": worker_forward, "gpu_train": worker_gpu_train}
+           "forward": worker_forward, "kv_cache": worker_kv_cache, "gpu_train": worker_gpu_train}
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -247,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     stock = run_worker("forward", impl="stock", seq=512, repeats=repeats)
     results["forward_512"] = {"ours": ours, "stock": stock,
                               "ratio": ratio_row("forward 270M seq 512: time", ours, stock, "time_s", "s")}
+
+    kv = run_worker("kv_cache", context=8192)
+    results["kv_cache_8k"] = kv
+    rows.append(("KV cache at 8k context (Gemma 2 pattern)", f"{kv['cache_bytes'] / 2**20:.0f} MiB",
+                 f"full caching {kv['full_cache_bytes'] / 2**20:.0f} MiB", f"{kv['ratio']:.2f}x of full",
+                 f"sliding layers keep {kv['window']} keys"))
 
     if args.gpu:
         for seq in (2048, 8192):
