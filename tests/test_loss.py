@@ -39,7 +39,7 @@ def case(seed=0, batch=3, seq=11, hidden=16, vocab=50):
     return h, w, labels
 
 
-@pytest.mark.parametrize("softcap", [None, 30.0, 2.0])
+@pytest.mark.parametrize("softcap", [None, 30.0, 2.0, 100.0])
 @pytest.mark.parametrize("chunk_size", [1, 4, 7, 1000])
 @pytest.mark.parametrize("num_items", [None, 17])
 def test_loss_and_gradients_equal_unfused(softcap, chunk_size, num_items):
@@ -53,6 +53,19 @@ def test_loss_and_gradients_equal_unfused(softcap, chunk_size, num_items):
     (ref * 1.7).backward()
     assert rel(h1.grad, h2.grad) <= RTOL
     assert rel(w1.grad, w2.grad) <= RTOL
+
+
+@pytest.mark.parametrize("softcap", [30.0, 60.0])
+def test_no_overflow_with_huge_logits_and_large_vocab(softcap):
+    """Without the max-shift, exp(cap) summed over 262k entries must stay finite in fp32."""
+    h, w, labels = case(seed=3, vocab=262144, seq=3, batch=1)
+    h = h * 1e4  # raw logits ~1e5: every capped logit sits at +-cap
+    h1 = h.clone().requires_grad_()
+    loss = chunked_causal_lm_loss(h1, w, labels, softcap, chunk_size=2)
+    loss.backward()
+    ref = reference_loss(h, w, labels, softcap)
+    assert torch.isfinite(loss) and torch.isfinite(h1.grad).all()
+    assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item())
 
 
 def test_shift_labels_and_frozen_weight():
