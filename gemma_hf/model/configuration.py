@@ -315,8 +315,9 @@ def gemma_hf_to_stock_dict(config: "GemmaHFConfig") -> dict:
             f"config's family or the field."
         )
 
-    out = {k: getattr(config, k) for k in _SHARED_FIELDS if hasattr(config, k) and getattr(config, k) is not None}
-    out.pop("torch_dtype", None)
+    # torch_dtype is read only from stock dicts (old configs); reading it from a config object warns.
+    out = {k: getattr(config, k) for k in _SHARED_FIELDS
+           if k != "torch_dtype" and hasattr(config, k) and getattr(config, k) is not None}
     out["model_type"] = model_type
     out["architectures"] = [STOCK_ARCHITECTURES[model_type]]
     out["hidden_activation"] = config.hidden_activation

@@ -34,6 +34,7 @@ from transformers.modeling_utils import PreTrainedModel
 from .attention import GemmaAttention, softcap_error
 from .configuration import FULL, SLIDING, GemmaHFConfig
 from .loss import chunked_causal_lm_loss
+from .safety import guarded_from_pretrained
 from .layers import GemmaMLP, GemmaRMSNorm, GemmaRotaryEmbedding, GemmaScaledEmbedding
 
 
@@ -99,6 +100,15 @@ class GemmaHFPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True  # only where exact: see _sdpa_can_dispatch
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' from_pretrained behind gemma_hf's loading guards (safety.py): safetensors only
+        unless allow_pickle=True (unpickling can run arbitrary code); mismatched, missing or unexpected
+        tensors raise, naming each tensor and both shapes (strict=False relaxes missing/unexpected)."""
+        return guarded_from_pretrained(
+            super().from_pretrained, pretrained_model_name_or_path, *model_args, model_class=cls.__name__, **kwargs
+        )
 
     def _sdpa_can_dispatch(self, is_init_check: bool = False) -> bool:
         # sdpa cannot soft-cap attention scores. Raising here makes transformers fall back to eager

@@ -1,0 +1,225 @@
+"""Pushing a run directory to the Hub, tested up to the HTTP boundary: the exact file list, the card
+check, the arguments given to huggingface_hub's HfApi (autospecced mocks, so a call that does not
+fit the real signature fails), and clear errors for a missing token, an offline or unreachable Hub.
+The live Hub is never contacted."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import filter_repo_objects
+from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
+
+from gemma_hf import hub
+from gemma_hf.commands import checkpoints as checkpoint_commands
+from gemma_hf.hub import CardError, HubError
+from test_cards import make_run_dir
+
+try:  # the HTTP client under huggingface_hub: httpx2 (huggingface_hub 2.x) or httpx (1.x)
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx
+
+REPO = "my-org/gemma2-tiny-sft"
+
+
+def code_files(run: Path) -> list[str]:
+    """The model code save_pretrained wrote next to the weights (for trust_remote_code)."""
+    return sorted(p.name for p in run.glob("*.py"))
+
+
+def expected_upload(run: Path, *, eval_json: bool = True) -> list[str]:
+    names = ["README.md", "config.json", "generation_config.json", "metrics.jsonl", "model.safetensors",
+             "plots/loss.png", "recipe.yaml", "run.json", "tokenizer.json", "tokenizer_config.json"]
+    if eval_json:
+        names.append("eval.json")
+    return sorted(names + code_files(run))
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    # Nothing here may reach the network, whatever the environment says.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    run = make_run_dir(tmp_path / "run", eval_results={"accuracy": 0.5}, readme=True)
+    (run / "notes.txt").write_text("scratch")
+    (run / "pytorch_model.bin").write_bytes(b"a pickle that must never be published")
+    (run / ".secret").write_text("hidden")
+    return run
+
+
+def fake_api(*, private_repo: bool = True) -> mock.MagicMock:
+    api = mock.create_autospec(HfApi, instance=True)
+    api.create_repo.return_value = f"https://huggingface.co/{REPO}"
+    api.repo_info.return_value = mock.Mock(private=private_repo)
+    api.upload_folder.return_value = mock.Mock(commit_url=f"https://huggingface.co/{REPO}/commit/abc123")
+    return api
+
+
+def test_upload_plan_is_exactly_the_model_tokenizer_card_recipe_and_plots(run_dir):
+    plan = hub.upload_plan(run_dir)
+    assert plan.files == expected_upload(run_dir)
+    assert "configuration.py" in plan.files and "modeling.py" in plan.files  # remote code travels too
+    assert plan.skipped == [".secret", "checkpoints/ (3 files)", "notes.txt", "pytorch_model.bin"]
+    assert not any(f.startswith("checkpoints/") or f.endswith(".bin") for f in plan.files)
+
+
+def test_upload_folder_selects_exactly_the_plan(run_dir):
+    """Apply huggingface_hub's own filter, with the patterns we pass plus the defaults
+    upload_folder adds, to the directory listing upload_folder makes: same list as the plan."""
+    plan = hub.upload_plan(run_dir)
+    listing = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.glob("**/*") if p.is_file())
+    selected = list(filter_repo_objects(listing, allow_patterns=plan.allow_patterns,
+                                        ignore_patterns=plan.ignore_patterns + DEFAULT_IGNORE_PATTERNS))
+    assert selected == plan.files
+
+
+def test_sharded_weights_are_uploaded_with_their_index(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    run = make_run_dir(tmp_path / "run", readme=True)
+    from gemma_hf import GemmaHFForCausalLM
+
+    model = GemmaHFForCausalLM.from_pretrained(run)
+    (run / "model.safetensors").unlink()
+    model.save_pretrained(run, max_shard_size="40KB")
+    plan = hub.upload_plan(run)
+    shards = sorted(p.name for p in run.glob("model-*.safetensors"))
+    assert len(shards) > 1 and set(shards) <= set(plan.files)
+    assert "model.safetensors.index.json" in plan.files and "model.safetensors" not in plan.files
+
+
+def test_push_calls_create_repo_then_one_upload_folder(run_dir):
+    api = fake_api()
+    result = hub.push_to_hub(run_dir, REPO, token="hf_test", api=api)
+    api.create_repo.assert_called_once_with(repo_id=REPO, repo_type="model", private=True, exist_ok=True)
+    api.repo_info.assert_called_once_with(repo_id=REPO, repo_type="model")
+    api.upload_folder.assert_called_once()
+    kwargs = api.upload_folder.call_args.kwargs
+    plan = hub.upload_plan(run_dir)
+    assert kwargs == {
+        "repo_id": REPO,
+        "repo_type": "model",
+        "folder_path": str(run_dir),
+        "allow_patterns": plan.allow_patterns,
+        "ignore_patterns": plan.ignore_patterns,
+        "commit_message": "Upload run with gemma_hf",
+        "revision": None,
+        "create_pr": False,
+    }
+    assert "checkpoints/*" in kwargs["ignore_patterns"] and "*.bin" in kwargs["ignore_patterns"]
+    assert result.commit_url.endswith("/commit/abc123") and result.plan.files == plan.files
+    assert [c[0] for c in api.method_calls] == ["create_repo", "repo_info", "upload_folder"]
+
+
+def test_public_push(run_dir):
+    api = fake_api(private_repo=False)
+    hub.push_to_hub(run_dir, REPO, private=False, token="hf_test", api=api, revision="dev",
+                    commit_message="first upload", create_pr=True)
+    api.create_repo.assert_called_once_with(repo_id=REPO, repo_type="model", private=False, exist_ok=True)
+    api.repo_info.assert_not_called()
+    kwargs = api.upload_folder.call_args.kwargs
+    assert (kwargs["revision"], kwargs["commit_message"], kwargs["create_pr"]) == ("dev", "first upload", True)
+
+
+def test_private_push_into_an_existing_public_repo_is_refused(run_dir):
+    api = fake_api(private_repo=False)
+    with pytest.raises(HubError, match="already exists and is public.*--public"):
+        hub.push_to_hub(run_dir, REPO, token="hf_test", api=api)
+    api.upload_folder.assert_not_called()
+
+
+def test_dry_run_renders_the_missing_card_and_touches_no_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a dry run works offline
+    run = make_run_dir(tmp_path / "run")
+    assert not (run / "README.md").exists()
+    with mock.patch.object(hub, "_network_errors", side_effect=AssertionError("network path taken")), \
+         mock.patch("huggingface_hub.HfApi", side_effect=AssertionError("HfApi constructed")):
+        result = hub.push_to_hub(run, REPO, dry_run=True)
+    assert result.dry_run and result.card_rendered and result.commit_url is None
+    hub.validate_card(run / "README.md")
+    assert REPO in (run / "README.md").read_text()
+    assert result.plan.files == expected_upload(run, eval_json=False)
+
+
+def test_cli_dry_run_lists_exactly_what_would_be_uploaded(run_dir, capsys):
+    parser = argparse.ArgumentParser(prog="gemma-hf")
+    checkpoint_commands.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["push", str(run_dir), "--repo-id", REPO, "--dry-run"])
+    assert args.private is True  # private by default
+    assert args.func(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"dry run: would upload {len(expected_upload(run_dir))} files, ")
+    assert out[0].endswith(f"to {REPO} (private):")
+    listed = [line.split()[0] for line in out[1:-1]]
+    assert listed == expected_upload(run_dir)
+    assert out[-1] == "not uploaded: .secret, checkpoints/ (3 files), notes.txt, pytorch_model.bin"
+    args = parser.parse_args(["push", str(run_dir), "--repo-id", REPO, "--dry-run", "--public"])
+    assert args.private is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["push", str(run_dir), "--repo-id", REPO, "--private", "--public"])
+
+
+def test_missing_token_is_a_clear_error(run_dir, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    with mock.patch("huggingface_hub.HfApi", side_effect=AssertionError("HfApi constructed")):
+        with pytest.raises(HubError, match="no Hugging Face token: set HF_TOKEN or run `hf auth login`"):
+            hub.push_to_hub(run_dir, REPO)
+
+
+def test_offline_hub_is_a_clear_error(run_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    api = fake_api()
+    with pytest.raises(HubError, match=r"HF_HUB_OFFLINE=1.*--dry-run"):
+        hub.push_to_hub(run_dir, REPO, token="hf_test", api=api)
+    assert api.method_calls == []
+
+
+def test_unreachable_hub_and_rejected_token_are_clear_errors(run_dir):
+    api = fake_api()
+    api.create_repo.side_effect = httpx.ConnectError("[Errno -3] Temporary failure in name resolution")
+    with pytest.raises(HubError, match=r"creating the repository failed for my-org/gemma2-tiny-sft: could not reach the Hub at https://"):
+        hub.push_to_hub(run_dir, REPO, token="hf_test", api=api)
+    api.upload_folder.assert_not_called()
+
+    api = fake_api()
+    response = httpx.Response(401, request=httpx.Request("POST", "https://huggingface.co/api/repos/create"))
+    api.create_repo.side_effect = HfHubHTTPError("401 Unauthorized", response=response)
+    with pytest.raises(HubError, match="the token was rejected"):
+        hub.push_to_hub(run_dir, REPO, token="hf_bad", api=api)
+
+    api = fake_api()
+    api.upload_folder.side_effect = httpx.ReadTimeout("timed out")
+    with pytest.raises(HubError, match="uploading failed"):
+        hub.push_to_hub(run_dir, REPO, token="hf_test", api=api)
+
+
+def test_push_refusals_before_any_network(run_dir, tmp_path):
+    api = fake_api()
+    with pytest.raises(HubError, match="invalid repo id 'no-namespace'"):
+        hub.push_to_hub(run_dir, "no-namespace", token="hf_test", api=api)
+    with pytest.raises(HubError, match="invalid repo id"):
+        hub.push_to_hub(run_dir, "my org/x", token="hf_test", api=api)
+    (run_dir / "README.md").write_text((run_dir / "README.md").read_text().replace("license: gemma", "license: mit"))
+    with pytest.raises(CardError, match="license must be 'gemma'"):
+        hub.push_to_hub(run_dir, REPO, token="hf_test", api=api)
+    assert api.method_calls == []
+
+
+def test_links_out_of_the_run_directory_are_refused(run_dir, tmp_path):
+    secret = tmp_path / "elsewhere.json"
+    secret.write_text("{}")
+    (run_dir / "tokenizer_config.json").unlink()
+    (run_dir / "tokenizer_config.json").symlink_to(secret)
+    with pytest.raises(CardError, match="points outside the run directory"):
+        hub.upload_plan(run_dir)
+
+
+def test_incomplete_run_directories_are_refused(run_dir):
+    (run_dir / "tokenizer.json").unlink()
+    with pytest.raises(CardError, match="no tokenizer"):
+        hub.upload_plan(run_dir)
