@@ -18,7 +18,7 @@ from safetensors import safe_open
 from gemma_hf import GemmaHFConfig, GemmaHFForCausalLM, GemmaHFForSequenceClassification, convert
 from gemma_hf.commands import checkpoints as checkpoint_commands
 from gemma_hf.convert import ConversionError, VocabResizeError
-from tiny import make_ours, max_abs_diff, random_ids, stock_from, tiny_config
+from tiny import BLOCK_GEMMA_HF_IMPORTS, make_ours, max_abs_diff, random_ids, stock_from, tiny_config
 
 VARIANTS = ["gemma1-mqa", "gemma2", "gemma3-linear-rope"]
 
@@ -92,15 +92,9 @@ def _save(model, path: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 # Export: loads in stock transformers with gemma_hf blocked from importing
 
-BLOCKED_LOAD = textwrap.dedent(
+BLOCKED_LOAD = BLOCK_GEMMA_HF_IMPORTS + textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name == "gemma_hf" or name.startswith("gemma_hf."):
-                raise ImportError("gemma_hf must not be imported in this process")
-    sys.meta_path.insert(0, Block())
+    import json, sys
 
     import torch
     from transformers import AutoModelForCausalLM

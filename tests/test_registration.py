@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from gemma_hf import GemmaHFConfig, GemmaHFForCausalLM, GemmaHFForSequenceClassification, GemmaHFModel
-from tiny import TINY, make_ours, max_abs_diff, random_ids, stock_from, tiny_config
+from tiny import BLOCK_GEMMA_HF_IMPORTS, TINY, make_ours, max_abs_diff, random_ids, stock_from, tiny_config
 
 
 def test_auto_classes_resolve_our_types():
@@ -44,15 +44,9 @@ def test_save_and_auto_load_round_trip(tmp_path, variant):
         assert max_abs_diff(loaded.eval()(ids).logits, ours(ids).logits) == 0.0
 
 
-REMOTE_LOAD = textwrap.dedent(
+REMOTE_LOAD = BLOCK_GEMMA_HF_IMPORTS + textwrap.dedent(
     """
-    import sys, importlib.abc
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name == "gemma_hf" or name.startswith("gemma_hf."):
-                raise ImportError("gemma_hf must not be imported in this process")
-    sys.meta_path.insert(0, Block())
+    import sys
 
     import torch
     from transformers import AutoModelForCausalLM

@@ -25,7 +25,7 @@ from gemma_hf.model.safety import (
     check_loading_info,
     check_safe_checkpoint,
 )
-from tiny import make_ours, max_abs_diff, random_ids, tiny_config
+from tiny import BLOCK_GEMMA_HF_IMPORTS, make_ours, max_abs_diff, random_ids, tiny_config
 
 
 def pickle_checkpoint(model, directory, index: bool = False):
@@ -145,15 +145,9 @@ def test_saved_checkpoints_carry_the_guard_as_remote_code(tmp_path):
     assert (tmp_path / "safety.py").is_file(), "modeling.py must import .safety so the guard travels with the code"
 
 
-REMOTE_PICKLE_LOAD = textwrap.dedent(
+REMOTE_PICKLE_LOAD = BLOCK_GEMMA_HF_IMPORTS + textwrap.dedent(
     """
-    import importlib.abc, sys
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name == "gemma_hf" or name.startswith("gemma_hf."):
-                raise ImportError("gemma_hf must not be imported in this process")
-    sys.meta_path.insert(0, Block())
+    import sys
 
     from transformers import AutoModelForCausalLM
     try:

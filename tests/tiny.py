@@ -102,3 +102,17 @@ def random_ids(batch: int, seq: int, vocab: int = 257, seed: int = 1) -> torch.T
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+# Prepended to scripts run in a subprocess that must prove they work WITHOUT gemma_hf: any
+# import of gemma_hf in that process fails.
+BLOCK_GEMMA_HF_IMPORTS = """
+import importlib.abc, sys
+
+class _BlockGemmaHF(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "gemma_hf" or name.startswith("gemma_hf."):
+            raise ImportError("gemma_hf must not be imported in this process")
+
+sys.meta_path.insert(0, _BlockGemmaHF())
+"""
