@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         r = ours[key] / stock[key]
         rows.append((name, f"{ours[key]:.3g} {unit}", f"{stock[key]:.3g} {unit}", f"{r:.2f}x",
                      "lower is better" if lower_is_better else "higher is better"))
+        print(" | ".join(rows[-1]), flush=True)  # progress: a long run killed midway keeps its rows
         return r
 
     for seq in seqs:
@@ -258,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"ours/floor {ours['time_s'] / floor['floor_s']:.2f}x",
                      f"matmul {floor['matmul_s']:.2f}s ({floor['fp32_gflops']:.0f} GFLOP/s), "
                      f"tanh {floor['tanh_s']:.2f}s, exp {floor['exp_s']:.2f}s"))
+        print(" | ".join(rows[-1]), flush=True)
 
     for dtype in ("float32", "bfloat16"):
         ours = run_worker("generate", impl="ours", dtype=dtype, new_tokens=new_tokens, repeats=repeats)
