@@ -1,0 +1,215 @@
+"""The recipe schema: which keys a recipe may hold, and the dataclass each key belongs to.
+
+A recipe is one flat YAML mapping. Every key belongs to exactly one dataclass (a "group"):
+
+=========  ==========================  ===================================================
+group      dataclass                   keys (examples)
+=========  ==========================  ===================================================
+gemma      :class:`GemmaArguments`     preset, chat_family, assistant_only_loss, sample_prompts
+data       :class:`DataArguments`      datasets (a list of :class:`DatasetSpec`), test_split_size
+model      ``trl.ModelConfig``         model_name_or_path, dtype, attn_implementation, use_peft, lora_*
+training   ``trl.SFTConfig``           output_dir, learning_rate, max_steps, packing, max_length, ...
+=========  ==========================  ===================================================
+
+plus ``env`` (a mapping of environment variables set before the run, as in TRL's parser).
+
+Only the standard library is imported here at module import; TRL is imported by :func:`groups`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+ASSET_SCHEME = "asset:"
+
+CHAT_FAMILIES = ("auto", "gemma", "gemma2", "gemma3")
+DATASET_FORMATS = ("auto", "messages", "sharegpt", "prompt_completion", "alpaca")
+
+
+@dataclass
+class GemmaArguments:
+    """Our own recipe fields: what TRL's dataclasses have no name for."""
+
+    preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A gemma_hf preset (gemma-2b, gemma-7b, gemma2-2b, gemma2-9b, gemma2-27b, gemma3-270m). Without "
+            "model_name_or_path: train from random weights of this architecture (with preset_overrides). With it: "
+            "the architecture the checkpoint must have (checked), used for validation when the checkpoint is not local."
+        },
+    )
+    preset_overrides: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "GemmaHFConfig fields replacing the preset's (e.g. {num_hidden_layers: 2, ...})."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer directory, asset:NAME or Hub id. Defaults to model_name_or_path."},
+    )
+    chat_family: str = field(
+        default="auto",
+        metadata={
+            "help": "Chat format: gemma (model turns end <end_of_turn>), gemma2/gemma3 (the final model turn ends "
+            "<end_of_turn><eos>). auto: the model's family.",
+            "choices": list(CHAT_FAMILIES),
+        },
+    )
+    assistant_only_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Loss on model-turn tokens only (their text, <end_of_turn>, and the final <eos> for Gemma 2/3). "
+            "false: loss on every token."
+        },
+    )
+    long_examples: str = field(
+        default="truncate",
+        metadata={
+            "help": "Training examples longer than max_length: truncate (keep the start, as TRL does; the model "
+            "never sees their end of turn) or drop them (so every trained example ends its turn). Held-out examples "
+            "are always kept (truncated).",
+            "choices": ["truncate", "drop"],
+        },
+    )
+    eval_before_training: bool = field(
+        default=True,
+        metadata={"help": "Evaluate the held-out split before training too (eval.json gets before and after)."},
+    )
+    sample_prompts: list[str] | None = field(
+        default=None,
+        metadata={"help": "Prompts answered greedily before and after training; the answers go to eval.json."},
+    )
+    sample_max_new_tokens: int = field(
+        default=64, metadata={"help": "Most new tokens per sample_prompts answer."}
+    )
+    lora_trainable_tokens: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA runs: tokens whose embedding rows train too (PEFT trainable_token_indices; the tied "
+            "lm_head rows follow), e.g. [<start_of_turn>, <end_of_turn>]: a base model has barely seen the control "
+            "tokens, and LoRA alone is slow to make it emit <end_of_turn>."
+        },
+    )
+    merge_lora: bool = field(
+        default=True,
+        metadata={
+            "help": "LoRA runs: save the merged model at the root of output_dir (the adapter goes to adapter/). "
+            "false: the root holds only the adapter."
+        },
+    )
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset of the mixture."""
+
+    path: str = field(
+        metadata={
+            "help": "A local .json/.jsonl/.parquet/.csv file, a save_to_disk directory, asset:NAME/FILE, or a Hub "
+            "dataset id (online only)."
+        }
+    )
+    split: str = field(default="train", metadata={"help": "Split to read (local files have only 'train'; slices such as train[:100] work)."})
+    name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    fraction: float = field(
+        default=1.0,
+        metadata={"help": "Share of this dataset's records to use, in (0, 1]: a seeded random subset."},
+    )
+    columns: dict[str, str] | None = field(
+        default=None,
+        metadata={"help": "Renames applied first, source column -> standard column (e.g. {question: prompt})."},
+    )
+    format: str = field(
+        default="auto",
+        metadata={
+            "help": "Record format: messages (list of {role, content}), sharegpt (conversations of {from, value}), "
+            "prompt_completion, alpaca ({instruction, input, output}); auto detects it from the columns.",
+            "choices": list(DATASET_FORMATS),
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    """The dataset mixture and its held-out split."""
+
+    datasets: list[DatasetSpec] = field(
+        default_factory=list,
+        metadata={"help": "The datasets of the mixture, each {path, split, name, fraction, columns, format}."},
+    )
+    test_split_size: int | float | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out split taken from the mixture (seeded): a fraction in (0, 1) or a number of records. "
+            "It is the eval set (eval loss before/after training)."
+        },
+    )
+
+
+# SFTConfig fields a recipe may not set, with the reason and the fix.
+REFUSED_TRAINING_KEYS = {
+    "completion_only_loss": "gemma_hf tokenizes the chat itself; which tokens carry the loss is `assistant_only_loss`.",
+    "dataset_text_field": "records are chat conversations (see `datasets[].format`), not a text column.",
+    "dataset_kwargs": "gemma_hf prepares the dataset itself; TRL's preparation options do not apply.",
+    "chat_template_path": "the chat format is Gemma's own, chosen by `chat_family`.",
+    "eos_token": "Gemma's <eos> and <end_of_turn> are fixed by the chat format.",
+    "pad_token": "the tokenizer's <pad> is used.",
+    "model_init_kwargs": "set the model fields (dtype, attn_implementation, ...) as recipe keys.",
+    "resume_from_checkpoint": "resuming is `gemma-hf sft --resume`, from the run's latest complete checkpoint.",
+}
+
+# Keys from other tools or older versions, mapped to where they live now.
+RENAMED_KEYS = {
+    "max_seq_length": "max_length",
+    "torch_dtype": "dtype",
+    "evaluation_strategy": "eval_strategy",
+    "warmup_ratio": "warmup_steps (transformers 5: a value below 1 is a ratio of the total steps)",
+    "dataset_mixture": "datasets",
+    "dataset_name": "datasets (a list of {path: ...})",
+    "lora_target_modules_list": "lora_target_modules",
+    "output_directory": "output_dir",
+    "overwrite_output_dir": "nothing: gemma-hf never overwrites a finished run; choose a new output_dir",
+}
+
+# Fields of TRL's dataclasses that gemma_hf owns under the same name in GemmaArguments.
+CLAIMED_KEYS = {"assistant_only_loss"}
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    key: str
+    group: str
+    cls: type
+    field: dataclasses.Field
+
+
+@functools.lru_cache(maxsize=None)
+def groups(method: str = "sft") -> tuple[tuple[str, type], ...]:
+    """(group name, dataclass) pairs of a method's recipe, in the order they are documented."""
+    if method != "sft":
+        raise ValueError(f"unknown recipe method {method!r}; known: sft")
+    from trl import ModelConfig, SFTConfig
+
+    return (("gemma", GemmaArguments), ("data", DataArguments), ("model", ModelConfig), ("training", SFTConfig))
+
+
+@functools.lru_cache(maxsize=None)
+def key_index(method: str = "sft") -> dict[str, KeyInfo]:
+    """Every recipe key -> the group and dataclass field it sets."""
+    index: dict[str, KeyInfo] = {}
+    for group, cls in groups(method):
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name.startswith("_"):
+                continue
+            if group != "gemma" and (f.name in CLAIMED_KEYS or f.name in REFUSED_TRAINING_KEYS):
+                continue
+            if f.name in index:  # two TRL dataclasses sharing a name would make a flat recipe ambiguous
+                raise RuntimeError(f"recipe key {f.name!r} is defined by both {index[f.name].group} and {group}")
+            index[f.name] = KeyInfo(f.name, group, cls, f)
+    return index
+
+
+def help_text(info: KeyInfo) -> str:
+    return " ".join(str(info.field.metadata.get("help", "")).split())

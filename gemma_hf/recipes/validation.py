@@ -1,0 +1,485 @@
+"""Semantic checks of a built recipe: files, datasets, the model's architecture, conflicts.
+
+Called by :func:`gemma_hf.recipes.config.load_recipe` after the dataclasses are built. Reads model
+*configs* (config.json, a preset) and tokenizers, never weights. Gathers every problem; raises one
+:class:`~gemma_hf.recipes.config.RecipeError`. Environment problems (the machine lacks a GPU, a
+package, a download) are stored on the recipe instead (``recipe.environment_problems``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import ATTN_IMPLEMENTATIONS, GEMMA_MODEL_TYPES, Problem, Recipe, RecipeError
+from .data import (
+    DataError,
+    check_conversation,
+    detect_format,
+    hub_offline,
+    missing_columns,
+    peek,
+    rename_columns,
+    resolve_asset,
+    resolve_source,
+    to_messages,
+)
+from .schema import ASSET_SCHEME
+
+GPU_ONLY_ATTENTION = ("flash_attention_2", "flash_attention_3")
+LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
+             "lora_modules_to_save", "use_rslora", "use_dora", "lora_task_type")
+REPORTING_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard", "trackio": "trackio", "mlflow": "mlflow",
+                      "comet_ml": "comet_ml", "clearml": "clearml", "dvclive": "dvclive", "neptune": "neptune",
+                      "swanlab": "swanlab", "codecarbon": "codecarbon", "azure_ml": "azureml"}
+
+
+class _Collector:
+    def __init__(self, recipe: Recipe, file_label: str):
+        self.recipe, self.file_label = recipe, file_label
+        self.problems: list[Problem] = []
+
+    def origin(self, key: str) -> str:
+        return self.recipe.origins.get(key.split("[")[0].split(".")[0], self.file_label)
+
+    def error(self, key: str, message: str, fix: str) -> None:
+        self.problems.append(Problem(key, message, fix, self.origin(key)))
+
+    def environment(self, key: str, message: str, fix: str) -> None:
+        self.recipe.environment_problems.append(Problem(key, message, fix, self.origin(key), environment=True))
+
+    def note(self, text: str) -> None:
+        self.recipe.notes.append(text)
+
+    def given(self, key: str) -> bool:
+        return key in self.recipe.values
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_recipe(recipe: Recipe, file_label: str, check_environment: bool = True) -> None:
+    c = _Collector(recipe, file_label)
+    _check_numbers(c)
+    architecture = _check_model(c)
+    recipe.architecture = architecture
+    _check_family(c, architecture)
+    _check_tokenizer(c, architecture)
+    _check_precision_and_attention(c, architecture)
+    _check_sequence_options(c, architecture)
+    _check_peft(c)
+    _check_eval(c)
+    _check_datasets(c)
+    _check_misc(c)
+    if not check_environment:
+        recipe.environment_problems.clear()
+    if c.problems:
+        raise RecipeError(file_label, c.problems)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _check_numbers(c: _Collector) -> None:
+    t, m, g = c.recipe.training, c.recipe.model, c.recipe.gemma
+    rules: list[tuple[str, Any, bool, str]] = [
+        ("learning_rate", t.learning_rate, t.learning_rate > 0, "a positive learning rate, e.g. 2e-5"),
+        ("per_device_train_batch_size", t.per_device_train_batch_size, t.per_device_train_batch_size >= 1, "1 or more"),
+        ("per_device_eval_batch_size", t.per_device_eval_batch_size, t.per_device_eval_batch_size >= 1, "1 or more"),
+        ("gradient_accumulation_steps", t.gradient_accumulation_steps, t.gradient_accumulation_steps >= 1, "1 or more"),
+        ("max_steps", t.max_steps, t.max_steps == -1 or t.max_steps >= 1, "-1 (use num_train_epochs) or 1 or more"),
+        ("num_train_epochs", t.num_train_epochs, t.max_steps >= 1 or t.num_train_epochs > 0, "a positive number"),
+        ("logging_steps", t.logging_steps, t.logging_steps > 0, "a positive number"),
+        ("save_steps", t.save_steps, t.save_steps > 0, "a positive number"),
+        ("warmup_steps", t.warmup_steps, t.warmup_steps >= 0, "0 or more (below 1: a ratio of the total steps)"),
+        ("weight_decay", t.weight_decay, t.weight_decay >= 0, "0 or more"),
+        ("max_grad_norm", t.max_grad_norm, t.max_grad_norm is None or t.max_grad_norm >= 0, "0 (off) or more"),
+        ("sample_max_new_tokens", g.sample_max_new_tokens, g.sample_max_new_tokens >= 1, "1 or more"),
+        ("lora_r", m.lora_r, m.lora_r >= 1, "1 or more"),
+        ("lora_alpha", m.lora_alpha, m.lora_alpha > 0, "a positive number"),
+        ("lora_dropout", m.lora_dropout, 0 <= m.lora_dropout < 1, "a number in [0, 1)"),
+    ]
+    if t.max_length is not None:
+        rules.append(("max_length", t.max_length, t.max_length >= 2, "2 or more, or null"))
+    if t.eval_steps is not None:
+        rules.append(("eval_steps", t.eval_steps, t.eval_steps > 0, "a positive number"))
+    for key, value, ok, expected in rules:
+        if not ok:
+            c.error(key, f"{value!r} is out of range", f"set {key} to {expected}")
+    if g.sample_prompts is not None and not all(isinstance(p, str) and p.strip() for p in g.sample_prompts):
+        c.error("sample_prompts", "every prompt must be a non-empty string", "remove the empty entries")
+
+
+def _read_config(path: Path) -> dict:
+    with (path / "config.json").open(encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _architecture_from_dict(config: dict):
+    from gemma_hf import GemmaHFConfig
+
+    return GemmaHFConfig.from_dict(dict(config))
+
+
+def _check_model(c: _Collector):
+    from gemma_hf import PRESETS, preset_config
+    from gemma_hf.assets import AssetUnavailable
+
+    recipe, g, m = c.recipe, c.recipe.gemma, c.recipe.model
+    preset_arch = checkpoint_arch = None
+    if m.model_name_or_path is None and g.preset is None:
+        c.error("model_name_or_path", "missing: the recipe names no model",
+                "set model_name_or_path (a checkpoint directory, asset:gemma3-270m or a Hub id), or preset (random "
+                "weights of a named architecture)")
+        return None
+    if g.preset_overrides and g.preset is None:
+        c.error("preset_overrides", "given without a preset", "set preset, or remove preset_overrides")
+    if g.preset is not None:
+        if g.preset not in PRESETS:
+            from difflib import get_close_matches
+
+            close = get_close_matches(g.preset, list(PRESETS), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            c.error("preset", f"unknown preset {g.preset!r}.{hint}", f"use one of {', '.join(PRESETS)}")
+        else:
+            try:
+                preset_arch = preset_config(g.preset, **(g.preset_overrides or {}))
+            except (ValueError, TypeError) as err:
+                key = "preset_overrides" if g.preset_overrides else "preset"
+                c.error(key, f"the preset's config is invalid with these overrides: {err}",
+                        "fix the overrides (e.g. layer_types must have num_hidden_layers entries)")
+    path = m.model_name_or_path
+    if path is not None:
+        local = None
+        if path.startswith(ASSET_SCHEME):
+            try:
+                local = resolve_asset(path)
+            except KeyError as err:
+                c.error("model_name_or_path", str(err.args[0]), "use asset:gemma3-270m or a directory")
+                return preset_arch
+            except AssetUnavailable as err:
+                c.environment("model_name_or_path", f"cannot fetch {path}: {err}",
+                              f"fetch it with `python -m gemma_hf.assets {path[len(ASSET_SCHEME):]}`")
+                return preset_arch
+        elif Path(path).expanduser().exists():
+            local = Path(path).expanduser().resolve()
+        elif path.startswith(("/", ".", "~")) or path.count("/") != 1:
+            c.error("model_name_or_path", f"model directory {path!r} does not exist",
+                    "point it at a checkpoint directory (with config.json), asset:gemma3-270m, or a Hub id org/name")
+            return preset_arch
+        if local is not None:
+            recipe.model_path = str(local)
+            if not (local / "config.json").is_file():
+                c.error("model_name_or_path", f"{local} has no config.json: not a model directory",
+                        "point it at a directory written by save_pretrained")
+                return preset_arch
+            try:
+                config = _read_config(local)
+            except (OSError, ValueError) as err:
+                c.error("model_name_or_path", f"cannot read {local}/config.json: {err}", "fix or re-save the checkpoint")
+                return preset_arch
+            model_type = config.get("model_type")
+            if model_type not in GEMMA_MODEL_TYPES:
+                c.error("model_name_or_path", f"{local} holds a {model_type!r} model, not a Gemma one",
+                        f"use a checkpoint of model_type {', '.join(GEMMA_MODEL_TYPES)}")
+                return preset_arch
+            try:
+                checkpoint_arch = _architecture_from_dict(config)
+            except (ValueError, TypeError) as err:
+                c.error("model_name_or_path", f"{local}/config.json is not a valid Gemma config: {err}", "re-export it")
+                return preset_arch
+        else:  # a Hub id
+            recipe.model_path = path
+            cached = _hub_cached_file(path, "config.json")
+            if cached is not None:
+                checkpoint_arch = _architecture_from_dict(json.loads(Path(cached).read_text()))
+            elif hub_offline():
+                c.environment("model_name_or_path", f"{path} is a Hub model that is not downloaded, and the Hub is "
+                              "offline here", "download it elsewhere and point model_name_or_path at the directory")
+            else:
+                c.note(f"model {path} will be downloaded from the Hub when the run starts"
+                       + ("" if preset_arch else "; set `preset` so its architecture is checked now"))
+    if preset_arch is not None and checkpoint_arch is not None:
+        for name in ("family", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads"):
+            if getattr(preset_arch, name) != getattr(checkpoint_arch, name):
+                c.error("preset", f"the checkpoint's {name} is {getattr(checkpoint_arch, name)!r} but preset "
+                        f"{g.preset!r} has {getattr(preset_arch, name)!r}", "remove preset, or use the matching one")
+                break
+    return checkpoint_arch or preset_arch
+
+
+def _hub_cached_file(repo_id: str, filename: str) -> str | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, filename)
+    except Exception:  # malformed ids and the like: treat as not cached
+        return None
+    return found if isinstance(found, str) else None
+
+
+def _check_family(c: _Collector, architecture) -> None:
+    recipe, g = c.recipe, c.recipe.gemma
+    if g.chat_family == "auto":
+        if architecture is None:
+            if not c.problems:
+                c.error("chat_family", "auto, but the model's family is unknown before it is downloaded",
+                        "set chat_family (gemma, gemma2 or gemma3) or preset")
+            return
+        recipe.family = architecture.family
+    else:
+        recipe.family = g.chat_family
+        if architecture is not None and architecture.family != g.chat_family:
+            c.note(f"chat_family {g.chat_family} differs from the model's family {architecture.family}: the model is "
+                   f"trained on the {g.chat_family} chat format")
+
+
+def _check_tokenizer(c: _Collector, architecture) -> None:
+    from gemma_hf.assets import AssetUnavailable
+    from gemma_hf.chat import BOS, END_OF_TURN, EOS, START_OF_TURN
+
+    recipe, g = c.recipe, c.recipe.gemma
+    key = "tokenizer_name_or_path" if g.tokenizer_name_or_path else "model_name_or_path"
+    reference = g.tokenizer_name_or_path or recipe.model.model_name_or_path
+    if reference is None:
+        c.error("tokenizer_name_or_path", "missing: training from a preset needs a tokenizer",
+                "set tokenizer_name_or_path (e.g. asset:gemma-tokenizer for Gemma 1/2, asset:gemma3-tokenizer)")
+        return
+    if reference.startswith(ASSET_SCHEME):
+        try:
+            local = resolve_asset(reference)
+        except KeyError as err:
+            c.error(key, str(err.args[0]), "use a known asset")
+            return
+        except AssetUnavailable as err:
+            c.environment(key, f"cannot fetch {reference}: {err}", "fetch it with `python -m gemma_hf.assets`")
+            return
+    elif Path(reference).expanduser().exists():
+        local = Path(reference).expanduser().resolve()
+    elif key == "model_name_or_path" and recipe.model_path is None:
+        return  # the model problem is reported already
+    elif reference.startswith(("/", ".", "~")) or reference.count("/") != 1:
+        c.error(key, f"tokenizer directory {reference!r} does not exist", "point it at a tokenizer directory")
+        return
+    else:
+        recipe.tokenizer_path = reference
+        if _hub_cached_file(reference, "tokenizer_config.json") is None and hub_offline():
+            c.environment(key, f"the tokenizer of {reference} is not downloaded, and the Hub is offline here",
+                          "download it and point tokenizer_name_or_path at the directory")
+        return
+    recipe.tokenizer_path = str(local)
+    if not any((local / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        c.error(key, f"{local} holds no tokenizer (tokenizer.json / tokenizer.model)",
+                "set tokenizer_name_or_path to a tokenizer directory")
+        return
+    try:
+        tokenizer = _load_tokenizer(str(local))
+    except Exception as err:  # noqa: BLE001 - any load failure is a recipe problem here
+        c.error(key, f"cannot load the tokenizer in {local}: {err}", "point it at a working tokenizer directory")
+        return
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in (BOS, EOS, START_OF_TURN, END_OF_TURN) if t not in vocab]
+    if missing:
+        c.error(key, f"the tokenizer in {local} lacks the Gemma control tokens {missing}",
+                "use a Gemma tokenizer (asset:gemma-tokenizer, asset:gemma3-tokenizer)")
+    if tokenizer.pad_token is None:
+        c.error(key, f"the tokenizer in {local} has no pad token", "use a Gemma tokenizer (its pad token is <pad>)")
+    for token in c.recipe.gemma.lora_trainable_tokens or []:
+        if token not in vocab:
+            c.error("lora_trainable_tokens", f"{token!r} is not a single token of the tokenizer in {local}",
+                    "list tokens exactly as the vocabulary spells them, e.g. <end_of_turn>")
+    if architecture is not None and len(tokenizer) > architecture.vocab_size:
+        c.error(key, f"the tokenizer has {len(tokenizer)} tokens but the model only {architecture.vocab_size} "
+                "embedding rows", "use the model's own tokenizer (or a preset_overrides vocab_size that fits)")
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _check_precision_and_attention(c: _Collector, architecture) -> None:
+    recipe, m, t = c.recipe, c.recipe.model, c.recipe.training
+    family = architecture.family if architecture is not None else recipe.family
+    if family in ("gemma2", "gemma3"):
+        if t.fp16:
+            c.error("fp16", f"fp16 overflows in {family} models (activations exceed the float16 range)",
+                    "use bf16: true on a GPU that has bf16, else full precision (fp16: false, bf16: false)")
+        if m.dtype == "float16":
+            c.error("dtype", f"float16 weights overflow in {family} models", "use dtype: bfloat16 or float32")
+    elif t.fp16 or m.dtype == "float16":
+        c.note("Gemma 1 in float16 can overflow; bfloat16 is the safe half precision")
+    if t.bf16 and not cuda_available():
+        c.note("bf16 mixed precision on a CPU runs through autocast, slower than float32 here; set bf16: false "
+               "for CPU runs")
+    attn = m.attn_implementation
+    if attn is not None:
+        if attn not in ATTN_IMPLEMENTATIONS and not attn.startswith("kernels-community/"):
+            from difflib import get_close_matches
+
+            close = get_close_matches(attn, ATTN_IMPLEMENTATIONS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            c.error("attn_implementation", f"unknown attention implementation {attn!r}.{hint}",
+                    f"use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+        cap = getattr(architecture, "attn_logit_softcapping", None) if architecture is not None else None
+        if attn == "sdpa" and cap is not None:
+            c.error("attn_implementation", f"sdpa cannot apply this model's attention logit soft-cap "
+                    f"(attn_logit_softcapping={cap}); it would silently train a different model",
+                    "use eager (exact, any device), or flex_attention / flash_attention_2 on a GPU")
+        if attn in GPU_ONLY_ATTENTION:
+            if not cuda_available():
+                c.environment("attn_implementation", f"{attn} needs a CUDA GPU; this machine has none",
+                              "run on a GPU machine, or use eager here")
+            elif importlib.util.find_spec("flash_attn") is None:
+                c.environment("attn_implementation", f"{attn} needs the flash-attn package", "pip install flash-attn")
+
+
+def _check_sequence_options(c: _Collector, architecture) -> None:
+    t, g = c.recipe.training, c.recipe.gemma
+    if t.packing and t.max_length is None:
+        c.error("packing", "packing needs max_length (the length of a packed row)", "set max_length, e.g. 2048")
+    eval_packing = t.packing if t.eval_packing is None else t.eval_packing
+    if (t.packing or eval_packing) and t.packing_strategy != "bfd":
+        c.error("packing_strategy", f"{t.packing_strategy!r} splits examples across rows, so a row would start "
+                "without its <bos> (Gemma needs exactly one <bos> per example)",
+                "use packing_strategy: bfd (whole examples per row; longer ones are truncated)")
+    if t.padding_free and not t.packing and t.max_length is not None:
+        c.error("padding_free", "padding-free batches without packing are not truncated to max_length (TRL)",
+                "set packing: true (padding-free packing), or max_length: null")
+    if t.truncation_mode != "keep_start":
+        c.error("truncation_mode", f"{t.truncation_mode!r} cuts the start of long examples, dropping their <bos>",
+                "use truncation_mode: keep_start")
+    if g.long_examples == "drop" and t.max_length is None:
+        c.error("long_examples", "drop needs max_length (what counts as long)", "set max_length, or long_examples: truncate")
+    if architecture is not None and t.max_length is not None and t.max_length > architecture.max_position_embeddings:
+        c.error("max_length", f"{t.max_length} is longer than the model's max_position_embeddings "
+                f"({architecture.max_position_embeddings})", f"set max_length to at most {architecture.max_position_embeddings}")
+
+
+def _check_peft(c: _Collector) -> None:
+    m = c.recipe.model
+    quantized = m.load_in_4bit or m.load_in_8bit
+    if quantized and not m.use_peft:
+        key = "load_in_4bit" if m.load_in_4bit else "load_in_8bit"
+        c.error(key, "a quantized base model cannot be fine-tuned without LoRA (QLoRA trains LoRA adapters on top)",
+                "set use_peft: true")
+    if not m.use_peft:
+        for key in (*LORA_KEYS, "lora_trainable_tokens"):
+            if c.given(key):
+                c.error(key, "has no effect: use_peft is false, so this would be a full fine-tune",
+                        "set use_peft: true for LoRA, or remove the LoRA keys")
+                break
+    else:
+        targets = m.lora_target_modules
+        target_list = [targets] if isinstance(targets, str) else list(targets or [])
+        if "lm_head" in target_list:
+            c.error("lora_target_modules", "a LoRA adapter on lm_head is never trained (TRL computes log-probs from "
+                    "lm_head.weight directly)", "remove lm_head (its weight is tied to the embeddings anyway)")
+        if m.lora_task_type != "CAUSAL_LM":
+            c.error("lora_task_type", f"{m.lora_task_type!r} is not the task of an SFT recipe", "use CAUSAL_LM")
+    if quantized:
+        if not cuda_available():
+            c.environment("load_in_4bit" if m.load_in_4bit else "load_in_8bit",
+                          "QLoRA (bitsandbytes quantization) needs a CUDA GPU; this machine has none",
+                          "run this recipe on a GPU machine (the YAML is kept as it is)")
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            c.environment("load_in_4bit" if m.load_in_4bit else "load_in_8bit",
+                          "QLoRA needs the bitsandbytes package", "pip install bitsandbytes")
+
+
+def _check_eval(c: _Collector) -> None:
+    t, d = c.recipe.training, c.recipe.data
+    strategy = getattr(t.eval_strategy, "value", t.eval_strategy)
+    if d.test_split_size is not None:
+        size = d.test_split_size
+        if isinstance(size, float) and not 0 < size < 1:
+            c.error("test_split_size", f"{size} is not a fraction in (0, 1)", "use e.g. 0.05, or a record count such as 50")
+        if isinstance(size, int) and size < 1:
+            c.error("test_split_size", f"{size} records is not a held-out split", "use a count of 1 or more, or a fraction")
+    elif strategy != "no":
+        c.error("eval_strategy", f"{strategy!r}, but there is no held-out split to evaluate on",
+                "set test_split_size (e.g. 0.05), or eval_strategy: 'no'")
+
+
+def _check_datasets(c: _Collector) -> None:
+    recipe = c.recipe
+    from gemma_hf.chat import FAMILIES
+
+    family = recipe.family if recipe.family in FAMILIES else "gemma2"
+    if not recipe.data.datasets:
+        c.error("datasets", "missing: the recipe has no data", "add `datasets:\\n  - path: data.jsonl`")
+        return
+    from .tokenization import check_no_control_tokens
+
+    for index, spec in enumerate(recipe.data.datasets):
+        key = f"datasets[{index}]"
+        if not 0 < spec.fraction <= 1:
+            c.error(f"{key}.fraction", f"{spec.fraction} is not in (0, 1]", "use a share such as 0.5 (1 = all records)")
+        try:
+            source = resolve_source(spec, f"{key}.path")
+            if source.kind == "hub":
+                if hub_offline():
+                    c.environment(f"{key}.path", f"{spec.path!r} is neither a local file nor available: it would be a "
+                                  "Hub dataset, and the Hub is offline here", "download it and point path at the files")
+                else:
+                    c.note(f"{key}: Hub dataset {spec.path} is read when the run starts (columns not checked now)")
+                continue
+            peeked = peek(spec, source, key)
+        except DataError as err:
+            (c.environment if err.environment else c.error)(err.key, err.message, err.fix)
+            continue
+        columns, records = peeked
+        if spec.columns:
+            absent = [name for name in spec.columns if name not in columns]
+            if absent:
+                c.error(f"{key}.columns", f"renames columns {absent} that {spec.path} does not have (it has {columns})",
+                        "rename existing columns only")
+                continue
+            columns = [spec.columns.get(name, name) for name in columns]
+            records = [rename_columns(r, spec.columns) for r in records]
+        fmt = detect_format(columns, spec.format)
+        if fmt is None:
+            c.error(f"{key}.path", f"{spec.path}: its columns {columns} fit no known format (messages; conversations; "
+                    "prompt + completion; instruction + output)",
+                    f"rename columns with `columns:` (e.g. {{{columns[0] if columns else 'question'}: prompt}}), or fix the data")
+            continue
+        absent = missing_columns(columns, fmt)
+        if absent:
+            c.error(f"{key}.format", f"format {fmt} needs the columns {absent}, which {spec.path} lacks (it has {columns})",
+                    "rename columns with `columns:`, or choose the right format")
+            continue
+        if not records:
+            c.error(f"{key}.path", f"{spec.path} holds no records", "point it at a file with data")
+            continue
+        for row, record in enumerate(records):
+            try:
+                messages = to_messages(record, fmt)
+                check_conversation(messages, family)
+                check_no_control_tokens(messages)
+            except (ValueError, TypeError, KeyError) as err:
+                c.error(f"{key}.path", f"{spec.path}: record {row} is not a valid {fmt} conversation: {err}",
+                        "fix the data (or the `format` / `columns` keys)")
+                break
+
+
+def _check_misc(c: _Collector) -> None:
+    t = c.recipe.training
+    if isinstance(t.deepspeed, str) and not t.deepspeed.lstrip().startswith("{") and not Path(t.deepspeed).exists():
+        c.error("deepspeed", f"DeepSpeed config file {t.deepspeed!r} does not exist",
+                "fix the path (or use an accelerate config: recipes/accelerate/zero3.yaml)")
+    if t.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        c.environment("deepspeed", "DeepSpeed is not installed", "pip install deepspeed (needs a CUDA toolchain)")
+    for integration in t.report_to or []:
+        package = REPORTING_PACKAGES.get(integration)
+        if package and importlib.util.find_spec(package) is None:
+            c.environment("report_to", f"{integration} is not installed", f"pip install {package}, or report_to: none")
+    if t.push_to_hub and hub_offline():
+        c.environment("push_to_hub", "the Hub is offline here", "set push_to_hub: false, or run online")

@@ -1,0 +1,238 @@
+"""Recipe validation: malformed recipes fail before any model loads, with exit status 2, one message
+naming the key and the fix, and nothing written; shipped recipes validate; CLI help at every level."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gemma_hf import cli
+from gemma_hf.assets import gemma_tokenizer, llamafactory_data
+from gemma_hf.recipes.config import load_recipe
+from gemma_hf.recipes.distributed import check_accelerate_config
+from tests.assets import require
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "recipes" / "tiny" / "sft.yaml"
+SHIPPED = sorted((REPO / "recipes").glob("*/*.yaml"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def assets_present():
+    require(gemma_tokenizer)
+    require(llamafactory_data)
+
+
+def base_recipe(tmp_path: Path) -> dict:
+    recipe = yaml.safe_load(TINY.read_text())
+    recipe["output_dir"] = str(tmp_path / "out")
+    return recipe
+
+
+def write(tmp_path: Path, recipe, name="recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_cli(argv, capsys):
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def qa_file(tmp_path: Path) -> str:
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"question": "2+2?", "answer": "4"}\n{"question": "Capital of France?", "answer": "Paris"}\n')
+    return str(path)
+
+
+# (name, change to the tiny recipe, key the message must name, extra text it must contain)
+def _set(**kw):
+    return lambda r, tmp: r.update(kw)
+
+
+def _drop(key):
+    return lambda r, tmp: r.pop(key)
+
+
+def _dataset(**kw):
+    return lambda r, tmp: r["datasets"][0].update({k: (v(tmp) if callable(v) else v) for k, v in kw.items()})
+
+
+MALFORMED = [
+    ("typo", _set(learnig_rate=1e-3), "learnig_rate", "Did you mean 'learning_rate'"),
+    ("type-float", _set(learning_rate="fast"), "learning_rate", "wrong type"),
+    ("type-int", _set(per_device_train_batch_size=2.5), "per_device_train_batch_size", "integer"),
+    ("type-bool", _set(packing="maybe"), "packing", "wrong type"),
+    ("negative-lr", _set(learning_rate=-1.0), "learning_rate", "out of range"),
+    ("missing-file", _dataset(path="./no/such/file.jsonl"), "datasets[0].path", "does not exist"),
+    ("missing-columns", _dataset(path=qa_file), "datasets[0].path", "fit no known format"),
+    ("dataset-key-typo", _dataset(fractoin=0.5), "datasets[0].fractoin", "Did you mean 'fraction'"),
+    ("dataset-fraction", _dataset(fraction=1.5), "datasets[0].fraction", "not in (0, 1]"),
+    ("dataset-format", _dataset(format="sharegpt"), "datasets[0].format", "conversations"),
+    ("datasets-not-list", _set(datasets=7), "datasets", "expected a list"),
+    ("no-datasets", _set(datasets=[]), "datasets", "no data"),
+    ("fp16-gemma2", _set(fp16=True), "fp16", "overflows"),
+    ("dtype-float16", _set(dtype="float16"), "dtype", "overflow"),
+    ("sdpa-softcap", _set(attn_implementation="sdpa"), "attn_implementation", "soft-cap"),
+    ("attn-typo", _set(attn_implementation="eagre"), "attn_implementation", "Did you mean 'eager'"),
+    ("packing-no-max-length", _set(packing=True, max_length=None, long_examples="truncate"), "packing", "max_length"),
+    ("packing-wrapped", _set(packing=True, packing_strategy="wrapped"), "packing_strategy", "<bos>"),
+    ("qlora-without-lora", _set(load_in_4bit=True), "load_in_4bit", "use_peft: true"),
+    ("lora-key-without-peft", _set(lora_r=8), "lora_r", "use_peft is false"),
+    ("lora-on-lm-head", _set(use_peft=True, lora_target_modules=["q_proj", "lm_head"]), "lora_target_modules", "lm_head"),
+    ("trainable-token-typo", _set(use_peft=True, lora_trainable_tokens=["<end_turn>"]), "lora_trainable_tokens", "single token"),
+    ("unknown-preset", _set(preset="gemma2-2bb"), "preset", "Did you mean 'gemma2-2b'"),
+    ("bad-preset-overrides", lambda r, t: r["preset_overrides"].update(num_hidden_layers=3), "preset_overrides", "layer_types"),
+    ("no-tokenizer", _set(tokenizer_name_or_path="./no/such/tokenizer"), "tokenizer_name_or_path", "does not exist"),
+    ("chat-family", _set(chat_family="gemma4"), "chat_family", "not allowed"),
+    ("test-split", _set(test_split_size=1.5), "test_split_size", "fraction"),
+    ("eval-without-split", _drop("test_split_size"), "eval_strategy", "test_split_size"),
+    ("eval-strategy-typo", _set(eval_strategy="step"), "eval_strategy", "Did you mean 'steps'"),
+    ("keep-end", _set(truncation_mode="keep_end"), "truncation_mode", "<bos>"),
+    ("no-output-dir", _drop("output_dir"), "output_dir", "missing"),
+    ("refused-key", _set(completion_only_loss=True), "completion_only_loss", "assistant_only_loss"),
+    ("renamed-key", _set(max_seq_length=512), "max_seq_length", "max_length"),
+    ("drop-without-max-length", _set(max_length=None), "long_examples", "max_length"),
+    ("max-length-too-long", _set(max_length=100000), "max_length", "max_position_embeddings"),
+]
+
+
+@pytest.mark.parametrize("name,change,key,text", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_recipe_exits_2_names_the_key_writes_nothing(tmp_path, capsys, name, change, key, text):
+    recipe = base_recipe(tmp_path)
+    change(recipe, tmp_path)
+    path = write(tmp_path, recipe)
+    for argv in (["validate", str(path)], ["sft", "--config", str(path)]):
+        code, out, err = run_cli(argv, capsys)
+        assert code == 2, (argv, out, err)
+        assert f"- {key}" in err and text in err, err
+        assert "fix:" in err and str(path) in err
+        assert not (tmp_path / "out").exists()
+        assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("text,key,message", [
+    ("learning_rate: 1\nlearning_rate: 2\n", "learning_rate", "duplicate key"),
+    ("- a\n- b\n", "yaml", "not a mapping"),
+    ("learning_rate: [1\n", "yaml", "not valid YAML"),
+])
+def test_malformed_yaml(tmp_path, capsys, text, key, message):
+    code, _, err = run_cli(["validate", str(write(tmp_path, text))], capsys)
+    assert code == 2 and f"- {key}" in err and message in err
+
+
+def test_all_problems_in_one_message(tmp_path, capsys):
+    recipe = base_recipe(tmp_path)
+    recipe.update(learnig_rate=1.0, warmup_ratio=0.1, per_device_train_batch_size="eight")
+    code, _, err = run_cli(["validate", str(write(tmp_path, recipe))], capsys)
+    assert code == 2 and "(3 problems)" in err
+    assert "learnig_rate" in err and "warmup_ratio" in err and "warmup_steps" in err and "per_device_train_batch_size" in err
+
+
+def test_command_line_overrides(tmp_path, capsys):
+    path = write(tmp_path, base_recipe(tmp_path))
+    recipe = load_recipe(path, ["--learning_rate", "1e-4", "--no_full_determinism", "--max-steps=3",
+                                "--sample_prompts", "a", "b", "--eval_strategy", "no", "--test_split_size", "null"])
+    assert recipe.training.learning_rate == 1e-4 and recipe.training.max_steps == 3
+    assert recipe.training.full_determinism is False and recipe.gemma.sample_prompts == ["a", "b"]
+    assert recipe.data.test_split_size is None
+    assert "overridden on the command line" in recipe.to_yaml()
+    # An override with a typo is reported as coming from the command line.
+    code, _, err = run_cli(["validate", str(path), "--learnig_rate", "1"], capsys)
+    assert code == 2 and "learnig_rate (from --learnig_rate on the command line)" in err
+    code, _, err = run_cli(["validate", str(path), "--max_steps", "ten"], capsys)
+    assert code == 2 and "max_steps" in err
+
+
+def test_yaml_quirks_are_typed(tmp_path):
+    recipe = base_recipe(tmp_path)
+    recipe_text = yaml.safe_dump(recipe, sort_keys=False) + "eval_on_start: false\n"
+    recipe_text = recipe_text.replace("learning_rate: 0.003", "learning_rate: 3e-3")  # PyYAML: a string
+    recipe_text = recipe_text.replace("save_strategy: steps", "save_strategy: no")
+    loaded = load_recipe(write(tmp_path, recipe_text))
+    assert loaded.training.learning_rate == 3e-3
+    assert getattr(loaded.training.save_strategy, "value", loaded.training.save_strategy) == "no"
+
+
+def test_resolved_recipe_reloads(tmp_path):
+    path = write(tmp_path, base_recipe(tmp_path))
+    recipe = load_recipe(path, ["--learning_rate", "2e-3"])
+    again = load_recipe(write(tmp_path, recipe.to_yaml(), "resolved.yaml"))
+    assert again.values == recipe.values
+    assert again.training.learning_rate == 2e-3
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[f"{p.parent.name}/{p.name}" for p in SHIPPED])
+def test_shipped_recipes_validate(path, capsys):
+    if path.parent.name == "accelerate":
+        assert check_accelerate_config(path) == []
+        return
+    code, out, err = run_cli(["validate", str(path)], capsys)
+    assert code == 0, err
+    assert out.startswith(f"ok: {path}")
+    if path.parent.name == "gemma2-9b":  # QLoRA: valid, but this CPU machine cannot run it
+        import torch
+
+        if not torch.cuda.is_available():
+            assert "QLoRA (bitsandbytes quantization) needs a CUDA GPU" in out
+            code, _, err = run_cli(["validate", "--strict", str(path)], capsys)
+            assert code == 2 and "cannot run on this machine" in err
+
+
+def test_sft_refuses_what_this_machine_cannot_run(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    recipe = yaml.safe_load((REPO / "recipes/gemma2-9b/sft-qlora.yaml").read_text())
+    recipe["output_dir"] = str(tmp_path / "out")
+    code, _, err = run_cli(["sft", "--config", str(write(tmp_path, recipe))], capsys)
+    assert code == 2 and "cannot run on this machine" in err and "load_in_4bit" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_accelerate_config_typos_are_caught(tmp_path):
+    config = yaml.safe_load((REPO / "recipes/accelerate/fsdp.yaml").read_text())
+    config["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] = "Gemma2DecoderLayer"
+    config["fsdp_config"]["fsdp_state_dict_typ"] = "FULL_STATE_DICT"
+    path = tmp_path / "fsdp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    problems = check_accelerate_config(path)
+    assert any("fsdp_state_dict_typ" in p and "fsdp_state_dict_type" in p for p in problems)
+    assert any("Gemma2DecoderLayer" in p for p in problems)
+
+
+def _all_parsers():
+    parser = cli.build_parser()
+    yield [], parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield [name], sub
+
+
+@pytest.mark.parametrize("argv", [argv for argv, _ in _all_parsers()], ids=lambda a: " ".join(a) or "gemma-hf")
+def test_help_at_every_level(argv, capsys):
+    code, out, _ = run_cli([*argv, "--help"], capsys)
+    assert code == 0 and "usage: gemma-hf" in out
+
+
+def test_help_keys_and_console_script(capsys):
+    code, out, _ = run_cli(["sft", "--help-keys"], capsys)
+    assert code == 0 and "learning_rate" in out and "assistant_only_loss" in out and "datasets" in out
+    script = Path(sys.executable).parent / "gemma-hf"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "gemma_hf.cli"]
+    result = subprocess.run([*command, "sft", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--resume" in result.stdout and "accelerate launch" in result.stdout
