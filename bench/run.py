@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="seq 512 only, fewer tokens and repeats (< 3 min)")
     parser.add_argument("--gpu", action="store_true", help="also run the CUDA bf16 train-step benchmark")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--only", default="train,generate,forward,kv_cache",
+                        help="comma-separated sections to run (default: all CPU sections)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -246,7 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         print(" | ".join(rows[-1]), flush=True)  # progress: a long run killed midway keeps its rows
         return r
 
-    for seq in seqs:
+    sections = set(args.only.split(","))
+    unknown = sections - {"train", "generate", "forward", "kv_cache"}
+    if unknown:
+        parser.error(f"--only: unknown section(s) {sorted(unknown)}; choose from train, generate, forward, kv_cache")
+
+    for seq in (seqs if "train" in sections else []):
         ours = run_worker("train", impl="ours", seq=seq, repeats=repeats)
         stock = run_worker("train", impl="stock", seq=seq, repeats=repeats)
         floor = run_worker("floor", seq=seq, repeats=repeats)
@@ -261,22 +268,24 @@ def main(argv: list[str] | None = None) -> int:
                      f"tanh {floor['tanh_s']:.2f}s, exp {floor['exp_s']:.2f}s"))
         print(" | ".join(rows[-1]), flush=True)
 
-    for dtype in ("float32", "bfloat16"):
+    for dtype in (("float32", "bfloat16") if "generate" in sections else ()):
         ours = run_worker("generate", impl="ours", dtype=dtype, new_tokens=new_tokens, repeats=repeats)
         stock = run_worker("generate", impl="stock", dtype=dtype, new_tokens=new_tokens, repeats=repeats)
         results["generate"][dtype] = {"ours": ours, "stock": stock, "ratio": ratio_row(
             f"generate 270M {dtype}: tokens/s", ours, stock, "tokens_per_s", "tok/s", lower_is_better=False)}
 
-    ours = run_worker("forward", impl="ours", seq=512, repeats=repeats)
-    stock = run_worker("forward", impl="stock", seq=512, repeats=repeats)
-    results["forward_512"] = {"ours": ours, "stock": stock,
-                              "ratio": ratio_row("forward 270M seq 512: time", ours, stock, "time_s", "s")}
+    if "forward" in sections:
+        ours = run_worker("forward", impl="ours", seq=512, repeats=repeats)
+        stock = run_worker("forward", impl="stock", seq=512, repeats=repeats)
+        results["forward_512"] = {"ours": ours, "stock": stock,
+                                  "ratio": ratio_row("forward 270M seq 512: time", ours, stock, "time_s", "s")}
 
-    kv = run_worker("kv_cache", context=8192)
-    results["kv_cache_8k"] = kv
-    rows.append(("KV cache at 8k context (Gemma 2 pattern)", f"{kv['cache_bytes'] / 2**20:.0f} MiB",
-                 f"full caching {kv['full_cache_bytes'] / 2**20:.0f} MiB", f"{kv['ratio']:.2f}x of full",
-                 f"sliding layers keep {kv['window']} keys"))
+    if "kv_cache" in sections:
+        kv = run_worker("kv_cache", context=8192)
+        results["kv_cache_8k"] = kv
+        rows.append(("KV cache at 8k context (Gemma 2 pattern)", f"{kv['cache_bytes'] / 2**20:.0f} MiB",
+                     f"full caching {kv['full_cache_bytes'] / 2**20:.0f} MiB", f"{kv['ratio']:.2f}x of full",
+                     f"sliding layers keep {kv['window']} keys"))
 
     if args.gpu:
         for seq in (2048, 8192):
