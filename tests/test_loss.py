@@ -55,6 +55,40 @@ def test_loss_and_gradients_equal_unfused(softcap, chunk_size, num_items):
     assert rel(w1.grad, w2.grad) <= RTOL
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0, 100.0])
+@pytest.mark.parametrize("sub_rows", [1, 3])
+def test_elementwise_sub_blocks_equal_unfused(monkeypatch, softcap, sub_rows):
+    """The elementwise passes run a few rows at a time inside each chunk (uneven last block too)."""
+    from gemma_hf.model import loss as loss_module
+
+    h, w, labels = case(seed=4)
+    monkeypatch.setattr(loss_module, "SUB_ELEMENTS", sub_rows * w.shape[0])
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ours = chunked_causal_lm_loss(h1, w1, labels, softcap, chunk_size=8)
+    ref = reference_loss(h2, w2, labels, softcap)
+    assert abs(ours.item() - ref.item()) <= RTOL * abs(ref.item())
+    ours.backward()
+    ref.backward()
+    assert rel(h1.grad, h2.grad) <= RTOL
+    assert rel(w1.grad, w2.grad) <= RTOL
+
+
+@pytest.mark.parametrize("softcap", [30.0, 43.0, 50.0])
+def test_every_logit_at_minus_cap_does_not_underflow(softcap):
+    """All capped logits at -cap: the shift-free sum exp(-2 cap) * V must stay a normal fp32 number
+    (caps up to 43); above that the max-shift path takes over. The loss is then exactly log(V)."""
+    vocab = 262144
+    h = -torch.ones(1, 4, 8)
+    w = torch.ones(vocab, 8) * 1e4  # raw logits -8e4: every capped logit is -cap
+    labels = torch.randint(0, vocab, (1, 4), generator=torch.Generator().manual_seed(0))
+    h1 = h.clone().requires_grad_()
+    loss = chunked_causal_lm_loss(h1, w, labels, softcap, chunk_size=2)
+    loss.backward()
+    assert abs(loss.item() - torch.log(torch.tensor(float(vocab))).item()) <= 1e-5 * loss.item()
+    assert torch.isfinite(h1.grad).all()
+
+
 @pytest.mark.parametrize("softcap", [30.0, 60.0])
 def test_no_overflow_with_huge_logits_and_large_vocab(softcap):
     """Without the max-shift, exp(cap) summed over 262k entries must stay finite in fp32."""
