@@ -14,6 +14,7 @@ Measurements (CPU):
   measured fp32 rate, plus one tanh and one exp pass over [T, V].
 - generate: tokens/s of greedy decoding with cache, real Gemma 3 270M, fp32 and bf16.
 - forward: latency of one 512-token forward, real Gemma 3 270M, fp32.
+  Both run ours, stock, stock, ours (four processes) so that drift in machine speed cancels.
 - kv cache: bytes the cache holds after an 8k-token prefill with Gemma 2's local/global pattern
   (window 4096), against caching every layer in full.
 On a CUDA machine, add --gpu for bf16 train-step throughput, peak GPU memory and MFU of a
@@ -134,7 +135,7 @@ def worker_generate(impl: str, dtype: str, new_tokens: int, repeats: int) -> dic
 
     times = _time(run, repeats)
     return {"time_s": statistics.median(times), "tokens_per_s": new_tokens / statistics.median(times),
-            "peak_rss_mb": _peak_rss_mb()}
+            "times": times, "new_tokens": new_tokens, "peak_rss_mb": _peak_rss_mb()}
 
 
 def worker_forward(impl: str, seq: int, repeats: int) -> dict:
@@ -149,7 +150,7 @@ def worker_forward(impl: str, seq: int, repeats: int) -> dict:
             model(ids)
 
     times = _time(run, repeats)
-    return {"time_s": statistics.median(times), "peak_rss_mb": _peak_rss_mb()}
+    return {"time_s": statistics.median(times), "times": times, "peak_rss_mb": _peak_rss_mb()}
 
 
 def worker_kv_cache(context: int) -> dict:
@@ -221,6 +222,23 @@ def run_worker(kind: str, **kwargs) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_abba(kind: str, abba: bool = True, **kwargs) -> tuple[dict, dict]:
+    """ours, stock, stock, ours: a drift in machine speed (this kind of VM has +-10% swings over
+    minutes) then biases neither side. Each side's time is the median over both of its runs.
+    With abba=False (--quick): ours, stock once each."""
+    runs = {"ours": [], "stock": []}
+    for impl in ("ours", "stock", "stock", "ours") if abba else ("ours", "stock"):
+        runs[impl].append(run_worker(kind, impl=impl, **kwargs))
+    merged = {}
+    for impl, results in runs.items():
+        times = [t for r in results for t in r["times"]]
+        merged[impl] = {"time_s": statistics.median(times), "times": times,
+                        "peak_rss_mb": max(r["peak_rss_mb"] for r in results)}
+        if "new_tokens" in results[0]:
+            merged[impl]["tokens_per_s"] = results[0]["new_tokens"] / merged[impl]["time_s"]
+    return merged["ours"], merged["stock"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="seq 512 only, fewer tokens and repeats (< 3 min)")
@@ -269,14 +287,12 @@ def main(argv: list[str] | None = None) -> int:
         print(" | ".join(rows[-1]), flush=True)
 
     for dtype in (("float32", "bfloat16") if "generate" in sections else ()):
-        ours = run_worker("generate", impl="ours", dtype=dtype, new_tokens=new_tokens, repeats=repeats)
-        stock = run_worker("generate", impl="stock", dtype=dtype, new_tokens=new_tokens, repeats=repeats)
+        ours, stock = run_abba("generate", abba=not args.quick, dtype=dtype, new_tokens=new_tokens, repeats=repeats)
         results["generate"][dtype] = {"ours": ours, "stock": stock, "ratio": ratio_row(
             f"generate 270M {dtype}: tokens/s", ours, stock, "tokens_per_s", "tok/s", lower_is_better=False)}
 
     if "forward" in sections:
-        ours = run_worker("forward", impl="ours", seq=512, repeats=repeats)
-        stock = run_worker("forward", impl="stock", seq=512, repeats=repeats)
+        ours, stock = run_abba("forward", abba=not args.quick, seq=512, repeats=repeats)
         results["forward_512"] = {"ours": ours, "stock": stock,
                                   "ratio": ratio_row("forward 270M seq 512: time", ours, stock, "time_s", "s")}
 
