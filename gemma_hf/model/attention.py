@@ -10,7 +10,9 @@ Backends:
   soft-cap (score_mod / softcap argument) and the sliding window. flex_attention is refused on
   CPU: with torch 2.13 its compiled CPU kernel returned NaN or wrong values once a process had
   run both padded and unpadded batches (stock transformers' Gemma 2 too; see
-  tests/test_attention_backends.py). It is meant for CUDA training.
+  tests/test_attention_backends.py). It is meant for CUDA training. Its semantics (the block
+  mask built from our config, the soft-cap score_mod) are tested on CPU through torch's
+  uncompiled flex_attention in tests/test_flex_semantics.py.
 
 Masks come from transformers' masking utilities (one per layer type, built once per forward
 in modeling.py) and the cache is a transformers `Cache`, whose sliding layers keep at most
