@@ -4,7 +4,7 @@ Every measurement runs in its own subprocess (so peak RSS is that measurement's,
 OS via getrusage), timings are the median of several runs after a warm-up, and the table
 prints ours / stock ratios. JSON goes to bench/results/<timestamp>.json (and --json PATH).
 
-    python bench/run.py            # full: train steps at seq 512/1024/2048, 270M generation and forward
+    python bench/run.py            # full (~20 min on 2 cores): train steps at seq 512/1024/2048, 270M generation and forward
     python bench/run.py --quick    # under 3 minutes: seq 512 only, fewer tokens and repeats
 
 Measurements (CPU):
