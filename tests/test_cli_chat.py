@@ -3,16 +3,16 @@ answers "Hello" and then <end_of_turn>, so the stop at <end_of_turn> and the tur
 
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
 import torch
 
-from gemma_hf import GemmaHFForCausalLM, cli
+from gemma_hf import GemmaHFForCausalLM
 from gemma_hf.assets import gemma_tokenizer
 from gemma_hf.recipes.sampling import chat_reply, load_chat_model
 from tests.assets import tokenizer as load_tokenizer
+from tests.clirun import run_cli
 from tests.tiny import tiny_config
 
 
@@ -46,24 +46,13 @@ def scripted_model(tmp_path_factory):
     return path
 
 
-def run(argv, capsys, stdin=None, monkeypatch=None):
-    if stdin is not None:
-        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
-    try:
-        code = cli.main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_generate_stops_at_end_of_turn(scripted_model, capsys):
-    code, out, _ = run(["generate", str(scripted_model), "--prompt", "Hi there", "--prompt", "Again", "--json"], capsys)
+    code, out, _ = run_cli(["generate", str(scripted_model), "--prompt", "Hi there", "--prompt", "Again", "--json"], capsys)
     assert code == 0
     replies = [json.loads(line) for line in out.splitlines()]
     assert [r["text"] for r in replies] == ["Hello", "Hello"]
     assert all(r["stop"] == "end_of_turn" and r["new_tokens"] == 2 for r in replies)
-    code, out, _ = run(["generate", str(scripted_model), "--prompt", "Hi"], capsys)
+    code, out, _ = run_cli(["generate", str(scripted_model), "--prompt", "Hi"], capsys)
     assert code == 0 and out == "Hello\n"
 
 
@@ -87,18 +76,18 @@ def test_generate_uses_the_chat_format(scripted_model):
 
 
 def test_max_new_tokens_reports_unfinished_turn(scripted_model, capsys):
-    code, out, err = run(["generate", str(scripted_model), "--prompt", "Hi", "--max-new-tokens", "1", "--json"], capsys)
+    code, out, err = run_cli(["generate", str(scripted_model), "--prompt", "Hi", "--max-new-tokens", "1", "--json"], capsys)
     reply = json.loads(out)
     assert code == 0 and reply["stop"] == "length" and reply["text"] == "Hello"
 
 
 def test_chat_repl_multi_turn_reset_exit(scripted_model, capsys, monkeypatch):
-    code, out, _ = run(["chat", str(scripted_model)], capsys, stdin="Hi\nHow are you?\n/reset\nHey\n/exit\nnever read\n",
+    code, out, _ = run_cli(["chat", str(scripted_model)], capsys, stdin="Hi\nHow are you?\n/reset\nHey\n/exit\nnever read\n",
                        monkeypatch=monkeypatch)
     assert code == 0
     assert out.count("model> Hello") == 3 and "(conversation reset)" in out
 
 
 def test_chat_bad_model_dir(tmp_path, capsys):
-    code, _, err = run(["generate", str(tmp_path), "--prompt", "x"], capsys)
+    code, _, err = run_cli(["generate", str(tmp_path), "--prompt", "x"], capsys)
     assert code == 2 and "not a model directory" in err

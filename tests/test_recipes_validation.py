@@ -17,6 +17,7 @@ from gemma_hf.assets import gemma_tokenizer, llamafactory_data
 from gemma_hf.recipes.config import load_recipe
 from gemma_hf.recipes.distributed import check_accelerate_config
 from tests.assets import require
+from tests.clirun import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "recipes" / "tiny" / "sft.yaml"
@@ -40,15 +41,6 @@ def write(tmp_path: Path, recipe, name="recipe.yaml") -> Path:
     path = tmp_path / name
     path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False))
     return path
-
-
-def run_cli(argv, capsys):
-    try:
-        code = cli.main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def qa_file(tmp_path: Path) -> str:

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.tiny import make_ours, random_ids, stock_from
+from tests.tiny import assert_grads_close, make_ours, param_grads, random_ids, stock_from
 
 trl_utils = pytest.importorskip("trl.trainer.utils")
 add_fused_lm_head = trl_utils.add_fused_lm_head
@@ -67,18 +67,6 @@ def _unfused_logps(model, ids, mask, labels, temperature, cap_override="keep"):
     return token_logp, entropy, valid
 
 
-def _grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _assert_grads_close(a: dict, b: dict, rel: float = 1e-5):
-    assert a.keys() == b.keys() and a
-    for name in a:
-        scale = max(a[name].abs().max().item(), 1e-12)
-        err = (a[name] - b[name]).abs().max().item() / scale
-        assert err <= rel, f"{name}: relative gradient error {err:.2e}"
-
-
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_fused_lm_head_equals_unfused_logprobs_on_our_model(name, temperature):
@@ -100,7 +88,7 @@ def test_fused_lm_head_equals_unfused_logprobs_on_our_model(name, temperature):
 
     (out.log_probs * weights).sum().backward()
     (ref_logp * weights).sum().backward()
-    _assert_grads_close(_grads(fused), _grads(reference))
+    assert_grads_close(param_grads(fused), param_grads(reference), rel=1e-5)
 
     if CASES[name].get("final_logit_softcapping"):
         uncapped, _, _ = _unfused_logps(reference, ids, mask, labels, temperature, cap_override=None)
@@ -141,9 +129,9 @@ def test_fused_lm_head_reaches_lora_adapters():
     torch.testing.assert_close(out.log_probs, ref_logp, rtol=1e-5, atol=1e-5)
     out.log_probs.sum().backward()
     ref_logp.sum().backward()
-    grads, ref_grads = _grads(fused), _grads(ref)
+    grads, ref_grads = param_grads(fused), param_grads(ref)
     assert grads and all("lora_" in n for n in grads)
-    _assert_grads_close(grads, ref_grads)
+    assert_grads_close(grads, ref_grads, rel=1e-5)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
@@ -179,7 +167,7 @@ def test_chunked_distillation_divergence_equals_unfused_jsd(beta, temperature):
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * max(1.0, abs(ref_loss.item()))
     loss.backward()
     ref_loss.backward()
-    _assert_grads_close(_grads(student), _grads(reference), rel=1e-4)
+    assert_grads_close(param_grads(student), param_grads(reference), rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- the trainers themselves

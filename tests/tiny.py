@@ -104,6 +104,20 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+def param_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Name -> gradient of every parameter that received one."""
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(a: dict, b: dict, rel: float) -> None:
+    """Same parameters got gradients, each within `rel` of the other's largest entry."""
+    assert a.keys() == b.keys() and a
+    for name in a:
+        scale = max(a[name].abs().max().item(), 1e-12)
+        err = (a[name] - b[name]).abs().max().item() / scale
+        assert err <= rel, f"{name}: relative gradient error {err:.2e}"
+
+
 # Prepended to scripts run in a subprocess that must prove they work WITHOUT gemma_hf: any
 # import of gemma_hf in that process fails.
 BLOCK_GEMMA_HF_IMPORTS = """

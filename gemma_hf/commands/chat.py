@@ -71,14 +71,22 @@ def _start(messages: list[dict], system: str | None, text: str) -> list[dict]:
     return messages
 
 
-def generate_command(args: argparse.Namespace) -> int:
+def _checked_load(args: argparse.Namespace):
+    """(model, tokenizer, family), or None after printing why the arguments are unusable."""
     problem = _check_args(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
+        return None
+    return _load(args)
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    loaded = _checked_load(args)
+    if loaded is None:
         return 2
     from gemma_hf.recipes.sampling import chat_reply
 
-    model, tokenizer, family = _load(args)
+    model, tokenizer, family = loaded
     for prompt in args.prompt:
         if prompt == "-":
             prompt = sys.stdin.read()
@@ -95,15 +103,14 @@ def generate_command(args: argparse.Namespace) -> int:
 
 
 def chat_command(args: argparse.Namespace) -> int:
-    problem = _check_args(args)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
+    loaded = _checked_load(args)
+    if loaded is None:
         return 2
     from transformers import TextStreamer
 
     from gemma_hf.recipes.sampling import chat_reply
 
-    model, tokenizer, family = _load(args)
+    model, tokenizer, family = loaded
     interactive = sys.stdin.isatty()
     print(f"chatting with {args.model_dir} ({family} chat format). /reset forgets, /exit quits.", flush=True)
     messages: list[dict] = []
