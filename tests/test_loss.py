@@ -133,8 +133,8 @@ def test_model_forward_uses_chunked_loss_and_matches_stock(variant):
     ids = random_ids(2, 20)
     labels = ids.clone()
     labels[1, :6] = -100
-    out = ours(ids, labels=labels, num_items_in_batch=torch.tensor(30))
-    assert out.logits is None  # the [B, T, V] logits were never built
+    out = ours(ids, labels=labels, num_items_in_batch=torch.tensor(30))  # gradients on: the training path
+    assert out.logits is None and out.loss.requires_grad  # the [B, T, V] logits were never built
     ref = stock(ids, labels=labels, num_items_in_batch=torch.tensor(30))
     assert abs(out.loss.item() - ref.loss.item()) <= RTOL * ref.loss.item()
     full = ours(ids, labels=labels, return_logits=True, num_items_in_batch=torch.tensor(30))
@@ -145,4 +145,6 @@ def test_labels_with_logits_to_keep_is_refused():
     ours = make_ours("gemma2")
     ids = random_ids(1, 6)
     with pytest.raises(ValueError, match="logits_to_keep"):
+        ours(ids, labels=ids, logits_to_keep=1)
+    with torch.no_grad(), pytest.raises(ValueError, match="logits_to_keep"):  # the full-logits path too
         ours(ids, labels=ids, logits_to_keep=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -99,7 +100,7 @@ def test_malicious_pickle_is_never_unpickled(tmp_path):
     assert not marker.exists()
     # Even with the opt-in, transformers unpickles with torch.load(weights_only=True), which
     # rejects the payload: defence in depth, not a reason to drop the refusal above.
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         GemmaHFForCausalLM.from_pretrained(ckpt, allow_pickle=True)
     assert not marker.exists()
 

@@ -2,7 +2,7 @@
 (transformers copies them next to a checkpoint for trust_remote_code loading)."""
 
 from .attention import BackendUnavailableError, SoftcapUnsupportedError
-from .configuration import GemmaHFConfig
+from .configuration import GEMMA_FAMILIES, GemmaFamily, GemmaHFConfig, gemma_family
 from .modeling import (
     GemmaHFForCausalLM,
     GemmaHFForSequenceClassification,
@@ -12,6 +12,9 @@ from .modeling import (
 
 __all__ = [
     "GemmaHFConfig",
+    "GemmaFamily",
+    "GEMMA_FAMILIES",
+    "gemma_family",
     "GemmaHFModel",
     "GemmaHFForCausalLM",
     "GemmaHFForSequenceClassification",

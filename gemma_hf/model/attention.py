@@ -4,8 +4,16 @@ Backends:
 - "eager": the reference path, exact for every variant (soft-cap, sliding window, GQA/MQA,
   query_pre_attn_scalar, QK-norm). Everything else is tested against it.
 - "sdpa": torch's fused kernel through transformers' integration. It cannot soft-cap scores,
-  so it is refused loudly for configs with `attn_logit_softcapping` (Gemma 2); stock
-  transformers silently drops the cap there, which changes the model.
+  so it is refused loudly for configs with `attn_logit_softcapping` (Gemma 2), naming the exact
+  backends, and allowed where it is exact (Gemma 1, Gemma 3, a Gemma 2 config without the cap).
+  Stock transformers 5.23 (the pinned release) refuses too, more bluntly: its Gemma 2 classes set
+  `_supports_sdpa = False`, so asking for sdpa (from_pretrained, from_config,
+  set_attn_implementation) raises its generic "does not support ... scaled_dot_product_attention
+  yet" ValueError for every Gemma 2 config, capped or not, and a config switched to sdpa behind
+  the model's back fails at the first forward ("`sdpa` attention does not support `softcap`").
+  Neither drops the cap silently; tests/test_attention_backends.py pins stock's behaviour.
+- Attention maps (`output_attentions=True`) exist only on "eager"; the other backends never
+  materialise them, and modeling.py refuses the request there.
 - "flex_attention", "flash_attention_2"/"_3": transformers' integrations, which apply the
   soft-cap (score_mod / softcap argument) and the sliding window. flex_attention is refused on
   CPU: with torch 2.13 its compiled CPU kernel returned NaN or wrong values once a process had

@@ -1,4 +1,5 @@
-"""GemmaHFConfig: one configuration for every Gemma text variant (Gemma 1, 2 and 3).
+"""GemmaHFConfig: one configuration for every Gemma text variant (Gemma 1, 2 and 3), and the one
+table of Gemma families.
 
 Variant differences are fields, not subclasses:
 
@@ -13,18 +14,29 @@ use_qk_norm                False       False           True
 rope_local_base_freq       (= theta)   (= theta)       10_000 (theta 1e6)
 =========================  ==========  ==============  =====================
 
+The facts that name a family -- its display name, its stock transformers model type and classes,
+its local/global layer pattern -- live in one table here, :data:`GEMMA_FAMILIES` (one frozen
+:class:`GemmaFamily` per family); every other module reads them from it.
+
+Loading configs: our own (`model_type` "gemma_hf") and stock `gemma`, `gemma2` and
+`gemma3_text` configs, which are converted on purpose (so transformers' "You are using a model
+of type ... to instantiate a model of type gemma_hf" warning is not issued for them); any other
+model type is refused with a ValueError naming it.
+
 This file is part of the remote-code bundle written next to saved checkpoints:
 it imports nothing from gemma_hf (see DESIGN.md, "Remote code").
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from types import MappingProxyType
+
 from transformers import PreTrainedConfig
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
-FAMILIES = ("gemma", "gemma2", "gemma3")
 
 
 def alternating_layer_types(num_layers: int, local_per_global: int) -> list[str]:
@@ -34,6 +46,60 @@ def alternating_layer_types(num_layers: int, local_per_global: int) -> list[str]
     """
     period = local_per_global + 1
     return [FULL if (i + 1) % period == 0 else SLIDING for i in range(num_layers)]
+
+
+@dataclass(frozen=True)
+class GemmaFamily:
+    """One Gemma generation: how we, users and stock transformers name it, and its layer pattern."""
+
+    name: str  # GemmaHFConfig.family
+    display_name: str  # for people (model cards, messages)
+    stock_model_type: str  # transformers' model_type of the equivalent stock config
+    stock_causal_lm: str  # transformers' causal-LM class
+    stock_sequence_classification: str  # transformers' sequence-classification class
+    local_per_global: int | None  # sliding layers per global layer; None: every layer is global
+
+    def layer_types(self, num_layers: int) -> list[str]:
+        """The family's layer pattern for a model of `num_layers` layers (Gemma 2 starts local)."""
+        if self.local_per_global is None:
+            return [FULL] * num_layers
+        return alternating_layer_types(num_layers, self.local_per_global)
+
+
+GEMMA_FAMILIES: MappingProxyType[str, GemmaFamily] = MappingProxyType({
+    family.name: family
+    for family in (
+        GemmaFamily("gemma", "Gemma 1", "gemma", "GemmaForCausalLM", "GemmaForSequenceClassification",
+                    local_per_global=None),
+        GemmaFamily("gemma2", "Gemma 2", "gemma2", "Gemma2ForCausalLM", "Gemma2ForSequenceClassification",
+                    local_per_global=1),
+        GemmaFamily("gemma3", "Gemma 3 (text)", "gemma3_text", "Gemma3ForCausalLM",
+                    "Gemma3TextForSequenceClassification", local_per_global=5),
+    )
+})
+FAMILIES = tuple(GEMMA_FAMILIES)
+# Stock transformers model types we read (converted) and write (export) -> our family name; a view
+# of the table above.
+STOCK_MODEL_TYPES: MappingProxyType[str, str] = MappingProxyType(
+    {family.stock_model_type: family.name for family in GEMMA_FAMILIES.values()}
+)
+
+
+def gemma_family(name: str) -> GemmaFamily:
+    """The :class:`GemmaFamily` called `name` ("gemma", "gemma2" or "gemma3")."""
+    try:
+        return GEMMA_FAMILIES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown Gemma family {name!r}; expected one of {FAMILIES}.") from None
+
+
+def family_of_stock_model_type(model_type: str) -> GemmaFamily:
+    """The :class:`GemmaFamily` whose stock transformers model type is `model_type`."""
+    if model_type in STOCK_MODEL_TYPES:
+        return GEMMA_FAMILIES[STOCK_MODEL_TYPES[model_type]]
+    raise ValueError(
+        f"model_type={model_type!r} is not a stock Gemma text model type; expected one of {list(STOCK_MODEL_TYPES)}."
+    )
 
 
 class GemmaHFConfig(PreTrainedConfig):
@@ -50,7 +116,9 @@ class GemmaHFConfig(PreTrainedConfig):
         hidden_activation: GeGLU nonlinearity; Gemma uses the tanh approximation of GELU.
         query_pre_attn_scalar: queries are scaled by `query_pre_attn_scalar ** -0.5`. None means
             head_dim. Gemma 2 27B uses d_model / num_heads = 144 rather than head_dim = 128.
-        layer_types: per-layer "sliding_attention" or "full_attention".
+        layer_types: per-layer "sliding_attention" or "full_attention". None: the family's pattern
+            for `num_hidden_layers` layers (Gemma 1 all global, Gemma 2 local/global 1:1 starting
+            local, Gemma 3 5 local : 1 global); all global when `sliding_window` is None.
         sliding_window: keys visible to a sliding layer, the current token included.
         attn_logit_softcapping / final_logit_softcapping: cap * tanh(x / cap) on attention scores /
             output logits, or None.
@@ -66,6 +134,9 @@ class GemmaHFConfig(PreTrainedConfig):
 
     model_type = "gemma_hf"
     keys_to_ignore_at_inference = ["past_key_values"]
+    # save_pretrained copies this file next to config.json and writes auto_map["AutoConfig"], so a
+    # checkpoint loads with trust_remote_code=True where gemma_hf is not installed.
+    _auto_class = "AutoConfig"
 
     def __init__(
         self,
@@ -120,7 +191,9 @@ class GemmaHFConfig(PreTrainedConfig):
         self.attention_dropout = attention_dropout
         self.query_pre_attn_scalar = query_pre_attn_scalar
         if layer_types is None:
-            layer_types = alternating_layer_types(num_hidden_layers, 1) if sliding_window else [FULL] * num_hidden_layers
+            # The family's pattern at this depth; without a window every layer is global.
+            known = GEMMA_FAMILIES.get(family) if isinstance(family, str) else None
+            layer_types = known.layer_types(num_hidden_layers) if known and sliding_window else [FULL] * num_hidden_layers
         self.layer_types = list(layer_types)
         self.sliding_window = sliding_window
         self.attn_logit_softcapping = attn_logit_softcapping
@@ -140,11 +213,43 @@ class GemmaHFConfig(PreTrainedConfig):
 
     # -- conversion to and from stock transformers configs ----------------------------------------
     @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        cache_dir=None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token=None,
+        revision: str = "main",
+        **kwargs,
+    ):
+        """transformers' `PreTrainedConfig.from_pretrained` minus its warning "You are using a model of
+        type `gemma2` to instantiate a model of type `gemma_hf` ... can yield errors": reading a stock
+        gemma / gemma2 / gemma3_text config is a deliberate, tested conversion (`from_dict`), and any
+        other model type is refused there with an error, not a warning."""
+        kwargs.update(cache_dir=cache_dir, force_download=force_download, local_files_only=local_files_only,
+                      token=token, revision=revision)
+        config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return cls.from_dict(config_dict, **kwargs)
+
+    @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
         """Also accepts stock `gemma`, `gemma2` and `gemma3_text` config dicts (converted first), so
-        `GemmaHFForCausalLM.from_pretrained(stock_checkpoint_dir)` works with no renaming."""
-        if config_dict.get("model_type") in STOCK_MODEL_TYPES:
+        `GemmaHFForCausalLM.from_pretrained(stock_checkpoint_dir)` works with no renaming. Any other
+        model type raises ValueError naming it and what is accepted."""
+        model_type = config_dict.get("model_type")
+        if model_type in STOCK_MODEL_TYPES:
             config_dict = stock_to_gemma_hf_dict(config_dict)
+        elif model_type not in (None, cls.model_type):
+            hint = (
+                " 'gemma3' is the multimodal Gemma 3 config; its text model is the 'gemma3_text' config it holds."
+                if model_type == "gemma3" else ""
+            )
+            raise ValueError(
+                f"GemmaHFConfig: cannot read a config of model_type={model_type!r}. gemma_hf reads its own "
+                f"configs ({cls.model_type!r}) and stock Gemma text configs ({', '.join(map(repr, STOCK_MODEL_TYPES))}), "
+                f"converting the latter.{hint}"
+            )
         return super().from_dict(config_dict, **kwargs)
 
     def to_stock_dict(self) -> dict:
@@ -223,10 +328,6 @@ class GemmaHFConfig(PreTrainedConfig):
 # Stock transformers <-> gemma_hf configs. Both directions live here (not in gemma_hf.convert) so
 # that a checkpoint loaded with trust_remote_code, without gemma_hf installed, can convert too.
 
-STOCK_MODEL_TYPES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
-FAMILY_TO_STOCK = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}
-STOCK_ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
-
 # Fields copied unchanged in both directions.
 _SHARED_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -252,10 +353,11 @@ def _rope_entry(rope: dict | None, where: str) -> tuple[float, float | None]:
 
 def stock_to_gemma_hf_dict(stock: dict) -> dict:
     """Convert a stock gemma / gemma2 / gemma3_text config dict to GemmaHFConfig kwargs."""
-    model_type = stock["model_type"]
-    if model_type not in STOCK_MODEL_TYPES:
-        raise ValueError(f"GemmaHFConfig: cannot convert model_type={model_type!r}; expected one of {list(STOCK_MODEL_TYPES)}.")
-    family = STOCK_MODEL_TYPES[model_type]
+    try:
+        family_info = family_of_stock_model_type(stock.get("model_type"))
+    except ValueError as err:
+        raise ValueError(f"GemmaHFConfig: cannot convert: {err}") from None
+    family = family_info.name
     out = {k: stock[k] for k in _SHARED_FIELDS if k in stock}
     out["family"] = family
     out["hidden_activation"] = stock.get("hidden_activation") or stock.get("hidden_act") or "gelu_pytorch_tanh"
@@ -275,9 +377,12 @@ def stock_to_gemma_hf_dict(stock: dict) -> dict:
         if stock.get("use_bidirectional_attention"):
             raise ValueError("GemmaHFConfig: use_bidirectional_attention=True (embedding models) is not a causal LM; not supported.")
         layer_types = stock.get("layer_types")
-        if layer_types is None:
-            pattern = stock.get("sliding_window_pattern", stock.get("_sliding_window_pattern", 2 if family == "gemma2" else 6))
-            layer_types = alternating_layer_types(num_layers, pattern - 1)
+        if layer_types is None:  # old stock configs give a period instead of per-layer types
+            pattern = stock.get("sliding_window_pattern", stock.get("_sliding_window_pattern"))
+            if pattern is None:
+                layer_types = family_info.layer_types(num_layers)
+            else:
+                layer_types = alternating_layer_types(num_layers, pattern - 1)
         out.update(
             layer_types=list(layer_types),
             sliding_window=stock.get("sliding_window"),
@@ -307,7 +412,8 @@ def stock_to_gemma_hf_dict(stock: dict) -> dict:
 
 def gemma_hf_to_stock_dict(config: "GemmaHFConfig") -> dict:
     """Inverse of stock_to_gemma_hf_dict; refuses what the family's stock class cannot express."""
-    model_type = FAMILY_TO_STOCK[config.family]
+    family = gemma_family(config.family)
+    model_type = family.stock_model_type
 
     def refuse(field: str, why: str) -> None:
         raise ValueError(
@@ -319,7 +425,7 @@ def gemma_hf_to_stock_dict(config: "GemmaHFConfig") -> dict:
     out = {k: getattr(config, k) for k in _SHARED_FIELDS
            if k != "torch_dtype" and hasattr(config, k) and getattr(config, k) is not None}
     out["model_type"] = model_type
-    out["architectures"] = [STOCK_ARCHITECTURES[model_type]]
+    out["architectures"] = [family.stock_causal_lm]
     out["hidden_activation"] = config.hidden_activation
     if config.family == "gemma":
         for field in ("attn_logit_softcapping", "final_logit_softcapping", "rope_linear_factor"):
@@ -367,4 +473,18 @@ def gemma_hf_to_stock_dict(config: "GemmaHFConfig") -> dict:
     return out
 
 
-__all__ = ["GemmaHFConfig", "alternating_layer_types", "stock_to_gemma_hf_dict", "gemma_hf_to_stock_dict", "SLIDING", "FULL", "LAYER_TYPES", "FAMILIES"]
+__all__ = [
+    "GemmaHFConfig",
+    "GemmaFamily",
+    "GEMMA_FAMILIES",
+    "FAMILIES",
+    "STOCK_MODEL_TYPES",
+    "gemma_family",
+    "family_of_stock_model_type",
+    "alternating_layer_types",
+    "stock_to_gemma_hf_dict",
+    "gemma_hf_to_stock_dict",
+    "SLIDING",
+    "FULL",
+    "LAYER_TYPES",
+]

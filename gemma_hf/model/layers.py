@@ -63,9 +63,6 @@ class GemmaScaledEmbedding(nn.Embedding):
         self.scale_value = float(embedding_dim) ** 0.5
         self.register_buffer("embed_scale", torch.tensor(self.scale_value), persistent=False)
 
-    def reset_scale(self) -> None:
-        self.embed_scale.fill_(self.scale_value)
-
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)
 
@@ -96,10 +93,6 @@ class GemmaRotaryEmbedding(nn.Module):
             return rope_inv_freq(config.local_rope_theta, config.head_dim)
         factor = float(config.rope_linear_factor) if config.rope_linear_factor else 1.0
         return rope_inv_freq(config.rope_theta, config.head_dim, factor)
-
-    def reset_inv_freq(self) -> None:
-        for layer_type in self.layer_types:
-            getattr(self, f"{layer_type}_inv_freq").copy_(self._inv_freq(layer_type))
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str = FULL):

@@ -4,6 +4,25 @@ One model class per head for every Gemma generation; variants differ only by con
 Tensor names equal stock transformers' (`model.layers.N.self_attn.q_proj.weight`, ...), so
 official checkpoints load without renaming and our checkpoints export without renaming.
 
+Loss and logits of `GemmaHFForCausalLM` with `labels` (`return_logits`):
+- training (gradients recorded, the default for `return_logits=None`): the loss comes from the
+  chunked, soft-capped cross-entropy (loss.py) and `logits` is None -- the [batch, seq, vocab]
+  logits, the largest tensor of a step, are never built;
+- no gradient recorded (`torch.no_grad()` / `inference_mode`, which is how transformers'
+  `Trainer.evaluate` / `predict` and `generate` run): the full soft-capped logits are returned and
+  the loss is computed from them exactly as stock transformers does, so `compute_metrics` and
+  `preprocess_logits_for_metrics` receive logits as with any causal LM;
+- `return_logits=True` / `False` forces the one or the other.
+
+Attention maps: `output_attentions=True` returns one [batch, heads, query, key] map per layer in
+`outputs.attentions` (all three heads) on the eager backend; sdpa, flash and flex attention never
+materialise the maps, so asking for them there raises a ValueError naming the fix.
+
+Checkpoints: every head's `save_pretrained` writes an `auto_map` naming all heads (AutoConfig,
+AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification) next to the code of all of
+them (this folder), so an SFT checkpoint loads as a reward model with `trust_remote_code=True`
+where gemma_hf is not installed, and back.
+
 Library behaviours relied on here (easy to break on a transformers upgrade; the parity tests
 catch it):
 - `create_causal_mask` / `create_sliding_window_causal_mask` read `config._attn_implementation`,
@@ -13,6 +32,11 @@ catch it):
   layers a cache bounded by the window.
 - `PreTrainedModel._sdpa_can_dispatch` raising ValueError makes an unrequested sdpa fall back to
   eager and a requested one fail (we raise for soft-capped configs).
+- `save_pretrained` calls `custom_object_save`, which writes one `auto_map` entry (the saved
+  class's `_auto_class`) and copies the class's file plus its `from .x import y` files; the
+  config's save adds "AutoConfig". `GemmaHFPreTrainedModel.save_pretrained` adds the other heads.
+- transformers' Trainer.evaluate / predict call the model under `torch.no_grad()` and hand
+  `outputs` minus `loss` and `config.keys_to_ignore_at_inference` to the metrics functions.
 """
 
 from __future__ import annotations
@@ -65,9 +89,12 @@ class GemmaDecoderLayer(GradientCheckpointingLayer):
             self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    def forward(
+        self, hidden_states, position_embeddings, attention_mask, past_key_values=None, output_attentions=False, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block's output, and its attention weights when `output_attentions` (else None)."""
         residual = hidden_states
-        hidden_states, _ = self.self_attn(
+        hidden_states, attn_weights = self.self_attn(
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
@@ -85,7 +112,7 @@ class GemmaDecoderLayer(GradientCheckpointingLayer):
         hidden_states = self.mlp(pre_mlp_norm(hidden_states))
         if self.use_post_norms:
             hidden_states = self.post_feedforward_layernorm(hidden_states)
-        return residual + hidden_states
+        return residual + hidden_states, (attn_weights if output_attentions else None)
 
 
 class GemmaHFPreTrainedModel(PreTrainedModel):
@@ -110,6 +137,18 @@ class GemmaHFPreTrainedModel(PreTrainedModel):
             super().from_pretrained, pretrained_model_name_or_path, *model_args, model_class=cls.__name__, **kwargs
         )
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained, with `auto_map` naming every head we ship.
+
+        transformers 5.23 writes one `auto_map` entry per saved object (`custom_object_save`: the
+        model's own `_auto_class`, then the config's "AutoConfig") and copies the defining file
+        with its relative imports -- here modeling.py, which defines all heads, and the files it
+        imports. The other heads' entries are set here, so a checkpoint of any head loads as any
+        other with `trust_remote_code=True` (e.g. a reward model started from an SFT checkpoint).
+        """
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **remote_code_auto_map()}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _sdpa_can_dispatch(self, is_init_check: bool = False) -> bool:
         # sdpa cannot soft-cap attention scores. Raising here makes transformers fall back to eager
         # when nobody asked for sdpa, and fail when somebody did: never a silently dropped cap.
@@ -133,6 +172,8 @@ class GemmaHFPreTrainedModel(PreTrainedModel):
 
 class GemmaHFModel(GemmaHFPreTrainedModel):
     """The decoder stack: scaled embedding, N decoder layers, final RMSNorm."""
+
+    _auto_class = "AutoModel"  # see GemmaHFPreTrainedModel.save_pretrained
 
     def __init__(self, config: GemmaHFConfig):
         super().__init__(config)
@@ -175,6 +216,7 @@ class GemmaHFModel(GemmaHFPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,  # TRL passes logits_to_keep and other keys down; attention backends read some
@@ -185,7 +227,14 @@ class GemmaHFModel(GemmaHFPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        kwargs.pop("output_attentions", None)
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        implementation = self.config._attn_implementation or "eager"
+        if output_attentions and implementation != "eager":
+            raise ValueError(
+                f"output_attentions=True needs attn_implementation='eager': {implementation!r} never "
+                "materialises the attention weights. Load the model with attn_implementation='eager' "
+                "(or call model.set_attn_implementation('eager')) to get them."
+            )
         kwargs.pop("logits_to_keep", None)
 
         if inputs_embeds is None:
@@ -202,16 +251,20 @@ class GemmaHFModel(GemmaHFPreTrainedModel):
         rotary = {t: self.rotary_emb(hidden_states, position_ids, t) for t in set(self.config.layer_types)}
 
         all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for layer in self.layers:
-            hidden_states = layer(
+            hidden_states, attn_weights = layer(
                 hidden_states,
                 position_embeddings=rotary[layer.attention_type],
                 attention_mask=masks[layer.attention_type],
                 past_key_values=past_key_values if use_cache else None,
+                output_attentions=output_attentions,
                 **kwargs,
             )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             # Match transformers: the last entry is the normed final state.
@@ -221,6 +274,7 @@ class GemmaHFModel(GemmaHFPreTrainedModel):
             last_hidden_state=hidden_states,
             past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden_states,
+            attentions=all_attentions,
         )
 
 
@@ -229,6 +283,7 @@ class GemmaHFForCausalLM(GemmaHFPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+    _auto_class = "AutoModelForCausalLM"  # see save_pretrained: the auto_map lists every head
 
     def __init__(self, config: GemmaHFConfig):
         super().__init__(config)
@@ -259,15 +314,30 @@ class GemmaHFForCausalLM(GemmaHFPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        return_logits: bool = False,
+        return_logits: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """With `labels`, the loss is computed by the chunked, soft-capped cross-entropy
-        (gemma_hf.model.loss) and `logits` is None: the [B, T, V] logits are never built.
-        Pass `return_logits=True` to get logits too (the loss then comes from the full logits,
-        exactly as stock transformers computes it)."""
+        """Logits (soft-capped) and, with `labels`, the shifted cross-entropy loss.
+
+        `return_logits` decides how a loss is computed when `labels` are given:
+          None (default): as `torch.is_grad_enabled()` says. While gradients are recorded
+            (training), the loss comes from the chunked, soft-capped cross-entropy
+            (gemma_hf.model.loss) and `logits` is None: the [B, T, V] logits are never built.
+            Without gradients (`torch.no_grad()`, as transformers' Trainer.evaluate / predict and
+            generate run), the full soft-capped logits are returned and the loss is computed from
+            them exactly as stock transformers does, so metrics code gets its logits.
+          False: always the chunked loss, `logits=None` (e.g. an evaluation loss at training memory).
+          True: always the full logits, and the loss from them.
+        Without `labels` the logits are always returned (`logits_to_keep` selects positions).
+        `output_attentions=True` adds one attention map per layer (eager attention only).
+        """
+        if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            raise ValueError("labels with logits_to_keep: the loss needs every position; drop one of them.")
+        if return_logits is None:
+            return_logits = not torch.is_grad_enabled()
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -275,18 +345,21 @@ class GemmaHFForCausalLM(GemmaHFPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         if labels is not None and not return_logits:
-            if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
-                raise ValueError("labels with logits_to_keep: the loss needs every position; drop one of them.")
             loss = chunked_causal_lm_loss(
                 hidden_states, self.lm_head.weight, labels, self.config.final_logit_softcapping, **kwargs
             )
             return CausalLMOutputWithPast(
-                loss=loss, logits=None, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+                loss=loss,
+                logits=None,
+                past_key_values=outputs.past_key_values,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
             )
         # logits_to_keep: an int keeps the last N positions (0 = all), a tensor selects indices.
         if isinstance(logits_to_keep, int):
@@ -305,6 +378,7 @@ class GemmaHFForCausalLM(GemmaHFPreTrainedModel, GenerationMixin):
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
 
@@ -316,6 +390,8 @@ class GemmaHFForSequenceClassification(GemmaHFPreTrainedModel):
     found from the attention mask when given (correct for left and right padding), else from
     pad_token_id.
     """
+
+    _auto_class = "AutoModelForSequenceClassification"  # see save_pretrained
 
     def __init__(self, config: GemmaHFConfig):
         super().__init__(config)
@@ -352,6 +428,7 @@ class GemmaHFForSequenceClassification(GemmaHFPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
@@ -363,6 +440,7 @@ class GemmaHFForSequenceClassification(GemmaHFPreTrainedModel):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             **kwargs,
         )
@@ -379,10 +457,29 @@ class GemmaHFForSequenceClassification(GemmaHFPreTrainedModel):
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
 
+def remote_code_auto_map() -> dict[str, str]:
+    """`auto_map` of a saved checkpoint: every Auto class we ship -> "file.Class" in this folder.
+
+    The file names come from the classes' modules, so the map is the same whether the classes were
+    imported from gemma_hf or loaded as remote code (transformers_modules.<hash>.modeling).
+    """
+    def ref(cls: type) -> str:
+        return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+
+    return {
+        "AutoConfig": ref(GemmaHFConfig),
+        "AutoModel": ref(GemmaHFModel),
+        "AutoModelForCausalLM": ref(GemmaHFForCausalLM),
+        "AutoModelForSequenceClassification": ref(GemmaHFForSequenceClassification),
+    }
+
+
 __all__ = [
+    "remote_code_auto_map",
     "GemmaHFPreTrainedModel",
     "GemmaHFModel",
     "GemmaHFForCausalLM",

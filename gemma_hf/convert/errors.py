@@ -1,0 +1,7 @@
+"""The error every conversion raises when a checkpoint cannot be converted as asked."""
+
+from __future__ import annotations
+
+
+class ConversionError(ValueError):
+    """A checkpoint cannot be converted as asked (wrong format, unsupported variant, failed check)."""
