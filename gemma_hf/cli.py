@@ -1,5 +1,9 @@
 """The `gemma-hf` command. Each subcommand lives in a module of gemma_hf.commands that defines
-`register(subparsers)`; this file only assembles them, so `--help` works at every level."""
+`register(subparsers)`; this file only assembles them, so `--help` works at every level.
+
+One error handler for every subcommand: an error gemma_hf raises on purpose
+(gemma_hf.errors.GemmaHFError) prints its message and exits with its code (2 bad input, 1 a
+failure while running); `--debug` (or GEMMA_HF_DEBUG=1) also prints the traceback."""
 
 from __future__ import annotations
 
@@ -9,9 +13,10 @@ import sys
 
 # Modules that contribute subcommands, in the order `gemma-hf --help` lists them.
 COMMAND_MODULES = (
-    "gemma_hf.commands.recipes",  # sft, validate (and later recipes)
+    "gemma_hf.commands.recipes",  # one per method (sft, reward, ...), validate
     "gemma_hf.commands.chat",  # chat, generate
     "gemma_hf.commands.checkpoints",  # export, push, card
+    "gemma_hf.commands.merge",  # merge (linear, slerp, liti)
 )
 
 
@@ -20,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gemma-hf",
         description="Gemma models and post-training recipes on the Hugging Face stack.",
     )
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name in COMMAND_MODULES:
@@ -28,10 +34,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Each subparser sets `func` (args -> exit code) via set_defaults.
-    return int(args.func(args) or 0)
+    debug = args.debug or os.environ.get("GEMMA_HF_DEBUG", "") not in ("", "0")
+    try:
+        # Each subparser sets `func` (args -> exit code) via set_defaults.
+        return int(args.func(args) or 0)
+    except BaseException as err:  # noqa: BLE001 - the one place errors become messages and exit codes
+        if isinstance(err, SystemExit):
+            raise
+        code, message = describe_error(err)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: {message}", file=sys.stderr)
+        return code
+
+
+def describe_error(err: BaseException) -> tuple[int, str]:
+    """(exit code, message) for an error that reached the command line."""
+    import errno
+
+    from .errors import GemmaHFError
+
+    if isinstance(err, GemmaHFError):
+        return err.exit_code, str(err)
+    if isinstance(err, KeyboardInterrupt):
+        return 130, ("interrupted. A training run continues from its last complete checkpoint with --resume; "
+                     "nothing half-written counts as complete.")
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(err):
+        where = f" while writing {err.filename}" if getattr(err, "filename", None) else ""
+        return 1, (f"no space left on the device{where}. Nothing that was being written counts as complete: free "
+                   "space, then rerun (a training run continues from its last complete checkpoint with --resume).")
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return 1, ("out of memory. Lower per_device_train_batch_size or max_length, use gradient_checkpointing, "
+                   "LoRA, or a smaller dtype; a training run continues with --resume.")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return 1, (f"unexpected {type(err).__name__}: {first[:500]}\n(this is a gemma_hf bug or an environment problem "
+               "it does not recognise: rerun with `gemma-hf --debug ...` for the traceback, and report it)")
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything comes from the local asset cache
     start = time.time()
     from gemma_hf.recipes.config import RecipeError, load_recipe
+    from gemma_hf.recipes.engine import run_recipe
     from gemma_hf.recipes.sampling import chat_reply, load_chat_model
-    from gemma_hf.recipes.sft import run_sft
 
     output_dir = args.output_dir or f"runs/demo-gemma3-270m-sft-{time.strftime('%Y%m%d-%H%M%S')}"
     overrides = ["--output_dir", output_dir]
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{t.max_steps} steps x {t.per_device_train_batch_size} examples, lr {t.learning_rate:g}, max_length "
           f"{t.max_length}\n", flush=True)
 
-    result = run_sft(recipe)
+    result = run_recipe(recipe)
 
     print("\n" + "=" * 100)
     print(f"Run directory: {result.output_dir}  ({result.global_step} steps, {result.wall_time_s:.0f}s)")
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, family = load_chat_model(result.output_dir)
         first = result.samples[0]
         reply = chat_reply(model, tokenizer, [{"role": "user", "content": first["prompt"]}], family,
-                           max_new_tokens=recipe.gemma.sample_max_new_tokens)
+                           max_new_tokens=recipe.method_args.sample_max_new_tokens)
         same = "the same answer" if reply.text == first["after"]["text"] else "a different answer (merged-weight rounding)"
         print(f"\nReloaded {result.output_dir} (merged LoRA, {family} chat format): prompt 1 -> {same}; "
               f"stop: {reply.stop}")

@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import InputError
+
 
 @contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
@@ -36,3 +38,51 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class DirectoryBusy(InputError):
+    """Another live process holds the lock of a directory."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(target: str | os.PathLike, what: str = "directory") -> Iterator[Path]:
+    """Hold an exclusive lock on ``target`` (a directory that may not exist yet) for the block.
+
+    The lock is ``fcntl.flock`` on the sibling ``.{name}.lock``: the kernel releases it when the
+    holder dies, so a killed run never leaves a stale lock behind, and a second process gets
+    :class:`DirectoryBusy` at once (naming the holder's pid) instead of interleaving its writes.
+    The lock file is removed on exit; a process that opened it just before the removal notices
+    (different inode) and takes the lock on the new file.
+    """
+    import fcntl
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = target.parent / f".{target.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise DirectoryBusy(f"{target} is in use by another gemma-hf process (pid {holder}); two runs must not "
+                                f"write one {what}. Wait for it to finish, or choose another {what}.") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # locked a file that was removed meanwhile: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield path
+    finally:
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        os.close(fd)

@@ -1,7 +1,7 @@
 """Model cards rendered from a run directory: content, Hub metadata (checked offline with
 huggingface_hub's ModelCard / ModelCardData), refusals of malformed runs, `gemma-hf card`.
 
-`make_run_dir` builds a synthetic run directory in the recipes' format (DESIGN.md "Recipes");
+`make_run_dir` builds a synthetic run directory in the recipes' format (docs/architecture.md, "The run directory");
 test_hub.py uses it too."""
 
 from __future__ import annotations
@@ -253,7 +253,8 @@ def test_eval_json_with_generations_and_timing_metrics(tmp_path):
                             "time": 12.0}) + "\n")
     text = hub.render_card(run)
     evaluation_md = section(text, "## Evaluation")
-    assert "| `eval_loss_before` | 12.5 |" in evaluation_md and "| `eval_loss_after` | – |" in evaluation_md
+    assert "| result | before | after |" in evaluation_md and "| `eval_loss` | 12.5 | – |" in evaluation_md
+    assert "| `num_eval_examples` | 5 |" in evaluation_md
     assert "**Prompt:**\n\n```text\nGive three tips.\n```" in evaluation_md
     assert "**before:**\n\n````text\nx ``` y\n````" in evaluation_md  # fenced past the output's backticks
     assert "**after:**\n\n```text\n| not | a table\n```" in evaluation_md
@@ -314,7 +315,8 @@ def test_gemma_hf_card_command_writes_readme(run_dir, capsys):
     hub.validate_card(readme)
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".README")]  # no temp file left
     (run_dir / "run.json").unlink()
-    args = parser.parse_args(["card", str(run_dir)])
-    assert args.func(args) == 1
+    from gemma_hf import cli
+
+    assert cli.main(["card", str(run_dir)]) == 2
     assert "run.json is missing" in capsys.readouterr().err
     assert "my-org/x" in readme.read_text()  # the failed render left the old card alone

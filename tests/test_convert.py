@@ -3,7 +3,6 @@ imported), the stock -> ours -> stock round trip, vocabulary resizing, atomic sa
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -16,7 +15,6 @@ import torch
 from safetensors import safe_open
 
 from gemma_hf import GemmaHFConfig, GemmaHFForCausalLM, GemmaHFForSequenceClassification, convert
-from gemma_hf.commands import checkpoints as checkpoint_commands
 from gemma_hf.convert import ConversionError, VocabResizeError
 from tiny import BLOCK_GEMMA_HF_IMPORTS, make_ours, max_abs_diff, random_ids, stock_from, tiny_config
 
@@ -32,10 +30,10 @@ def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="gemma-hf")
-    checkpoint_commands.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
-    return args.func(args)
+    """The real `gemma-hf` entry point (its one error handler included)."""
+    from gemma_hf import cli
+
+    return cli.main(list(argv))
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,8 +219,9 @@ def test_verify_saved_tensors_catches_a_changed_value(tmp_path):
 
 
 def test_cli_export_reports_errors_without_traceback(tmp_path, capsys):
-    assert run_cli("export", "--to", "transformers", str(tmp_path / "missing"), str(tmp_path / "out")) == 1
-    assert "gemma-hf: error:" in capsys.readouterr().err
+    assert run_cli("export", "--to", "transformers", str(tmp_path / "missing"), str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 

@@ -16,6 +16,7 @@ from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
 
 from gemma_hf import hub
+from tests.clirun import run_cli
 from gemma_hf.commands import checkpoints as checkpoint_commands
 from gemma_hf.hub import CardError, HubError
 from test_cards import make_run_dir
@@ -137,7 +138,7 @@ def test_dry_run_renders_the_missing_card_and_touches_no_network(tmp_path, monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a dry run works offline
     run = make_run_dir(tmp_path / "run")
     assert not (run / "README.md").exists()
-    with mock.patch.object(hub, "_network_errors", side_effect=AssertionError("network path taken")), \
+    with mock.patch.object(hub.push, "_network_errors", side_effect=AssertionError("network path taken")), \
          mock.patch("huggingface_hub.HfApi", side_effect=AssertionError("HfApi constructed")):
         result = hub.push_to_hub(run, REPO, dry_run=True)
     assert result.dry_run and result.card_rendered and result.commit_url is None
@@ -215,8 +216,30 @@ def test_links_out_of_the_run_directory_are_refused(run_dir, tmp_path):
     secret.write_text("{}")
     (run_dir / "tokenizer_config.json").unlink()
     (run_dir / "tokenizer_config.json").symlink_to(secret)
-    with pytest.raises(CardError, match="points outside the run directory"):
+    with pytest.raises(CardError, match="tokenizer_config.json -> .*elsewhere.json: a link, which a push never follows"):
         hub.upload_plan(run_dir)
+
+
+def test_dry_run_lists_only_the_runs_own_files(run_dir, capsys):
+    """Links (even into the run's own checkpoints/), hidden files and pickles under plots/ are never
+    planned; the dry run prints exactly what a push would upload."""
+    checkpoint = run_dir / "checkpoints" / "checkpoint-2"
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    (checkpoint / "optimizer.pt").write_bytes(b"pickle")
+    (run_dir / "plots" / "optimizer.png").symlink_to(checkpoint / "optimizer.pt")
+    (run_dir / "plots" / "more").symlink_to(checkpoint, target_is_directory=True)
+    (run_dir / "plots" / "state.pt").write_bytes(b"pickle")
+    (run_dir / "plots" / ".hidden.png").write_bytes(b"x")
+    (run_dir / ".secret").write_text("token")
+    plan = hub.upload_plan(run_dir)
+    assert not any(f.endswith((".pt", ".bin")) or "/." in f or f.startswith(".") or "checkpoint" in f
+                   or f in ("plots/optimizer.png",) or f.startswith("plots/more") for f in plan.files), plan.files
+    assert all((run_dir / f).is_file() and not (run_dir / f).is_symlink() for f in plan.files)
+    assert any("(link)" in s for s in plan.skipped) or "plots/ (" in " ".join(plan.skipped)
+    code, out, err = run_cli(["push", str(run_dir), "--repo-id", "me/run", "--dry-run"], capsys)
+    assert code == 0, err
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
+    assert listed == plan.files
 
 
 def test_incomplete_run_directories_are_refused(run_dir):

@@ -4,65 +4,99 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+from safetensors.torch import save_file
+
 from gemma_hf.recipes import rundir
+from gemma_hf.recipes.callbacks import MetricsCallback
+from gemma_hf.recipes.engine import PUBLISH_READY, recover_publish
+from gemma_hf.recipes.rundir import RunDir, RunDirError
 
 
 def make_checkpoint(root, step, complete=True):
     path = root / f"checkpoint-{step}"
     path.mkdir(parents=True)
-    (path / "model.safetensors").write_bytes(b"w")
+    save_file({"w": torch.zeros(4)}, str(path / "model.safetensors"))
+    torch.save({"state": 1}, path / "optimizer.pt")
     if complete:
         (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     return path
 
 
 def test_latest_complete_checkpoint_skips_partial_ones(tmp_path):
-    make_checkpoint(tmp_path, 2)
-    make_checkpoint(tmp_path, 10)
-    partial = make_checkpoint(tmp_path, 12, complete=False)
-    cut = make_checkpoint(tmp_path, 14, complete=False)
+    run = RunDir(tmp_path)
+    make_checkpoint(run.checkpoints, 2)
+    make_checkpoint(run.checkpoints, 10)
+    partial = make_checkpoint(run.checkpoints, 12, complete=False)
+    cut = make_checkpoint(run.checkpoints, 14, complete=False)
     (cut / "trainer_state.json").write_text('{"global_st')  # killed while writing it
-    latest, incomplete = rundir.latest_complete_checkpoint(tmp_path)
+    latest, incomplete = run.latest_complete_checkpoint()
     assert latest.name == "checkpoint-10" and incomplete == [cut, partial]
-    assert rundir.latest_complete_checkpoint(tmp_path / "none") == (None, [])
+    assert RunDir(tmp_path / "none").latest_complete_checkpoint() == (None, [])
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.pt"])
+def test_a_checkpoint_with_cut_files_is_not_complete(tmp_path, victim):
+    """trainer_state.json intact, but weights or optimizer state cut (a kill, a full disk)."""
+    path = make_checkpoint(tmp_path / "checkpoints", 4)
+    assert rundir.checkpoint_is_complete(path)
+    data = (path / victim).read_bytes()
+    (path / victim).write_bytes(data[: len(data) - 7])
+    assert not rundir.checkpoint_is_complete(path)
 
 
 def test_output_dir_states(tmp_path):
-    out = tmp_path / "run"
-    assert rundir.describe_output_dir(out) == "absent"
-    out.mkdir()
-    assert rundir.describe_output_dir(out) == "absent"  # empty
+    out = RunDir(tmp_path / "run")
+    assert out.state() == "absent"
+    out.path.mkdir()
+    assert out.state() == "absent"  # empty
     (out / "notes.txt").write_text("mine")
-    assert rundir.describe_output_dir(out) == "foreign"
-    (out / rundir.MARKER).write_text("{}")
-    assert rundir.describe_output_dir(out) == "unfinished"
-    (out / rundir.RUN_JSON).write_text("{}")
-    assert rundir.describe_output_dir(out) == "finished"
+    assert out.state() == "foreign"
+    out.marker.write_text("{}")
+    assert out.state() == "unfinished"
+    out.run_json.write_text("{}")
+    assert out.state() == "finished"
 
 
 def test_publish_killed_between_renames_is_completed(tmp_path):
-    out = tmp_path / "run"
+    out = RunDir(tmp_path / "run")
     # Killed after the finished directory was staged and the working one moved aside.
-    staged = rundir.publish_dir(out)
-    staged.mkdir()
-    (staged / rundir.RUN_JSON).write_text("{}")
-    make_checkpoint(staged / rundir.CHECKPOINTS, 4)
-    old = rundir.old_dir(out)
-    old.mkdir()
-    assert rundir.recover_publish(out)
-    assert rundir.is_finished(out) and (out / "checkpoints" / "checkpoint-4").is_dir()
+    staged = out.staging
+    staged.path.mkdir()
+    staged.run_json.write_text("{}")
+    (staged / PUBLISH_READY).write_text("x")
+    make_checkpoint(staged.checkpoints, 4)
+    out.old.mkdir()
+    assert recover_publish(out)
+    assert out.is_finished() and (out.checkpoints / "checkpoint-4").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert not (out / PUBLISH_READY).exists()
     # Killed before the checkpoints moved: they move in, the working directory goes.
-    out2 = tmp_path / "run2"
-    make_checkpoint(out2 / rundir.CHECKPOINTS, 6)
-    (out2 / rundir.MARKER).write_text("{}")
-    staged2 = rundir.publish_dir(out2)
-    staged2.mkdir()
-    (staged2 / rundir.RUN_JSON).write_text("{}")
-    assert rundir.recover_publish(out2)
-    assert rundir.is_finished(out2) and (out2 / "checkpoints" / "checkpoint-6").is_dir()
-    assert not (out2 / rundir.MARKER).exists()
-    assert not rundir.recover_publish(out2)  # nothing left to do
+    out2 = RunDir(tmp_path / "run2")
+    make_checkpoint(out2.checkpoints, 6)
+    out2.marker.write_text("{}")
+    staged2 = out2.staging
+    staged2.path.mkdir()
+    staged2.run_json.write_text("{}")
+    (staged2 / PUBLISH_READY).write_text("x")
+    assert recover_publish(out2)
+    assert out2.is_finished() and (out2.checkpoints / "checkpoint-6").is_dir()
+    assert not out2.marker.exists()
+    assert not recover_publish(out2)  # nothing left to do
+
+
+def test_an_unfinished_staging_directory_is_discarded(tmp_path):
+    """Killed while the finished files were being written (no PUBLISH_READY yet): the run stays
+    unfinished, its checkpoints where they were, and the half-written staging directory goes."""
+    out = RunDir(tmp_path / "run")
+    make_checkpoint(out.checkpoints, 6)
+    out.marker.write_text("{}")
+    out.staging.path.mkdir()
+    out.staging.run_json.write_text("{}")
+    assert not recover_publish(out)
+    assert not out.staging.path.exists() and out.state() == "unfinished"
+    assert (out.checkpoints / "checkpoint-6").is_dir()
 
 
 def test_metrics_callback_drops_the_killed_tail(tmp_path):
@@ -74,9 +108,22 @@ def test_metrics_callback_drops_the_killed_tail(tmp_path):
         global_step = 4
         epoch = 0.5
 
-    callback = rundir.MetricsCallback(path)
+    callback = MetricsCallback(path, fresh=False)
     callback.on_train_begin(None, State(), None)
     assert [r["step"] for r in rundir.read_metrics(path)] == [1, 2, 3, 4]
     callback.on_log(None, State(), None, logs={"loss": 0.5, "grad_norm": 1.0, "learning_rate": 1e-3})
     last = rundir.read_metrics(path)[-1]
     assert last["step"] == 4 and last["epoch"] == 0.5 and last["loss"] == 0.5
+
+
+def test_metrics_reading_rule_is_the_same_for_writer_and_card(tmp_path):
+    """A cut last line (no newline) is a kill and is dropped; any other bad line is corruption."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert [r["step"] for r in rundir.read_metrics(path)] == [1]
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(RunDirError, match="metrics.jsonl:2 is not valid JSON"):
+        rundir.read_metrics(path)
+    path.write_text('{"loss": 2.0}\n')
+    with pytest.raises(RunDirError, match="metrics.jsonl:1: each line must be a JSON object with a 'step'"):
+        rundir.read_metrics(path)

@@ -69,7 +69,7 @@ MALFORMED = [
     ("type-bool", _set(packing="maybe"), "packing", "wrong type"),
     ("negative-lr", _set(learning_rate=-1.0), "learning_rate", "out of range"),
     ("missing-file", _dataset(path="./no/such/file.jsonl"), "datasets[0].path", "does not exist"),
-    ("missing-columns", _dataset(path=qa_file), "datasets[0].path", "fit no known format"),
+    ("missing-columns", _dataset(path=qa_file), "datasets[0].path", "fit no known conversation format"),
     ("dataset-key-typo", _dataset(fractoin=0.5), "datasets[0].fractoin", "Did you mean 'fraction'"),
     ("dataset-fraction", _dataset(fraction=1.5), "datasets[0].fraction", "not in (0, 1]"),
     ("dataset-format", _dataset(format="sharegpt"), "datasets[0].format", "conversations"),
@@ -138,7 +138,7 @@ def test_command_line_overrides(tmp_path, capsys):
     recipe = load_recipe(path, ["--learning_rate", "1e-4", "--no_full_determinism", "--max-steps=3",
                                 "--sample_prompts", "a", "b", "--eval_strategy", "no", "--test_split_size", "null"])
     assert recipe.training.learning_rate == 1e-4 and recipe.training.max_steps == 3
-    assert recipe.training.full_determinism is False and recipe.gemma.sample_prompts == ["a", "b"]
+    assert recipe.training.full_determinism is False and recipe.method_args.sample_prompts == ["a", "b"]
     assert recipe.data.test_split_size is None
     assert "overridden on the command line" in recipe.to_yaml()
     # An override with a typo is reported as coming from the command line.

@@ -64,13 +64,13 @@ def test_mask_on_alpaca_records_real_tokenizer(tok):
     import json
 
     from gemma_hf.assets import llamafactory_data
-    from gemma_hf.recipes.data import to_messages
+    from gemma_hf.recipes.formats import to_conversation
     from tests.assets import require
 
     records = json.loads((require(llamafactory_data) / "alpaca_en_demo.json").read_text())[:200]
     eot, eos = tok.convert_tokens_to_ids("<end_of_turn>"), tok.convert_tokens_to_ids("<eos>")
     for record in records:
-        messages = to_messages(record, "alpaca")
+        messages = to_conversation(record, "alpaca")["messages"]
         ids, mask = encode_with_assistant_mask(tok, messages, "gemma2")
         answer = tok(messages[1]["content"].strip(), add_special_tokens=False)["input_ids"]
         assert sum(mask) == len(answer) + 2
@@ -92,18 +92,19 @@ def test_prepared_dataset_labels_follow_the_mask(tok):
     """Through TRL's preparation (pre-tokenized input_ids + assistant_masks -> labels)."""
     from datasets import Dataset
 
+    from gemma_hf import GemmaHFForCausalLM
     from gemma_hf.recipes.config import load_recipe
-    from gemma_hf.recipes.sft import make_trainer_class, tokenize_split
+    from gemma_hf.recipes.engine import Run
+    from gemma_hf.recipes.rundir import RunDir
+    from gemma_hf.recipes.sft import METHOD, _trainer_class
+    from tests.tiny import tiny_config
 
     recipe = load_recipe("recipes/tiny/sft.yaml", ["--output_dir", "/nonexistent/never-written", "--eval_strategy", "no"])
-    data = Dataset.from_list([{"messages": CONVERSATION}])
-    tokenized, _ = tokenize_split(data, tok, recipe, "train")
-    from tests.tiny import tiny_config
-    from gemma_hf import GemmaHFForCausalLM
-
+    run = Run(recipe, METHOD, RunDir(recipe.output_dir), state=None, tokenizer=tok)
+    tokenized, _ = METHOD.prepare(run, Dataset.from_list([{"messages": CONVERSATION}]), "train")
     model = GemmaHFForCausalLM(tiny_config("gemma2", vocab_size=256000))
     recipe.training.max_length = None
-    trainer = make_trainer_class()(model=model, args=recipe.training, train_dataset=tokenized, processing_class=tok)
+    trainer = _trainer_class()(model=model, args=recipe.training, train_dataset=tokenized, processing_class=tok)
     row = trainer.train_dataset[0]
     ids, mask = encode_with_assistant_mask(tok, CONVERSATION, "gemma2")
     assert row["input_ids"] == ids

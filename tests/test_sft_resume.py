@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from gemma_hf.assets import gemma_tokenizer, llamafactory_data
-from gemma_hf.recipes.rundir import checkpoint_is_complete, describe_output_dir
+from gemma_hf.recipes.rundir import RunDir, checkpoint_is_complete
 from tests.assets import require
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,7 +58,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path, capsys):
     assert victim.returncode == -signal.SIGKILL
 
     # The killed run does not look finished, and sft refuses to start over it without --resume.
-    assert describe_output_dir(killed) == "unfinished" and not (killed / "run.json").exists()
+    assert RunDir(killed).state() == "unfinished" and not (killed / "run.json").exists()
     from gemma_hf import cli
 
     argv = sft(killed)[3:]  # in-process: validation and the output_dir check load no model

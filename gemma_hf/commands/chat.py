@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -53,14 +54,18 @@ def _load(args):
 
 
 def _check_args(args) -> str | None:
-    from pathlib import Path
+    import math
 
-    if not (Path(args.model_dir) / "config.json").is_file():
-        return f"{args.model_dir} is not a model directory (no config.json)"
     if args.max_new_tokens < 1:
         return "--max-new-tokens must be 1 or more"
-    if args.temperature < 0:
-        return "--temperature must be 0 (greedy) or more"
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        return f"--temperature must be a finite number, 0 (greedy) or more, not {args.temperature}"
+    if not math.isfinite(args.top_p) or not 0 < args.top_p <= 1:
+        return f"--top-p must be in (0, 1] (1 keeps every token), not {args.top_p}"
+    if args.seed < 0:
+        return f"--seed must be 0 or more, not {args.seed}"
+    if args.tokenizer is not None and not Path(args.tokenizer).is_dir():
+        return f"--tokenizer {args.tokenizer} is not a directory"
     return None
 
 
@@ -72,18 +77,17 @@ def _start(messages: list[dict], system: str | None, text: str) -> list[dict]:
 
 
 def _checked_load(args: argparse.Namespace):
-    """(model, tokenizer, family), or None after printing why the arguments are unusable."""
+    """(model, tokenizer, family); InputError (exit 2) when the arguments are unusable."""
+    from gemma_hf.errors import InputError
+
     problem = _check_args(args)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return None
+        raise InputError(problem)
     return _load(args)
 
 
 def generate_command(args: argparse.Namespace) -> int:
     loaded = _checked_load(args)
-    if loaded is None:
-        return 2
     from gemma_hf.recipes.sampling import chat_reply
 
     model, tokenizer, family = loaded
@@ -104,10 +108,9 @@ def generate_command(args: argparse.Namespace) -> int:
 
 def chat_command(args: argparse.Namespace) -> int:
     loaded = _checked_load(args)
-    if loaded is None:
-        return 2
     from transformers import TextStreamer
 
+    from gemma_hf.errors import InputError
     from gemma_hf.recipes.sampling import chat_reply
 
     model, tokenizer, family = loaded
@@ -132,8 +135,13 @@ def chat_command(args: argparse.Namespace) -> int:
         _start(messages, args.system, text)
         print("model> ", end="", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        reply = chat_reply(model, tokenizer, messages, family, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, top_p=args.top_p, streamer=streamer)
+        try:
+            reply = chat_reply(model, tokenizer, messages, family, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_p=args.top_p, streamer=streamer)
+        except InputError as err:  # e.g. the conversation outgrew the model's context
+            print(f"\n[{err}] (the message was not added; /reset starts over)", flush=True)
+            messages.pop()
+            continue
         if reply.stop == "length":
             print(f"[stopped after --max-new-tokens {args.max_new_tokens} without ending the turn]", flush=True)
         messages.append({"role": "assistant", "content": reply.text})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def register(subparsers) -> None:
@@ -62,12 +61,15 @@ def register(subparsers) -> None:
     card.set_defaults(func=_card)
 
 
-def _fail(err: BaseException) -> int:
-    print(f"gemma-hf: error: {err}", file=sys.stderr)
-    return 1
+def _bad_input(err: BaseException):
+    from ..errors import InputError
+
+    return InputError(str(err))
 
 
 def _export(args: argparse.Namespace) -> int:
+    """Bad input (a missing or corrupt source, a destination that exists or overlaps the source) is
+    an InputError (exit 2); a failure while writing is exit 1 (the CLI's handler)."""
     from .. import convert
     from ..model.safety import CheckpointMismatchError, UnsafeCheckpointError
 
@@ -80,9 +82,8 @@ def _export(args: argparse.Namespace) -> int:
         else:
             out = convert.import_checkpoint(args.src, args.dst, gguf_file=args.gguf_file, head=args.head,
                                             overwrite=args.overwrite, max_shard_size=args.max_shard_size)
-    except (convert.ConversionError, CheckpointMismatchError, UnsafeCheckpointError, FileExistsError,
-            FileNotFoundError, ValueError, OSError) as err:
-        return _fail(err)
+    except (CheckpointMismatchError, UnsafeCheckpointError, FileExistsError, FileNotFoundError) as err:
+        raise _bad_input(err) from None
     print(f"wrote {out}")
     return 0
 
@@ -95,8 +96,12 @@ def _push(args: argparse.Namespace) -> int:
             args.run_dir, args.repo_id, private=args.private, dry_run=args.dry_run,
             revision=args.revision, commit_message=args.commit_message, create_pr=args.create_pr,
         )
-    except (CardError, HubError) as err:
-        return _fail(err)
+    except CardError as err:  # the run directory: bad input
+        raise _bad_input(err) from None
+    except HubError as err:  # the Hub or the network: a failure while running
+        from ..errors import GemmaHFError
+
+        raise GemmaHFError(str(err)) from None
     if result.card_rendered:
         print(f"rendered {result.plan.run_dir / 'README.md'}")
     if args.dry_run:
@@ -113,6 +118,6 @@ def _card(args: argparse.Namespace) -> int:
     try:
         path = write_card(args.run_dir, repo_id=args.repo_id, template=args.template)
     except CardError as err:
-        return _fail(err)
+        raise _bad_input(err) from None
     print(f"wrote {path}")
     return 0

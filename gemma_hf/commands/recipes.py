@@ -1,37 +1,37 @@
-"""`gemma-hf sft` and `gemma-hf validate`: run or check a YAML recipe.
+"""`gemma-hf <method>` for every row of the method table (sft, reward, ...), and `gemma-hf validate`.
 
 Heavy imports (torch, transformers, TRL) happen inside the command functions, so `gemma-hf --help`
-stays fast. Exit codes: 0 success, 2 invalid recipe (or a run that may not start: output_dir
-holds a finished run, the machine lacks what the recipe needs), 1 a failure during the run.
+stays fast. Exit codes: 0 success, 2 invalid recipe (or a run that may not start: output_dir holds
+a finished run, the machine lacks what the recipe needs), 1 a failure during the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import textwrap
+from pathlib import Path
 
-SFT_DESCRIPTION = """\
-Supervised fine-tuning of a Gemma model from a YAML recipe (TRL SFTTrainer).
-
+COMMON_DESCRIPTION = """\
 Any recipe key can be overridden on the command line, after the recipe:
-  gemma-hf sft --config recipes/gemma3-270m/sft.yaml --learning_rate 1e-4 --max_steps 50
-  gemma-hf sft --config R.yaml --gradient_checkpointing false --lora_target_modules q_proj v_proj
+  gemma-hf {name} --config R.yaml --learning_rate 1e-4 --max_steps 50
 Multi-process (accelerate):
-  accelerate launch --config_file recipes/accelerate/ddp.yaml -m gemma_hf.cli sft --config R.yaml
+  accelerate launch --config_file recipes/accelerate/ddp.yaml -m gemma_hf.cli {name} --config R.yaml
 
-The recipe is checked completely before any model is loaded; problems are reported together
-(file, key, fix) with exit status 2 and nothing written. The run directory (output_dir) gets
-recipe.yaml, the final model, metrics.jsonl, plots/loss.png, run.json, eval.json and
-checkpoints/; it appears complete only when the run finishes. A killed run continues with
---resume from its latest complete checkpoint.
+The recipe is checked completely before any model is loaded (every dataset record included);
+problems are reported together (file, key, fix) with exit status 2 and nothing written. The run
+directory (output_dir) gets recipe.yaml, the final model, metrics.jsonl, plots/, run.json,
+eval.json, README.md (the model card) and checkpoints/; it appears complete only when the run
+finishes. A killed run continues with --resume from its latest complete checkpoint.
 """
 
 VALIDATE_DESCRIPTION = """\
-Check a recipe without loading any model: keys (with "did you mean"), types, files, dataset
-columns (first records), conflicting options. Exit status 0 when the recipe is valid, 2 when it
-is not. Requirements of the machine (a CUDA GPU for QLoRA, a Hub download while offline) are
-listed but do not fail validation, unless --strict: the recipe may be meant for another machine.
+Check a recipe without loading any model: keys (with "did you mean"), types, ranges, files, every
+dataset record, conflicting options. Exit status 0 when the recipe is valid, 2 when it is not.
+Requirements of the machine (a CUDA GPU for QLoRA, a Hub download while offline) are listed but
+do not fail validation, unless --strict: the recipe may be meant for another machine. The method
+is --method, else the recipe file's name (reward.yaml, sft-qlora.yaml, ...), else sft.
 """
 
 
@@ -53,21 +53,28 @@ def _collect_overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
+    from gemma_hf.recipes.methods import METHOD_MODULES, get_method
+
     formatter = argparse.RawDescriptionHelpFormatter
-    sft = subparsers.add_parser("sft", help="supervised fine-tuning from a YAML recipe",
-                                description=SFT_DESCRIPTION, formatter_class=formatter)
-    sft.add_argument("--config", metavar="RECIPE.yaml", help="the recipe file")
-    sft.add_argument("--resume", action="store_true",
-                     help="continue the unfinished run in output_dir from its latest complete checkpoint "
-                          "(starts fresh when there is none)")
-    sft.add_argument("--help-keys", action="store_true", help="list every recipe key with its type and meaning, and exit")
-    sft.set_defaults(func=sft_command, overrides=[])
-    _collect_overrides(sft)
+    for name in METHOD_MODULES:
+        method = get_method(name)
+        sub = subparsers.add_parser(name, help=method.help, formatter_class=formatter,
+                                    description=textwrap.fill(method.about, 96) + "\n\n"
+                                    + COMMON_DESCRIPTION.format(name=name))
+        sub.add_argument("--config", metavar="RECIPE.yaml", help="the recipe file")
+        sub.add_argument("--resume", action="store_true",
+                         help="continue the unfinished run in output_dir from its latest complete checkpoint "
+                              "(starts fresh when there is none)")
+        sub.add_argument("--help-keys", action="store_true",
+                         help="list every recipe key with its type and meaning, and exit")
+        sub.set_defaults(func=run_command, method=name, overrides=[])
+        _collect_overrides(sub)
 
     validate = subparsers.add_parser("validate", help="check a recipe without running it",
                                      description=VALIDATE_DESCRIPTION, formatter_class=formatter)
     validate.add_argument("recipe", metavar="RECIPE.yaml", help="the recipe file")
-    validate.add_argument("--method", default="sft", choices=["sft"], help="the recipe's method (default: sft)")
+    validate.add_argument("--method", default=None, choices=list(METHOD_MODULES),
+                          help="the recipe's method (default: from the file name, else sft)")
     validate.add_argument("--strict", action="store_true",
                           help="also fail (exit 2) when this machine cannot run the recipe (GPU, packages, downloads)")
     validate.add_argument("--quiet", action="store_true", help="print nothing when the recipe is valid")
@@ -75,16 +82,22 @@ def register(subparsers) -> None:
     _collect_overrides(validate)
 
 
+def method_of_file(path: str) -> str | None:
+    """The method a recipe file's name says (reward.yaml, sft-qlora.yaml -> reward, sft), or None."""
+    from gemma_hf.recipes.methods import METHOD_MODULES
+
+    stem = Path(path).stem
+    for name in sorted(METHOD_MODULES, key=len, reverse=True):
+        if stem == name or stem.startswith(f"{name}-") or stem.startswith(f"{name}_"):
+            return name
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 
 
-def _print_error(err) -> int:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-
-
 def _environment_error(recipe):
-    from gemma_hf.recipes.config import RecipeError
+    from gemma_hf.recipes.problems import RecipeError
 
     problems = recipe.environment_problems
     count = len(problems)
@@ -92,81 +105,74 @@ def _environment_error(recipe):
         f"recipe {recipe.source} cannot run on this machine ({count} requirement{'s' if count != 1 else ''} unmet):"))
 
 
-def print_keys(method: str = "sft") -> None:
-    from gemma_hf.recipes.config import _type_name
+def print_keys(method: str) -> None:
+    from gemma_hf.recipes.coercion import type_name
     from gemma_hf.recipes.schema import groups, help_text, key_index
 
     index = key_index(method)
-    titles = {"gemma": "gemma_hf recipe fields", "data": "data (the dataset mixture)",
-              "model": "model (trl.ModelConfig)", "training": "training (trl.SFTConfig / transformers.TrainingArguments)"}
+    titles = {"gemma": "gemma_hf recipe fields (every method)", "method": f"{method} fields",
+              "data": "data (the dataset mixture)", "model": "model (trl.ModelConfig)"}
     for group, cls in groups(method):
-        print(f"\n== {titles[group]} ==")
+        title = titles.get(group) or f"training (trl.{cls.__name__} / transformers.TrainingArguments)"
+        print(f"\n== {title} ==")
         for key, info in index.items():
             if info.group != group:
                 continue
             default = info.field.default
-            default_text = "" if default is dataclasses_missing() else f" (default: {default!r})"
-            print(f"  {key}: {_type_name(info)}{default_text}")
+            default_text = "" if default is dataclasses.MISSING else f" (default: {default!r})"
+            print(f"  {key}: {type_name(info)}{default_text}")
             text = help_text(info)
             if text:
                 print(textwrap.indent(textwrap.fill(text, 92), "      "))
     print("\n  datasets entries: path, split (train), name, fraction (1.0), columns {source: standard}, "
-          "format (auto|messages|sharegpt|prompt_completion|alpaca)")
+          "format (auto|messages|sharegpt|prompt_completion|alpaca|preference)")
     print("  env: a mapping of environment variables set before the run")
 
 
-def dataclasses_missing():
-    import dataclasses
+def run_command(args: argparse.Namespace) -> int:
+    from gemma_hf.errors import InputError
 
-    return dataclasses.MISSING
-
-
-def sft_command(args: argparse.Namespace) -> int:
+    name = args.method
     if args.help_keys:
-        print_keys("sft")
+        print_keys(name)
         return 0
     if not args.config:
-        return _print_error("sft needs --config RECIPE.yaml (see gemma-hf sft --help)")
+        raise InputError(f"{name} needs --config RECIPE.yaml (see gemma-hf {name} --help)")
     from accelerate import PartialState
 
-    from gemma_hf.recipes.config import RecipeError, load_recipe
-    from gemma_hf.recipes.sft import run_sft
+    from gemma_hf.recipes.config import load_recipe
+    from gemma_hf.recipes.engine import run_recipe
+    from gemma_hf.recipes.methods import get_method
 
-    try:
-        recipe = load_recipe(args.config, args.overrides, method="sft")
-        if recipe.environment_problems:
-            raise _environment_error(recipe)
-        main = PartialState().is_main_process
-        if main:
-            for note in recipe.notes:
-                print(f"note: {note}", file=sys.stderr)
-        result = run_sft(recipe, resume=args.resume)
-    except RecipeError as err:
-        return _print_error(err)
+    recipe = load_recipe(args.config, args.overrides, method=name)
+    if recipe.environment_problems:
+        raise _environment_error(recipe)
+    main = PartialState().is_main_process
+    if main:
+        for note in recipe.notes:
+            print(f"note: {note}", file=sys.stderr)
+    result = run_recipe(recipe, resume=args.resume)
     if main:
         print(f"\nrun finished: {result.output_dir} ({result.global_step} steps, {result.wall_time_s:.0f}s)")
-        if result.eval_loss_before is not None or result.eval_loss_after is not None:
-            before = "-" if result.eval_loss_before is None else f"{result.eval_loss_before:.4f}"
-            after = "-" if result.eval_loss_after is None else f"{result.eval_loss_after:.4f}"
-            print(f"held-out loss: {before} -> {after}")
+        for line in get_method(name).summary(result.results):
+            print(line)
     return 0
 
 
 def validate_command(args: argparse.Namespace) -> int:
-    from gemma_hf.recipes.config import RecipeError, load_recipe
+    from gemma_hf.recipes.config import load_recipe
 
-    try:
-        recipe = load_recipe(args.recipe, args.overrides, method=args.method)
-    except RecipeError as err:
-        return _print_error(err)
+    method = args.method or method_of_file(args.recipe) or "sft"
+    recipe = load_recipe(args.recipe, args.overrides, method=method)
     if args.strict and recipe.environment_problems:
-        return _print_error(_environment_error(recipe))
+        raise _environment_error(recipe)
     if args.quiet:
         return 0
-    model = recipe.model_path or f"preset {recipe.gemma.preset} (random weights)"
+    model = recipe.model.model_name_or_path or f"preset {recipe.gemma.preset} (random weights)"
     lora = " + QLoRA" if recipe.model.load_in_4bit or recipe.model.load_in_8bit else " + LoRA" if recipe.model.use_peft else ""
+    records = sum(part.num_examples for part in recipe.data_parts.values())
     print(f"ok: {args.recipe} is a valid {recipe.method} recipe: {model}{lora}, {recipe.family} chat format, "
-          f"{len(recipe.data.datasets)} dataset(s), output_dir {recipe.output_dir}")
+          f"{len(recipe.data.datasets)} dataset(s) ({records} records checked), output_dir {recipe.output_dir}")
     for note in recipe.notes:
         print(f"note: {note}")
     if recipe.environment_problems:

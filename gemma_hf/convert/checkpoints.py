@@ -12,6 +12,7 @@ tensors it wrote before the directory gets its final name.
 from __future__ import annotations
 
 import json
+import struct
 import logging
 import os
 import shutil
@@ -141,6 +142,31 @@ def head_class(config: dict) -> type:
     return GemmaHFForCausalLM
 
 
+def check_paths(src: Path, dst: Path) -> None:
+    """Refuse a destination that would destroy the source or a run: the same directory, one inside
+    the other (overwriting a parent deletes its child), or a gemma-hf run directory."""
+    source, target = src.resolve(), dst.resolve()
+    if target == source or source in target.parents or target in source.parents:
+        raise ConversionError(f"the destination {dst} {'is' if target == source else 'overlaps'} the source {src}; "
+                              "writing it would delete the source. Choose a destination outside it.")
+    if (target / "run.json").is_file():
+        raise ConversionError(f"{dst} is a finished gemma-hf run directory; an export never replaces a run. Choose "
+                              "a new destination.")
+
+
+def check_complete_weights(src: Path) -> None:
+    """Every safetensors file of a checkpoint directory is whole (not cut by a kill or a full disk)."""
+    from ..recipes.rundir import safetensors_complete, weight_files
+
+    files = [f for f in weight_files(src) if f.endswith(".safetensors")]
+    broken = [f for f in files if not (src / f).is_file() or not safetensors_complete(src / f)]
+    if not files and not any(src.glob("*.bin")):
+        raise ConversionError(f"{src} has no weights (model.safetensors, or an index and its shards).")
+    if broken:
+        raise ConversionError(f"{src}: {', '.join(broken)} {'is' if len(broken) == 1 else 'are'} missing, truncated or "
+                              "corrupt (not a whole safetensors file); re-save or re-download the checkpoint.")
+
+
 def export_to_transformers(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -157,6 +183,7 @@ def export_to_transformers(
     The head follows `src` (causal LM or sequence classification).
     """
     src, dst = Path(src), Path(dst)
+    check_paths(src, dst)
     config = read_config(src)
     model_type = config.get("model_type")
     if model_type in STOCK_MODEL_TYPES:
@@ -165,6 +192,7 @@ def export_to_transformers(
         raise ConversionError(f"{src} has model_type={model_type!r}; expected a gemma_hf checkpoint ('gemma_hf').")
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it.")
+    check_complete_weights(src)
     model_class = head_class(config)
     ours = model_class.from_pretrained(src, dtype="auto", attn_implementation="eager")
     try:
@@ -198,6 +226,7 @@ def import_checkpoint(
     gemma_hf, auto_map + code for trust_remote_code), safetensors weights verified bit for bit,
     tokenizer and generation_config. `head`: "causal-lm" or "sequence-classification"."""
     src, dst = Path(src), Path(dst)
+    check_paths(src, dst)
     if head not in ("causal-lm", "sequence-classification"):
         raise ValueError(f"head must be 'causal-lm' or 'sequence-classification', got {head!r}.")
     model_class = GemmaHFForCausalLM if head == "causal-lm" else GemmaHFForSequenceClassification
@@ -208,16 +237,23 @@ def import_checkpoint(
     tokenizer = None
     side_files_from = None
     if is_gguf:
-        model, tokenizer = load_gguf(
-            src, gguf_file, model_class=model_class, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
-            return_tokenizer=True,
-        )
+        try:
+            model, tokenizer = load_gguf(
+                src, gguf_file, model_class=model_class, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
+                return_tokenizer=True,
+            )
+        except (ValueError, IndexError, KeyError, struct.error) as err:
+            if isinstance(err, ConversionError):
+                raise
+            raise ConversionError(f"cannot read the GGUF file {src}{'/' + gguf_file if gguf_file else ''}: {err}. It is "
+                                  "truncated, corrupt or not a GGUF file; fetch it again.") from None
     else:
         config = read_config(src)
         if config.get("model_type") not in (*STOCK_MODEL_TYPES, GemmaHFConfig.model_type):
             raise ConversionError(
                 f"{src} has model_type={config.get('model_type')!r}; expected gemma, gemma2, gemma3_text or gemma_hf."
             )
+        check_complete_weights(src)
         model = model_class.from_pretrained(src, dtype=dtype or "auto", attn_implementation="eager")
         side_files_from = src
     save_kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import InputError
 
-class ConversionError(ValueError):
+
+class ConversionError(InputError):
     """A checkpoint cannot be converted as asked (wrong format, unsupported variant, failed check)."""

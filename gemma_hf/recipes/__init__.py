@@ -1,17 +1,32 @@
-"""The code behind the YAML recipes (recipes/<preset>/<method>.yaml).
+"""The recipe engine behind ``gemma-hf <method> --config R.yaml`` (see docs/architecture.md).
 
-- :mod:`.schema`: which keys a recipe holds and the dataclass each belongs to;
-- :mod:`.config`: loading (YAML + command-line overrides) and type checks -> :class:`Recipe`;
+- :mod:`.methods`: the method table (sft.py, reward.py, ...: one short file per method);
+- :mod:`.schema`, :mod:`.coercion`, :mod:`.config`: which keys a recipe holds, their types, loading
+  (YAML + command-line overrides) -> :class:`Recipe`;
 - :mod:`.validation`: the checks that need files, datasets and the model's config (no weights);
-- :mod:`.data`: dataset sources, record formats -> conversations, the mixture;
-- :mod:`.tokenization`: conversations -> input_ids + the assistant-only loss mask;
-- :mod:`.sft`: the SFT run (TRL SFTTrainer); :mod:`.rundir`: the run directory;
-- :mod:`.sampling`: chat answers (before/after samples, `gemma-hf chat`/`generate`);
-- :mod:`.distributed`: checks of accelerate config files.
+- :mod:`.sources`, :mod:`.formats`, :mod:`.data`: dataset sources, record formats -> canonical
+  records of the method's data format, the mixture;
+- :mod:`.tokenization`: conversations -> input_ids (+ the assistant-only loss mask);
+- :mod:`.engine`: the run every method shares; :mod:`.rundir`: the run directory (read and written);
+- :mod:`.sampling`: chat answers (before/after samples, ``gemma-hf chat``/``generate``);
+- :mod:`.problems`: Problem / RecipeError; :mod:`.distributed`: checks of accelerate config files.
 
 Importing this package is cheap; torch/transformers/TRL load when a recipe is loaded or run.
 """
 
-from .config import Problem, Recipe, RecipeError, load_recipe
+from .problems import Problem, RecipeError
 
-__all__ = ["Problem", "Recipe", "RecipeError", "load_recipe"]
+
+def load_recipe(*args, **kwargs):
+    from .config import load_recipe as _load
+
+    return _load(*args, **kwargs)
+
+
+def run_recipe(*args, **kwargs):
+    from .engine import run_recipe as _run
+
+    return _run(*args, **kwargs)
+
+
+__all__ = ["Problem", "RecipeError", "load_recipe", "run_recipe"]

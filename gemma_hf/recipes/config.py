@@ -1,96 +1,49 @@
-"""Recipe loading and validation. Everything here runs before any model weights are loaded.
+"""Recipe loading: YAML + command-line overrides -> a checked :class:`Recipe`, for any method.
 
-:func:`load_recipe` reads the YAML, applies command-line overrides (``--key value``), checks every
-key (unknown keys get a "did you mean"), every value's type, builds the dataclasses (see
-:mod:`gemma_hf.recipes.schema`), then checks what the dataclasses cannot: files exist, datasets
-have the columns their format needs (reading their first records), and options do not conflict
-(fp16 on Gemma 2/3, sdpa with an attention soft-cap, packing without max_length, QLoRA without
-LoRA, ...). All problems are gathered into one :class:`RecipeError` that names the file, each key
-and its fix; the CLI prints it and exits with status 2.
+:func:`load_recipe` reads the YAML (strictly: duplicate keys, non-UTF-8 text and alias bombs are
+errors), applies command-line overrides (``--key value``), checks every key against the method's
+schema (unknown keys get a "did you mean"), every value's type, builds the dataclasses (see
+:mod:`gemma_hf.recipes.schema`), then runs the semantic checks of :mod:`gemma_hf.recipes.validation`
+(files, every dataset record, the model's config, conflicting options, the method's own checks).
+All problems are gathered into one :class:`RecipeError` that names the file, each key and its fix;
+the CLI prints it and exits with status 2. Nothing is written and no model weights are loaded.
 
 Problems that depend on the machine rather than the recipe (no CUDA GPU for QLoRA, a Hub model
 that is not downloaded while offline) are *environment* problems: ``gemma-hf validate`` reports
-them and still passes (the recipe is right; it needs another machine), ``gemma-hf sft`` refuses
-to start.
+them and still passes (the recipe is right; it needs another machine); a run refuses to start.
 
 Library behaviours relied on (easy to break on upgrades):
 - TRL's ``TrlParser`` would set YAML values as argparse defaults without converting or checking
   their types (``learning_rate: 1e-4`` is a *string* to PyYAML); we check and convert each value
-  against the dataclass annotations first, then build the dataclasses with TRL's parser
-  (``parse_dict``), so what TRL receives is already typed.
-- ``SFTConfig.__post_init__`` (TrainingArguments) raises ValueError for some conflicts; we turn
+  against the dataclass annotations first (coercion.py), then build the dataclasses with TRL's
+  parser (``parse_dict``), so what TRL receives is already typed.
+- TRL configs / ``TrainingArguments.__post_init__`` raise ValueError for some conflicts; we turn
   those into problems naming the key the message mentions.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
+import math
 import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .schema import (
-    ASSET_SCHEME,
-    CHAT_FAMILIES,
-    DataArguments,
-    DatasetSpec,
-    GemmaArguments,
-    KeyInfo,
-    REFUSED_TRAINING_KEYS,
-    RENAMED_KEYS,
-    groups,
-    key_index,
-)
+from gemma_hf.errors import did_you_mean, suggestion
 
-COMMAND_LINE = "the command line"
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
-GEMMA_MODEL_TYPES = {"gemma_hf": None, "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+from .coercion import Mismatch, annotation, arms, coerce, describe, show, type_name
+from .problems import COMMAND_LINE, Problem, RecipeError
+from .schema import DataArguments, DatasetSpec, GemmaArguments, KeyInfo, RENAMED_KEYS, groups, key_index, refused_keys
 
-
-# --------------------------------------------------------------------------------------------
-# Problems
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Problem:
-    key: str
-    message: str
-    fix: str
-    origin: str = ""  # the file, or COMMAND_LINE
-    environment: bool = False  # the machine, not the recipe, is the problem
-
-    def render(self) -> str:
-        where = f" (from --{self.key.split('[')[0].split('.')[0]} on {COMMAND_LINE})" if self.origin == COMMAND_LINE else ""
-        return f"  - {self.key}{where}: {self.message}\n    fix: {self.fix}"
-
-
-class RecipeError(Exception):
-    """One or more problems with a recipe; ``str()`` is the message the CLI prints."""
-
-    def __init__(self, source: str | os.PathLike | None, problems: list[Problem], heading: str | None = None):
-        self.source = str(source) if source is not None else "<recipe>"
-        self.problems = problems
-        self.heading = heading
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        count = len(self.problems)
-        heading = self.heading or f"recipe {self.source} is invalid ({count} problem{'s' if count != 1 else ''}):"
-        return "\n".join([heading, *(p.render() for p in self.problems)])
-
-
-# --------------------------------------------------------------------------------------------
-# The loaded recipe
-# --------------------------------------------------------------------------------------------
+# A recipe is a few dozen keys; a document that expands (through YAML aliases) to more values than
+# this is refused before anything walks it (an alias bomb would take minutes and gigabytes).
+MAX_YAML_VALUES = 100_000
+MAX_RECIPE_BYTES = 1_000_000
 
 
 @dataclass
@@ -103,23 +56,29 @@ class Recipe:
     origins: dict[str, str]
     env: dict[str, str]
     gemma: GemmaArguments
+    method_args: Any  # the method's own dataclass (e.g. SFTArguments), or None
     data: DataArguments
     model: Any  # trl.ModelConfig
-    training: Any  # trl.SFTConfig (its output_dir is output_dir/checkpoints)
+    training: Any  # the method's TRL config (its output_dir is output_dir/checkpoints)
     output_dir: Path
     # Resolved by validation:
     family: str = "gemma2"
     model_path: str | None = None  # local directory or Hub id; None for preset random init
+    model_kind: str | None = None  # the reference kind: asset, run, local or hub
     tokenizer_path: str | None = None
     architecture: Any = None  # GemmaHFConfig when known (from the checkpoint or the preset)
+    data_parts: dict = field(default_factory=dict)  # dataset index -> data.ReadDataset, every record checked
     notes: list[str] = field(default_factory=list)
     environment_problems: list[Problem] = field(default_factory=list)
+
+    def origin(self, key: str) -> str:
+        return self.origins.get(key.split("[")[0].split(".")[0], str(self.source or "<recipe>"))
 
     def to_yaml(self) -> str:
         """The resolved recipe (file + command-line overrides) as YAML, loadable by load_recipe."""
         header = f"# Resolved {self.method} recipe"
         if self.source is not None:
-            header += f" from {self.source}"
+            header += f" (from {self.source.name})"  # the file name only: a run directory is shared
         overridden = [k for k, o in self.origins.items() if o == COMMAND_LINE]
         if overridden:
             header += f"\n# overridden on the command line: {', '.join(overridden)}"
@@ -168,21 +127,53 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Values in ``node`` with every alias expanded (each distinct node counted once per use)."""
+    known = memo.get(id(node))
+    if known is not None:
+        return known
+    memo[id(node)] = 1  # guards against recursive aliases
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(v, memo) for v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = size
+    return size
+
+
 def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise RecipeError(path, [Problem("config", f"recipe file {path} does not exist" if not path.exists()
                                          else f"{path} is not a file", "pass the path of a recipe YAML file")])
+    raw = path.read_bytes()
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(path, [Problem("yaml", f"the file is {len(raw):,} bytes; a recipe is a few kB",
+                                         "pass the recipe file, not a data file")])
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(path, [Problem("yaml", f"not UTF-8 text: byte {raw[err.start:err.start + 1]!r} at offset "
+                                         f"{err.start}", "save the recipe as UTF-8")]) from None
+    try:
+        loader = _StrictLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None and _expanded_size(node, {}) > MAX_YAML_VALUES:
+                raise RecipeError(path, [Problem(
+                    "yaml", f"the document expands to more than {MAX_YAML_VALUES:,} values (YAML aliases)",
+                    "write the recipe without nested aliases")])
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
-        key = "yaml"
         match = re.search(r"duplicate key '([^']+)'", str(problem))
-        if match:
-            key = match.group(1)
-        raise RecipeError(path, [Problem(key, f"not valid YAML{where}: {problem}", "fix the YAML syntax")]) from None
+        raise RecipeError(path, [Problem(match.group(1) if match else "yaml", f"not valid YAML{where}: {problem}",
+                                         "fix the YAML syntax")]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -222,49 +213,50 @@ def parse_overrides(tokens: list[str], method: str = "sft") -> tuple[dict[str, A
             problems.append(Problem(name, "given twice on the command line", "give each key once", COMMAND_LINE))
             continue
         if name not in index:
-            values[name] = raw  # reported as an unknown key, with a suggestion, by _check_keys
+            values[name] = raw  # reported as an unknown key, with a suggestion, by load_recipe
             continue
         info = index[name]
         try:
             values[name] = _from_command_line(info, raw, negated)
         except ValueError as err:
-            problems.append(Problem(name, str(err), f"give --{name} a value of type {_type_name(info)}", COMMAND_LINE))
+            problems.append(Problem(name, str(err), f"give --{name} a value of type {type_name(info)}", COMMAND_LINE))
     return values, problems
 
 
 def _from_command_line(info: KeyInfo, raw: list[str], negated: bool) -> Any:
-    arms = _arms(_annotation(info))
+    hint_arms = arms(annotation(info))
     if negated:
-        if bool not in arms:
+        if bool not in hint_arms:
             raise ValueError(f"--no_{info.key} is only for true/false keys")
         return False
     if not raw:
-        if bool in arms:
+        if bool in hint_arms:
             return True
         raise ValueError("needs a value")
-    list_arm = next((a for a in arms if typing.get_origin(a) is list), None)
+    list_arm = next((a for a in hint_arms if getattr(a, "__origin__", None) is list), None)
     if len(raw) > 1:
         if list_arm is None:
             raise ValueError(f"takes one value, got {len(raw)}: {raw}")
-        return [_scalar_from_text(text, typing.get_args(list_arm)[0] if typing.get_args(list_arm) else Any) for text in raw]
-    return _scalar_from_text(raw[0], _annotation(info))
+        item = list_arm.__args__[0] if getattr(list_arm, "__args__", None) else Any
+        return [_scalar_from_text(text, item) for text in raw]
+    return _scalar_from_text(raw[0], annotation(info))
 
 
-def _scalar_from_text(text: str, annotation: Any) -> Any:
-    arms = _arms(annotation)
-    textual = str in arms or any(isinstance(a, type) and issubclass(a, enum.Enum) for a in arms)
-    parsed = _yaml_scalar(text)
-    if textual and isinstance(parsed, bool) and bool not in arms:
+def _scalar_from_text(text: str, hint: Any) -> Any:
+    hint_arms = arms(hint)
+    textual = str in hint_arms or any(isinstance(a, type) and issubclass(a, enum.Enum) for a in hint_arms)
+    parsed = yaml_scalar(text)
+    if textual and isinstance(parsed, bool) and bool not in hint_arms:
         return text  # `--eval_strategy no`: the word, not YAML's false
-    if textual and not isinstance(parsed, (list, dict, bool)) and not (parsed is None and type(None) in arms):
+    if textual and not isinstance(parsed, (list, dict, bool)) and not (parsed is None and type(None) in hint_arms):
         # keep strings as typed (e.g. --hub_model_id 007) unless a number/bool arm fits better
-        if isinstance(parsed, (int, float)) and any(a in (int, float) for a in arms):
+        if isinstance(parsed, (int, float)) and any(a in (int, float) for a in hint_arms):
             return parsed
         return text
     return parsed
 
 
-def _yaml_scalar(text: str) -> Any:
+def yaml_scalar(text: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -272,199 +264,68 @@ def _yaml_scalar(text: str) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# Types
-# --------------------------------------------------------------------------------------------
-
-
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _annotation(info: KeyInfo) -> Any:
-    if info.cls not in _HINTS:
-        _HINTS[info.cls] = typing.get_type_hints(info.cls)
-    return _HINTS[info.cls][info.key]
-
-
-def _arms(annotation: Any) -> tuple:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return typing.get_args(annotation)
-    return (annotation,)
-
-
-def _describe(annotation: Any) -> str:
-    arms = _arms(annotation)
-    names = []
-    for arm in arms:
-        if arm is type(None):
-            names.append("null")
-        elif isinstance(arm, type) and issubclass(arm, enum.Enum):
-            names.append("one of " + ", ".join(repr(e.value) for e in arm))
-        elif typing.get_origin(arm) is list:
-            names.append("a list")
-        elif typing.get_origin(arm) is dict or arm is dict:
-            names.append("a mapping")
-        elif typing.get_origin(arm) is typing.Literal:
-            names.append("one of " + ", ".join(repr(v) for v in typing.get_args(arm)))
-        elif isinstance(arm, type):
-            names.append({bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(arm, arm.__name__))
-        else:
-            names.append(str(arm))
-    return " or ".join(dict.fromkeys(names))
-
-
-def _type_name(info: KeyInfo) -> str:
-    return _describe(_annotation(info))
-
-
-class _Mismatch(ValueError):
-    pass
-
-
-def coerce(value: Any, annotation: Any, where: str = "") -> Any:
-    """``value`` converted to ``annotation``, or _Mismatch. Strict matches win over lenient ones."""
-    arms = _arms(annotation)
-    for lenient in (False, True):
-        for arm in arms:
-            try:
-                return _coerce_arm(value, arm, lenient, where)
-            except _Mismatch:
-                continue
-    raise _Mismatch(f"expected {_describe(annotation)}, got {_show(value)}")
-
-
-def _show(value: Any) -> str:
-    kind = {bool: "true/false", int: "integer", float: "number", str: "string", list: "list", dict: "mapping",
-            type(None): "null"}.get(type(value), type(value).__name__)
-    text = repr(value)
-    return f"{kind} {text if len(text) < 60 else text[:57] + '...'}"
-
-
-def _coerce_arm(value: Any, arm: Any, lenient: bool, where: str) -> Any:
-    origin = typing.get_origin(arm)
-    if arm is Any:
-        return value
-    if arm is type(None):
-        if value is None:
-            return None
-        raise _Mismatch
-    if origin is typing.Literal:
-        if value in typing.get_args(arm):
-            return value
-        raise _Mismatch
-    if arm is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if arm is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if lenient and isinstance(value, (float, str)) and not isinstance(value, bool):
-            number = _to_float(value)
-            if number is not None and number.is_integer():
-                return int(number)
-        raise _Mismatch
-    if arm is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if lenient and isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-            number = _to_float(value)
-            if number is not None:
-                return number
-        raise _Mismatch
-    if arm is str:
-        if isinstance(value, str):
-            return value
-        if lenient and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise _Mismatch
-    if isinstance(arm, type) and issubclass(arm, enum.Enum):
-        if isinstance(value, arm):
-            return value
-        if isinstance(value, str) and value in {e.value for e in arm}:
-            return value
-        if lenient and value is False and "no" in {e.value for e in arm}:
-            return "no"  # YAML 1.1 reads an unquoted `no` (eval_strategy: no) as false
-        raise _Mismatch
-    if origin is list or arm is list:
-        (item,) = typing.get_args(arm) or (Any,)
-        if isinstance(value, (list, tuple)):
-            return [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-        if lenient and value is not None and not isinstance(value, dict):
-            return [coerce(value, item, where)]
-        raise _Mismatch
-    if origin is dict or arm is dict:
-        key_type, value_type = typing.get_args(arm) or (Any, Any)
-        if isinstance(value, dict):
-            return {coerce(k, key_type): coerce(v, value_type, f"{where}.{k}") for k, v in value.items()}
-        raise _Mismatch
-    if dataclasses.is_dataclass(arm):
-        if isinstance(value, arm):
-            return value
-        raise _Mismatch  # nested dataclasses are handled by the caller (datasets)
-    # Types we cannot check (e.g. accelerate's ParallelismConfig): TRL/transformers check them.
-    return value
-
-
-def _to_float(text: Any) -> float | None:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return None
-
-
-# --------------------------------------------------------------------------------------------
 # Checks, phase 1: keys and types
 # --------------------------------------------------------------------------------------------
 
 
-def _suggest(key: str, candidates) -> str | None:
-    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
-    return close[0] if close else None
-
-
 def _unknown_key_problem(key: str, origin: str, method: str) -> Problem:
-    if key in REFUSED_TRAINING_KEYS:
-        return Problem(key, f"not used by gemma-hf {method}: {REFUSED_TRAINING_KEYS[key]}", "remove it", origin)
+    refused = refused_keys(method)
+    if key in refused:
+        return Problem(key, f"not used by gemma-hf {method}: {refused[key]}", "remove it", origin)
     if key in RENAMED_KEYS:
         return Problem(key, f"unknown key; its place is taken by {RENAMED_KEYS[key]}",
                        f"use {RENAMED_KEYS[key].split(' ')[0]} instead", origin)
-    suggestion = _suggest(key, key_index(method))
-    message = f"unknown key. Did you mean {suggestion!r}?" if suggestion else "unknown key"
-    fix = f"rename it to {suggestion!r}" if suggestion else "remove it"
+    other = _method_with_key(key, method)
+    if other:
+        return Problem(key, f"not a key of {method} recipes (it belongs to gemma-hf {other})",
+                       f"remove it, or run it with gemma-hf {other}", origin)
+    close = did_you_mean(key, key_index(method))
+    message = f"unknown key. Did you mean {close!r}?" if close else "unknown key"
+    fix = f"rename it to {close!r}" if close else "remove it"
     return Problem(key, message, f"{fix} (`gemma-hf {method} --help-keys` lists every key)", origin)
+
+
+def _method_with_key(key: str, method: str) -> str | None:
+    from .methods import method_names
+
+    for other in method_names():
+        if other != method and key in key_index(other) and key_index(other)[key].group in ("method", "training"):
+            return other
+    return None
 
 
 def _check_value(key: str, value: Any, info: KeyInfo, origin: str, problems: list[Problem]) -> Any:
     if key == "datasets":
         return _check_datasets(value, origin, problems)
     try:
-        typed = coerce(value, _annotation(info), key)
-    except _Mismatch as err:
-        problems.append(Problem(key, f"wrong type: {err}", f"set {key} to {_type_name(info)}", origin))
+        typed = coerce(value, annotation(info), key)
+    except Mismatch as err:
+        problems.append(Problem(key, f"wrong type: {err}", f"set {key} to {type_name(info)}", origin))
+        return None
+    if isinstance(typed, float) and not math.isfinite(typed):
+        problems.append(Problem(key, f"{typed!r} is not a finite number", f"set {key} to a finite number", origin))
         return None
     choices = info.field.metadata.get("choices")
     if choices and typed is not None and typed not in choices:
-        suggestion = _suggest(str(typed), [str(c) for c in choices])
-        hint = f" Did you mean {suggestion!r}?" if suggestion else ""
-        problems.append(Problem(key, f"{typed!r} is not allowed.{hint}", f"use one of {', '.join(map(repr, choices))}",
-                                origin))
-    enum_arm = next((a for a in _arms(_annotation(info)) if isinstance(a, type) and issubclass(a, enum.Enum)), None)
+        problems.append(Problem(key, f"{typed!r} is not allowed.{suggestion(str(typed), map(str, choices))}",
+                                f"use one of {', '.join(map(repr, choices))}", origin))
+    enum_arm = next((a for a in arms(annotation(info)) if isinstance(a, type) and issubclass(a, enum.Enum)), None)
     if enum_arm is not None and isinstance(typed, str) and typed not in {e.value for e in enum_arm}:
         allowed = [e.value for e in enum_arm]
-        suggestion = _suggest(typed, allowed)
-        hint = f" Did you mean {suggestion!r}?" if suggestion else ""
-        problems.append(Problem(key, f"{typed!r} is not allowed.{hint}", f"use one of {', '.join(map(repr, allowed))}",
-                                origin))
+        problems.append(Problem(key, f"{typed!r} is not allowed.{suggestion(typed, allowed)}",
+                                f"use one of {', '.join(map(repr, allowed))}", origin))
     return typed
 
 
 def _check_datasets(value: Any, origin: str, problems: list[Problem]) -> list[DatasetSpec] | None:
+    import typing
+
     if isinstance(value, str):  # from the command line: a YAML/JSON list
-        value = _yaml_scalar(value)
+        value = yaml_scalar(value)
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
-        problems.append(Problem("datasets", f"wrong type: expected a list of {{path: ...}} mappings, got {_show(value)}",
+        problems.append(Problem("datasets", f"wrong type: expected a list of {{path: ...}} mappings, got {show(value)}",
                                 "write datasets as a YAML list: `datasets:\\n  - path: data.jsonl`", origin))
         return None
     specs = []
@@ -475,30 +336,27 @@ def _check_datasets(value: Any, origin: str, problems: list[Problem]) -> list[Da
         if isinstance(entry, str):
             entry = {"path": entry}
         if not isinstance(entry, dict):
-            problems.append(Problem(key, f"expected a mapping such as {{path: data.jsonl}}, got {_show(entry)}",
+            problems.append(Problem(key, f"expected a mapping such as {{path: data.jsonl}}, got {show(entry)}",
                                     "give each dataset as a mapping with at least `path`", origin))
             continue
         kwargs, ok = {}, True
         for name, item in entry.items():
             if name not in names:
-                suggestion = _suggest(str(name), names)
-                hint = f" Did you mean {suggestion!r}?" if suggestion else ""
-                problems.append(Problem(f"{key}.{name}", f"unknown dataset key.{hint}",
+                problems.append(Problem(f"{key}.{name}", f"unknown dataset key.{suggestion(str(name), names)}",
                                         f"dataset keys are: {', '.join(names)}", origin))
                 ok = False
                 continue
             try:
                 kwargs[name] = coerce(item, hints[name], f"{key}.{name}")
-            except _Mismatch as err:
+            except Mismatch as err:
                 problems.append(Problem(f"{key}.{name}", f"wrong type: {err}",
-                                        f"set it to {_describe(hints[name])}", origin))
+                                        f"set it to {describe(hints[name])}", origin))
                 ok = False
                 continue
             choices = names[name].metadata.get("choices")
             if choices and kwargs[name] not in choices:
-                suggestion = _suggest(str(kwargs[name]), choices)
-                hint = f" Did you mean {suggestion!r}?" if suggestion else ""
-                problems.append(Problem(f"{key}.{name}", f"{kwargs[name]!r} is not allowed.{hint}",
+                problems.append(Problem(f"{key}.{name}", f"{kwargs[name]!r} is not allowed."
+                                        f"{suggestion(str(kwargs[name]), choices)}",
                                         f"use one of {', '.join(map(repr, choices))}", origin))
                 ok = False
         if "path" not in entry:
@@ -522,11 +380,14 @@ def load_recipe(
     values: dict[str, Any] | None = None,
     check_environment: bool = True,
 ) -> Recipe:
-    """Read, check and build a recipe. Raises :class:`RecipeError` with every problem found.
+    """Read, check and build a recipe of ``method``. Raises :class:`RecipeError` with every problem.
 
     ``path``: the YAML file (or None with ``values``, a dict of keys, for programmatic use).
     ``overrides``: command-line tokens, ``["--learning_rate", "1e-4", ...]``.
     """
+    from .methods import get_method
+
+    spec = get_method(method)
     source = Path(path) if path is not None else None
     raw: dict[str, Any] = {}
     origins: dict[str, str] = {}
@@ -547,7 +408,7 @@ def load_recipe(
         env_value = raw.pop("env")
         origins.pop("env", None)
         if not isinstance(env_value, dict) or not all(isinstance(v, (str, int, float, bool)) for v in env_value.values()):
-            problems.append(Problem("env", f"expected a mapping of variable names to values, got {_show(env_value)}",
+            problems.append(Problem("env", f"expected a mapping of variable names to values, got {show(env_value)}",
                                     "write env as `env:\\n  NAME: value`", file_label))
         else:
             env = {str(k): str(v) for k, v in env_value.items()}
@@ -557,7 +418,8 @@ def load_recipe(
     for key, value in raw.items():
         origin = origins[key]
         if not isinstance(key, str):
-            problems.append(Problem(str(key), "keys must be strings", "quote the key or fix the indentation", origin))
+            problems.append(Problem(str(key)[:60], "keys must be strings", "quote the key or fix the indentation",
+                                    origin))
             continue
         if key not in index:
             problems.append(_unknown_key_problem(key, origin, method))
@@ -575,11 +437,15 @@ def load_recipe(
     for key, value in typed.items():
         group_values[index[key].group][key] = value
     group_values["training"]["output_dir"] = str(output_dir / "checkpoints")
-    group_values["training"]["assistant_only_loss"] = False  # ours handles it: see tokenization.py
+    config_fields = {f.name for f in dataclasses.fields(spec.config_class())}
+    for claimed in spec.claimed_keys & config_fields:
+        group_values["training"].setdefault(claimed, _claimed_default(claimed))
     if "use_cpu" not in typed and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda_available():
         # A multi-process launch (accelerate launch / torchrun) on a machine without CUDA: accelerate
         # only sets up its CPU (gloo) process group when asked for the CPU, else every process trains alone.
         group_values["training"]["use_cpu"] = True
+    if "lora_task_type" not in typed and "model" in group_values:
+        group_values["model"]["lora_task_type"] = spec.lora_task_type
     built: dict[str, Any] = {}
     machine_problems: list[Problem] = []
     for group, cls in groups(method):
@@ -610,17 +476,24 @@ def load_recipe(
         origins=origins,
         env=env,
         gemma=built["gemma"],
+        method_args=built.get("method"),
         data=built["data"],
         model=built["model"],
         training=built["training"],
         output_dir=output_dir,
     )
-    # Phase 3: semantic checks (files, datasets, conflicts, the machine).
+    # Phase 3: semantic checks (files, every dataset record, conflicts, the machine, the method's own).
     recipe.environment_problems.extend(machine_problems)
     from .validation import check_recipe
 
     check_recipe(recipe, file_label, check_environment=check_environment)
     return recipe
+
+
+def _claimed_default(key: str) -> Any:
+    # TRL fields we own under the same name (e.g. SFTConfig.assistant_only_loss) must stay off in
+    # TRL's config: our own code does what they would do.
+    return False
 
 
 def _cuda_available() -> bool:
@@ -631,7 +504,7 @@ def _cuda_available() -> bool:
 
 def _build(cls: type, kwargs: dict[str, Any]):
     """Build one dataclass with TRL's parser (HfArgumentParser.parse_dict), values already typed."""
-    if cls in (GemmaArguments, DataArguments):
+    if cls.__module__.startswith("gemma_hf."):
         return cls(**kwargs)
     from trl import TrlParser
 
@@ -651,18 +524,5 @@ def _key_in_message(message: str, candidates: dict[str, Any]) -> str | None:
     return None
 
 
-def is_asset_reference(value: str | None) -> bool:
-    return isinstance(value, str) and value.startswith(ASSET_SCHEME)
-
-
-__all__ = [
-    "COMMAND_LINE",
-    "CHAT_FAMILIES",
-    "Problem",
-    "Recipe",
-    "RecipeError",
-    "load_recipe",
-    "parse_overrides",
-    "read_yaml",
-    "coerce",
-]
+__all__ = ["COMMAND_LINE", "Problem", "Recipe", "RecipeError", "load_recipe", "parse_overrides", "read_yaml",
+           "coerce", "yaml_scalar"]

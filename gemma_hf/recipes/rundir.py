@@ -1,25 +1,27 @@
-"""The run directory: its states, checkpoints, metrics, plots, and the atomic publish at the end.
+"""The run directory: one object for its layout, used by the code that writes a run (the run
+core) and by the code that reads one (model cards, push, merge, the pipeline).
 
 Layout of a finished run (``output_dir/``)::
 
     recipe.yaml          the resolved recipe (file + command-line overrides), loadable as a recipe
-    config.json, model.safetensors, generation_config.json, tokenizer files
+    config.json, model.safetensors, generation_config.json, tokenizer files (with a chat template)
                          the final model (merged weights for LoRA runs; the adapter is in adapter/)
     metrics.jsonl        one JSON object per logging event: step, epoch, loss / eval_loss / ...
-    plots/loss.png       training (and eval) loss against step
-    run.json             method, base model, family, datasets, times, versions
-    eval.json            held-out loss before/after and sample answers (when the recipe has them)
+    plots/*.png          loss.png, plus what the method adds (e.g. reward_histogram.png)
+    run.json             method, base model, family, datasets, times, versions (written last)
+    eval.json            held-out results before/after and sample answers
+    README.md            the model card
     checkpoints/checkpoint-N/   Trainer checkpoints (resume with --resume)
 
-While training, ``output_dir`` holds only ``checkpoints/``, ``metrics.jsonl`` and the marker
-``.gemma-hf-run.json``: it never looks finished. The finished files are written into the sibling
-``.{name}.publish/``; the checkpoints are moved into it; then two renames swap it into place
-(``output_dir`` -> ``.{name}.old``, ``.{name}.publish`` -> ``output_dir``). A run killed between
-those renames is completed by :func:`recover_publish` on the next start. ``run.json`` is written
-last before the swap and marks a finished run.
+While training, ``output_dir`` holds only ``checkpoints/``, ``metrics.jsonl`` and working files
+whose names start with a dot (the marker ``.gemma-hf-run.json``, ``.before.json``): it never looks
+finished. The finished files are written into the sibling ``.{name}.publish/``; the checkpoints are
+moved into it; then two renames swap it into place (``output_dir`` -> ``.{name}.old``,
+``.{name}.publish`` -> ``output_dir``). A run killed between those renames is completed by
+:meth:`RunDir.recover_publish` on the next start. ``run.json`` is written last before the swap
+and marks a finished run.
 
-(gemma_hf.io.atomic_directory is not used here: the checkpoints must move into the new directory
-and a half-done swap must be recoverable by --resume, which that helper does not do.)
+Only the standard library is imported here.
 """
 
 from __future__ import annotations
@@ -28,68 +30,237 @@ import json
 import os
 import re
 import shutil
+import struct
 import time
+import zipfile
 from pathlib import Path
+from typing import Any
 
-from transformers import TrainerCallback
+from gemma_hf.errors import InputError
 
-MARKER = ".gemma-hf-run.json"
+RECIPE = "recipe.yaml"
 RUN_JSON = "run.json"
+EVAL_JSON = "eval.json"
 METRICS = "metrics.jsonl"
+PLOTS = "plots"
 CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+CARD = "README.md"
+MARKER = ".gemma-hf-run.json"
+BEFORE = ".before.json"  # results computed before training, kept for a resumed run
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
-                "pytorch_model.bin", "pytorch_model_fsdp_0")
+_PLOT_SUFFIXES = (".png", ".svg", ".jpg", ".jpeg")
 
 
-def publish_dir(output_dir: Path) -> Path:
-    return output_dir.parent / f".{output_dir.name}.publish"
+class RunDirError(InputError):
+    """A run directory whose files are missing or malformed."""
 
 
-def old_dir(output_dir: Path) -> Path:
-    return output_dir.parent / f".{output_dir.name}.old"
+# --------------------------------------------------------------------------------------------
+# Files that are complete only when their own structure says so
+# --------------------------------------------------------------------------------------------
 
 
-def is_finished(output_dir: Path) -> bool:
-    return (output_dir / RUN_JSON).is_file()
-
-
-def recover_publish(output_dir: Path) -> bool:
-    """Finish a publish that was killed between its renames. Returns True if it did something."""
-    staged, old = publish_dir(output_dir), old_dir(output_dir)
-    if not (staged / RUN_JSON).is_file():
+def safetensors_complete(path: Path) -> bool:
+    """True if ``path`` is a whole safetensors file: its header parses and the file is exactly as
+    long as the header says (a file cut by a kill or a full disk is not)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > size - 8:
+                return False
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, struct.error):
         return False
-    if output_dir.exists():
-        if is_finished(output_dir):
-            return False
-        if (output_dir / CHECKPOINTS).exists() and not (staged / CHECKPOINTS).exists():
-            os.rename(output_dir / CHECKPOINTS, staged / CHECKPOINTS)
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(output_dir, old)
-    os.rename(staged, output_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return True
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    return size == 8 + length + max(ends, default=0)
 
 
-def describe_output_dir(output_dir: Path) -> str:
-    """'absent', 'finished', 'unfinished' (a run of ours in progress or killed), or 'foreign'."""
-    if not output_dir.exists():
-        return "absent"
-    if not output_dir.is_dir():
+def _torch_save_complete(path: Path) -> bool:
+    # torch.save writes a zip archive; a cut one lacks its end-of-central-directory record.
+    return zipfile.is_zipfile(path)
+
+
+def weight_files(directory: Path) -> list[str]:
+    """The safetensors weight files of a model directory (an index and its shards, or one file)."""
+    for index_name in ("model.safetensors.index.json", "adapter_model.safetensors.index.json"):
+        index = directory / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError) as err:
+                raise RunDirError(f"{index} is not a valid shard index: {err}") from None
+            return [index_name, *shards]
+    return [name for name in ("model.safetensors", "adapter_model.safetensors") if (directory / name).is_file()]
+
+
+def model_files_complete(directory: Path) -> bool:
+    """Every weight file of ``directory`` exists and is a whole safetensors file."""
+    names = weight_files(directory) if directory.is_dir() else []
+    tensors = [n for n in names if n.endswith(".safetensors")]
+    return bool(tensors) and all(safetensors_complete(directory / n) for n in tensors)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class RunDir:
+    """A run directory (finished or not) at ``path``; every name of its layout lives here."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # -- layout ---------------------------------------------------------------------------------
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def recipe(self) -> Path:
+        return self.path / RECIPE
+
+    @property
+    def run_json(self) -> Path:
+        return self.path / RUN_JSON
+
+    @property
+    def eval_json(self) -> Path:
+        return self.path / EVAL_JSON
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def plots(self) -> Path:
+        return self.path / PLOTS
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / ADAPTER
+
+    @property
+    def card(self) -> Path:
+        return self.path / CARD
+
+    @property
+    def marker(self) -> Path:
+        return self.path / MARKER
+
+    @property
+    def before(self) -> Path:
+        return self.path / BEFORE
+
+    @property
+    def staging(self) -> "RunDir":
+        """Where the finished run is assembled before it is swapped into place."""
+        return RunDir(self.path.parent / f".{self.path.name}.publish")
+
+    @property
+    def old(self) -> Path:
+        return self.path.parent / f".{self.path.name}.old"
+
+    # -- state ----------------------------------------------------------------------------------
+    def is_finished(self) -> bool:
+        return self.run_json.is_file()
+
+    def state(self) -> str:
+        """'absent', 'finished', 'unfinished' (a run of ours in progress or killed), or 'foreign'."""
+        if not self.path.exists():
+            return "absent"
+        if not self.path.is_dir():
+            return "foreign"
+        if self.is_finished():
+            return "finished"
+        if self.marker.is_file():
+            return "unfinished"
+        if not any(self.path.iterdir()):
+            return "absent"  # an empty directory is as good as none
         return "foreign"
-    if is_finished(output_dir):
-        return "finished"
-    if (output_dir / MARKER).is_file():
-        return "unfinished"
-    if not any(output_dir.iterdir()):
-        return "absent"  # an empty directory is as good as none
-    return "foreign"
+
+    def recover_publish(self) -> bool:
+        """Finish a publish that was killed between its renames. Returns True if it did something."""
+        staged, old = self.staging, self.old
+        if not staged.is_finished():
+            return False
+        if self.path.exists():
+            if self.is_finished():
+                return False
+            if self.checkpoints.exists() and not staged.checkpoints.exists():
+                os.rename(self.checkpoints, staged.checkpoints)
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(self.path, old)
+        os.rename(staged.path, self.path)
+        shutil.rmtree(old, ignore_errors=True)
+        return True
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def list_checkpoints(self) -> list[Path]:
+        if not self.checkpoints.is_dir():
+            return []
+        found = [p for p in self.checkpoints.iterdir() if _CHECKPOINT_RE.match(p.name) and p.is_dir()]
+        return sorted(found, key=lambda p: int(_CHECKPOINT_RE.match(p.name).group(1)))
+
+    def latest_complete_checkpoint(self) -> tuple[Path | None, list[Path]]:
+        """(the newest complete checkpoint or None, the incomplete ones newer than it)."""
+        incomplete = []
+        for path in reversed(self.list_checkpoints()):
+            if checkpoint_is_complete(path):
+                return path, incomplete
+            incomplete.append(path)
+        return None, incomplete
+
+    # -- reading --------------------------------------------------------------------------------
+    def read_json(self, path: Path, what: str, required: bool = True) -> Any:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            if not required:
+                return None
+            raise RunDirError(f"{path} is missing ({what}).") from None
+        except (ValueError, UnicodeDecodeError) as err:
+            raise RunDirError(f"{path} is not valid JSON ({what}): {err}") from None
+
+    def read_run(self) -> dict:
+        run = self.read_json(self.run_json, "the run record")
+        if not isinstance(run, dict):
+            raise RunDirError(f"{self.run_json} must hold a JSON object.")
+        return run
+
+    def read_eval(self) -> dict | None:
+        evaluation = self.read_json(self.eval_json, "evaluation results", required=False)
+        if evaluation is not None and not isinstance(evaluation, dict):
+            raise RunDirError(f"{self.eval_json} must be a JSON object (name -> result).")
+        return evaluation
+
+    def read_metrics(self) -> list[dict]:
+        return read_metrics(self.metrics)
+
+    def plot_files(self) -> list[str]:
+        """Plots, relative to the run directory, loss.png first."""
+        if not self.plots.is_dir():
+            return []
+        found = (p.relative_to(self.path).as_posix() for p in self.plots.rglob("*")
+                 if p.is_file() and p.suffix.lower() in _PLOT_SUFFIXES
+                 and not any(part.startswith(".") for part in p.relative_to(self.path).parts))
+        return sorted(found, key=lambda p: (p != f"{PLOTS}/loss.png", p))
+
+    def weight_files(self) -> list[str]:
+        return weight_files(self.path)
 
 
 def checkpoint_is_complete(path: Path) -> bool:
-    """The Trainer writes trainer_state.json last: a checkpoint is complete when it parses and its
-    global_step matches the directory name, and the weights are there."""
+    """A Trainer checkpoint is complete when trainer_state.json (written last) parses and names the
+    directory's step, its weights are whole safetensors files, and the optimizer, scheduler and RNG
+    states it saved are whole files too (a kill or a full disk can cut any of them)."""
     match = _CHECKPOINT_RE.match(path.name)
     if not match or not path.is_dir():
         return False
@@ -97,107 +268,58 @@ def checkpoint_is_complete(path: Path) -> bool:
         state = json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
-    if state.get("global_step") != int(match.group(1)):
+    if not isinstance(state, dict) or state.get("global_step") != int(match.group(1)):
         return False
-    return any((path / name).exists() for name in WEIGHT_FILES)
-
-
-def list_checkpoints(checkpoints: Path) -> list[Path]:
-    if not checkpoints.is_dir():
-        return []
-    found = [p for p in checkpoints.iterdir() if _CHECKPOINT_RE.match(p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: int(_CHECKPOINT_RE.match(p.name).group(1)))
-
-
-def latest_complete_checkpoint(checkpoints: Path) -> tuple[Path | None, list[Path]]:
-    """(the newest complete checkpoint or None, the incomplete ones newer than it)."""
-    incomplete = []
-    for path in reversed(list_checkpoints(checkpoints)):
-        if checkpoint_is_complete(path):
-            return path, incomplete
-        incomplete.append(path)
-    return None, incomplete
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------------
-
-
-class MetricsCallback(TrainerCallback):
-    """Appends every logging event to metrics.jsonl (main process only).
-
-    On resume, lines logged after the checkpoint's step (the killed run's tail) are dropped first,
-    so the file reads as one run.
-    """
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.start = time.time()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and self.path.exists():
-            kept = [line for line in read_metrics(self.path) if line.get("step", 0) <= state.global_step]
-            self._rewrite(kept)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        record = {"step": state.global_step, "epoch": state.epoch, **logs, "time": round(time.time() - self.start, 3)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-    def _rewrite(self, records: list[dict]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        os.replace(tmp, self.path)
+    if not model_files_complete(path):
+        return False
+    pickled = [p for p in path.iterdir() if p.name in ("optimizer.pt", "scheduler.pt") or p.name.startswith("rng_state")]
+    return all(_torch_save_complete(p) for p in pickled)
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl. The one rule, for writer and reader alike: a final line
+    without its newline that does not parse was cut by a kill and is dropped; any other line that
+    is not a JSON object with a "step" is corruption and raises RunDirError naming the line."""
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
     records = []
-    if not path.exists():
-        return records
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except ValueError:  # a line cut by a kill: ignore it
-            continue
+            record = json.loads(line)
+        except ValueError as err:
+            if number == len(lines):  # the last line has no newline after it: cut while being written
+                continue
+            raise RunDirError(f"{path}:{number} is not valid JSON: {err}") from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise RunDirError(f"{path}:{number}: each line must be a JSON object with a 'step'.")
+        records.append(record)
     return records
 
 
-def plot_losses(records: list[dict], path: Path, title: str) -> None:
-    """Training loss (and eval loss) against step, as a PNG."""
-    import matplotlib
+def write_metrics(path: Path, records: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    if train:
-        ax.plot(*zip(*train), label="training loss", color="tab:blue", linewidth=1.6)
-    if evals:
-        ax.plot(*zip(*evals), label="held-out loss", color="tab:orange", marker="o", linewidth=1.6)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per trained token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if train or evals:
-        ax.legend()
-    fig.tight_layout()
+def write_text(path: Path, text: str) -> None:
+    """Write ``path`` atomically: a temporary sibling, then a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+__all__ = ["RunDir", "RunDirError", "checkpoint_is_complete", "read_metrics", "write_metrics", "write_json",
+           "write_text", "now_iso", "safetensors_complete", "weight_files", "model_files_complete",
+           "RECIPE", "RUN_JSON", "EVAL_JSON", "METRICS", "PLOTS", "CHECKPOINTS", "ADAPTER", "CARD", "MARKER"]

@@ -1,15 +1,19 @@
 """The recipe schema: which keys a recipe may hold, and the dataclass each key belongs to.
 
-A recipe is one flat YAML mapping. Every key belongs to exactly one dataclass (a "group"):
+A recipe is one flat YAML mapping. Every key belongs to exactly one dataclass (a "group"); the
+groups of a method come from the method table (gemma_hf.recipes.methods):
 
-=========  ==========================  ===================================================
-group      dataclass                   keys (examples)
-=========  ==========================  ===================================================
-gemma      :class:`GemmaArguments`     preset, chat_family, assistant_only_loss, sample_prompts
-data       :class:`DataArguments`      datasets (a list of :class:`DatasetSpec`), test_split_size
-model      ``trl.ModelConfig``         model_name_or_path, dtype, attn_implementation, use_peft, lora_*
-training   ``trl.SFTConfig``           output_dir, learning_rate, max_steps, packing, max_length, ...
-=========  ==========================  ===================================================
+=========  ====================================  ===============================================
+group      dataclass                             keys (examples)
+=========  ====================================  ===============================================
+gemma      :class:`GemmaArguments`               preset, tokenizer_name_or_path, chat_family,
+           (every method)                        merge_lora, lora_trainable_tokens
+method     the method's own (e.g. SFTArguments)  assistant_only_loss, sample_prompts, ...
+data       :class:`DataArguments`                datasets (a list of :class:`DatasetSpec`), test_split_size
+model      ``trl.ModelConfig``                   model_name_or_path, dtype, attn_implementation, use_peft, lora_*
+training   the method's TRL config               output_dir, learning_rate, max_steps, max_length, ...
+           (``trl.SFTConfig``, ``trl.RewardConfig``, ...)
+=========  ====================================  ===============================================
 
 plus ``env`` (a mapping of environment variables set before the run, as in TRL's parser).
 
@@ -23,15 +27,14 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
-ASSET_SCHEME = "asset:"
+from .formats import FORMAT_NAMES
 
 CHAT_FAMILIES = ("auto", "gemma", "gemma2", "gemma3")
-DATASET_FORMATS = ("auto", "messages", "sharegpt", "prompt_completion", "alpaca")
 
 
 @dataclass
 class GemmaArguments:
-    """Our own recipe fields: what TRL's dataclasses have no name for."""
+    """Our own recipe fields shared by every method: what TRL's dataclasses have no name for."""
 
     preset: str | None = field(
         default=None,
@@ -57,32 +60,9 @@ class GemmaArguments:
             "choices": list(CHAT_FAMILIES),
         },
     )
-    assistant_only_loss: bool = field(
-        default=True,
-        metadata={
-            "help": "Loss on model-turn tokens only (their text, <end_of_turn>, and the final <eos> for Gemma 2/3). "
-            "false: loss on every token."
-        },
-    )
-    long_examples: str = field(
-        default="truncate",
-        metadata={
-            "help": "Training examples longer than max_length: truncate (keep the start, as TRL does; the model "
-            "never sees their end of turn) or drop them (so every trained example ends its turn). Held-out examples "
-            "are always kept (truncated).",
-            "choices": ["truncate", "drop"],
-        },
-    )
     eval_before_training: bool = field(
         default=True,
         metadata={"help": "Evaluate the held-out split before training too (eval.json gets before and after)."},
-    )
-    sample_prompts: list[str] | None = field(
-        default=None,
-        metadata={"help": "Prompts answered greedily before and after training; the answers go to eval.json."},
-    )
-    sample_max_new_tokens: int = field(
-        default=64, metadata={"help": "Most new tokens per sample_prompts answer."}
     )
     lora_trainable_tokens: list[str] | None = field(
         default=None,
@@ -98,6 +78,19 @@ class GemmaArguments:
             "help": "LoRA runs: save the merged model at the root of output_dir (the adapter goes to adapter/). "
             "false: the root holds only the adapter."
         },
+    )
+
+
+@dataclass
+class SampleArguments:
+    """Prompts a causal-LM method answers before and after training (a mixin of method arguments)."""
+
+    sample_prompts: list[str] | None = field(
+        default=None,
+        metadata={"help": "Prompts answered greedily before and after training; the answers go to eval.json."},
+    )
+    sample_max_new_tokens: int = field(
+        default=64, metadata={"help": "Most new tokens per sample_prompts answer."}
     )
 
 
@@ -124,9 +117,11 @@ class DatasetSpec:
     format: str = field(
         default="auto",
         metadata={
-            "help": "Record format: messages (list of {role, content}), sharegpt (conversations of {from, value}), "
-            "prompt_completion, alpaca ({instruction, input, output}); auto detects it from the columns.",
-            "choices": list(DATASET_FORMATS),
+            "help": "Record format: messages (list of {role, content}), sharegpt (conversations of {from, value}; "
+            "preference pairs add chosen/rejected), prompt_completion, alpaca ({instruction, input, output}, or "
+            "chosen/rejected for pairs), preference (chosen/rejected with an optional prompt and margin); auto "
+            "detects it from the columns.",
+            "choices": list(FORMAT_NAMES),
         },
     )
 
@@ -143,21 +138,23 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Held-out split taken from the mixture (seeded): a fraction in (0, 1) or a number of records. "
-            "It is the eval set (eval loss before/after training)."
+            "It is the eval set (held-out results before/after training)."
         },
     )
 
 
-# SFTConfig fields a recipe may not set, with the reason and the fix.
+# TRL/transformers fields no gemma-hf recipe may set, with the reason (every method).
 REFUSED_TRAINING_KEYS = {
-    "completion_only_loss": "gemma_hf tokenizes the chat itself; which tokens carry the loss is `assistant_only_loss`.",
     "dataset_text_field": "records are chat conversations (see `datasets[].format`), not a text column.",
     "dataset_kwargs": "gemma_hf prepares the dataset itself; TRL's preparation options do not apply.",
+    "dataset_num_proc": "gemma_hf prepares the dataset itself; TRL's preparation options do not apply.",
     "chat_template_path": "the chat format is Gemma's own, chosen by `chat_family`.",
     "eos_token": "Gemma's <eos> and <end_of_turn> are fixed by the chat format.",
     "pad_token": "the tokenizer's <pad> is used.",
     "model_init_kwargs": "set the model fields (dtype, attn_implementation, ...) as recipe keys.",
-    "resume_from_checkpoint": "resuming is `gemma-hf sft --resume`, from the run's latest complete checkpoint.",
+    "resume_from_checkpoint": "resuming is `gemma-hf <method> --resume`, from the run's latest complete checkpoint.",
+    "overwrite_output_dir": "gemma-hf never overwrites a finished run; choose a new output_dir.",
+    "trust_remote_code": "gemma_hf loads Gemma checkpoints with its own classes; no remote code runs.",
 }
 
 # Keys from other tools or older versions, mapped to where they live now.
@@ -170,11 +167,7 @@ RENAMED_KEYS = {
     "dataset_name": "datasets (a list of {path: ...})",
     "lora_target_modules_list": "lora_target_modules",
     "output_directory": "output_dir",
-    "overwrite_output_dir": "nothing: gemma-hf never overwrites a finished run; choose a new output_dir",
 }
-
-# Fields of TRL's dataclasses that gemma_hf owns under the same name in GemmaArguments.
-CLAIMED_KEYS = {"assistant_only_loss"}
 
 
 @dataclass(frozen=True)
@@ -188,28 +181,47 @@ class KeyInfo:
 @functools.lru_cache(maxsize=None)
 def groups(method: str = "sft") -> tuple[tuple[str, type], ...]:
     """(group name, dataclass) pairs of a method's recipe, in the order they are documented."""
-    if method != "sft":
-        raise ValueError(f"unknown recipe method {method!r}; known: sft")
-    from trl import ModelConfig, SFTConfig
+    from trl import ModelConfig
 
-    return (("gemma", GemmaArguments), ("data", DataArguments), ("model", ModelConfig), ("training", SFTConfig))
+    from .methods import get_method
+
+    spec = get_method(method)
+    out: list[tuple[str, type]] = [("gemma", GemmaArguments)]
+    if spec.arguments is not None:
+        out.append(("method", spec.arguments))
+    out += [("data", DataArguments), ("model", ModelConfig), ("training", spec.config_class())]
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=None)
 def key_index(method: str = "sft") -> dict[str, KeyInfo]:
     """Every recipe key -> the group and dataclass field it sets."""
+    from .methods import get_method
+
+    spec = get_method(method)
+    refused = refused_keys(method)
     index: dict[str, KeyInfo] = {}
     for group, cls in groups(method):
         for f in dataclasses.fields(cls):
             if not f.init or f.name.startswith("_"):
                 continue
-            if group != "gemma" and (f.name in CLAIMED_KEYS or f.name in REFUSED_TRAINING_KEYS):
+            if group in ("model", "training") and (f.name in spec.claimed_keys or f.name in refused):
                 continue
-            if f.name in index:  # two TRL dataclasses sharing a name would make a flat recipe ambiguous
+            if f.name in index:  # two dataclasses sharing a name would make a flat recipe ambiguous
                 raise RuntimeError(f"recipe key {f.name!r} is defined by both {index[f.name].group} and {group}")
             index[f.name] = KeyInfo(f.name, group, cls, f)
     return index
 
 
+def refused_keys(method: str) -> dict[str, str]:
+    from .methods import get_method
+
+    return {**REFUSED_TRAINING_KEYS, **get_method(method).refused_keys}
+
+
 def help_text(info: KeyInfo) -> str:
     return " ".join(str(info.field.metadata.get("help", "")).split())
+
+
+__all__ = ["CHAT_FAMILIES", "GemmaArguments", "SampleArguments", "DatasetSpec", "DataArguments", "KeyInfo",
+           "REFUSED_TRAINING_KEYS", "RENAMED_KEYS", "groups", "key_index", "refused_keys", "help_text"]

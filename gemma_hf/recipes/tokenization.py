@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from gemma_hf.chat import BOS, END_OF_TURN, EOS, START_OF_TURN, chat_format, check_single_bos, render_chat
+from gemma_hf.chat import BOS, END_OF_TURN, EOS, chat_format, check_single_bos, encode_chat, render_chat
 
-CONTROL_TOKENS = (BOS, EOS, START_OF_TURN, END_OF_TURN)
-MODEL_ROLES = ("assistant", "model")
+from .formats import CONTROL_TOKENS, MODEL_ROLES
 
 
 def check_no_control_tokens(messages: Sequence[Mapping[str, str]], extra_tokens: Sequence[str] = ()) -> None:
@@ -37,6 +36,13 @@ def check_no_control_tokens(messages: Sequence[Mapping[str, str]], extra_tokens:
                     f"message {index} ({message.get('role')}) contains the control token {token!r} as text; it would "
                     "be tokenized as a real control token. Remove or escape it in the data."
                 )
+
+
+def encode_conversation(tokenizer, messages: Sequence[Mapping[str, str]], family: str) -> list[int]:
+    """Token ids of a whole conversation as a reward model scores it: rendered exactly as for
+    training (a completed final model turn ends with the family's suffix), one <bos>."""
+    check_no_control_tokens(messages, getattr(tokenizer, "all_special_tokens", ()))
+    return encode_chat(tokenizer, messages, family)
 
 
 def model_turn_spans(messages: Sequence[Mapping[str, str]], family: str, text: str) -> list[tuple[int, int]]:

@@ -1,9 +1,11 @@
-"""Semantic checks of a built recipe: files, datasets, the model's architecture, conflicts.
+"""Semantic checks of a built recipe, for every method: numbers in range, the model's architecture,
+the tokenizer, every dataset record, conflicting options; then the method's own checks.
 
 Called by :func:`gemma_hf.recipes.config.load_recipe` after the dataclasses are built. Reads model
-*configs* (config.json, a preset) and tokenizers, never weights. Gathers every problem; raises one
-:class:`~gemma_hf.recipes.config.RecipeError`. Environment problems (the machine lacks a GPU, a
-package, a download) are stored on the recipe instead (``recipe.environment_problems``).
+*configs* (config.json, a preset), tokenizers and data, never weights. Gathers every problem into a
+:class:`Checks` and raises one :class:`~gemma_hf.recipes.problems.RecipeError`. Environment problems
+(the machine lacks a GPU, a package, a download) are stored on the recipe instead
+(``recipe.environment_problems``).
 """
 
 from __future__ import annotations
@@ -11,24 +13,17 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from .config import ATTN_IMPLEMENTATIONS, GEMMA_MODEL_TYPES, Problem, Recipe, RecipeError
-from .data import (
-    DataError,
-    check_conversation,
-    detect_format,
-    hub_offline,
-    missing_columns,
-    peek,
-    rename_columns,
-    resolve_asset,
-    resolve_source,
-    to_messages,
-)
-from .schema import ASSET_SCHEME
+from gemma_hf.errors import suggestion
+from gemma_hf.references import BadReference, hub_offline, resolve
 
+from .config import Recipe
+from .problems import Problem, RecipeError
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 GPU_ONLY_ATTENTION = ("flash_attention_2", "flash_attention_3")
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
              "lora_modules_to_save", "use_rslora", "use_dora", "lora_task_type")
@@ -37,10 +32,13 @@ REPORTING_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard", "trackio":
                       "swanlab": "swanlab", "codecarbon": "codecarbon", "azure_ml": "azureml"}
 
 
-class _Collector:
+class Checks:
+    """Collects the problems of one recipe; methods report theirs through it too."""
+
     def __init__(self, recipe: Recipe, file_label: str):
         self.recipe, self.file_label = recipe, file_label
         self.problems: list[Problem] = []
+        self.tokenizer = None  # loaded by the tokenizer check, for the checks after it
 
     def origin(self, key: str) -> str:
         return self.recipe.origins.get(key.split("[")[0].split(".")[0], self.file_label)
@@ -57,6 +55,10 @@ class _Collector:
     def given(self, key: str) -> bool:
         return key in self.recipe.values
 
+    def in_range(self, key: str, value: Any, ok: bool, expected: str) -> None:
+        if not ok:
+            self.error(key, f"{value!r} is out of range", f"set {key} to {expected}")
+
 
 def cuda_available() -> bool:
     import torch
@@ -65,18 +67,21 @@ def cuda_available() -> bool:
 
 
 def check_recipe(recipe: Recipe, file_label: str, check_environment: bool = True) -> None:
-    c = _Collector(recipe, file_label)
+    from .methods import get_method
+
+    c = Checks(recipe, file_label)
     _check_numbers(c)
     architecture = _check_model(c)
     recipe.architecture = architecture
     _check_family(c, architecture)
     _check_tokenizer(c, architecture)
     _check_precision_and_attention(c, architecture)
-    _check_sequence_options(c, architecture)
+    _check_lengths(c, architecture)
     _check_peft(c)
     _check_eval(c)
     _check_datasets(c)
     _check_misc(c)
+    get_method(recipe.method).check(c)
     if not check_environment:
         recipe.environment_problems.clear()
     if c.problems:
@@ -86,8 +91,9 @@ def check_recipe(recipe: Recipe, file_label: str, check_environment: bool = True
 # --------------------------------------------------------------------------------------------
 
 
-def _check_numbers(c: _Collector) -> None:
-    t, m, g = c.recipe.training, c.recipe.model, c.recipe.gemma
+def _check_numbers(c: Checks) -> None:
+    """Ranges of the shared numeric keys, checked here rather than by TRL/torch mid-run."""
+    t, m = c.recipe.training, c.recipe.model
     rules: list[tuple[str, Any, bool, str]] = [
         ("learning_rate", t.learning_rate, t.learning_rate > 0, "a positive learning rate, e.g. 2e-5"),
         ("per_device_train_batch_size", t.per_device_train_batch_size, t.per_device_train_batch_size >= 1, "1 or more"),
@@ -100,20 +106,29 @@ def _check_numbers(c: _Collector) -> None:
         ("warmup_steps", t.warmup_steps, t.warmup_steps >= 0, "0 or more (below 1: a ratio of the total steps)"),
         ("weight_decay", t.weight_decay, t.weight_decay >= 0, "0 or more"),
         ("max_grad_norm", t.max_grad_norm, t.max_grad_norm is None or t.max_grad_norm >= 0, "0 (off) or more"),
-        ("sample_max_new_tokens", g.sample_max_new_tokens, g.sample_max_new_tokens >= 1, "1 or more"),
+        ("adam_beta1", t.adam_beta1, 0 <= t.adam_beta1 < 1, "a number in [0, 1)"),
+        ("adam_beta2", t.adam_beta2, 0 <= t.adam_beta2 < 1, "a number in [0, 1)"),
+        ("adam_epsilon", t.adam_epsilon, t.adam_epsilon > 0, "a small positive number, e.g. 1e-8"),
+        ("seed", t.seed, 0 <= t.seed < 2**32, "an integer in [0, 2**32)"),
+        ("data_seed", t.data_seed, t.data_seed is None or 0 <= t.data_seed < 2**32, "an integer in [0, 2**32)"),
+        ("dataloader_num_workers", t.dataloader_num_workers, t.dataloader_num_workers >= 0, "0 or more"),
+        ("save_total_limit", t.save_total_limit, t.save_total_limit is None or t.save_total_limit >= 1,
+         "1 or more, or null (keep all)"),
         ("lora_r", m.lora_r, m.lora_r >= 1, "1 or more"),
         ("lora_alpha", m.lora_alpha, m.lora_alpha > 0, "a positive number"),
         ("lora_dropout", m.lora_dropout, 0 <= m.lora_dropout < 1, "a number in [0, 1)"),
     ]
-    if t.max_length is not None:
+    if getattr(t, "max_length", None) is not None:
         rules.append(("max_length", t.max_length, t.max_length >= 2, "2 or more, or null"))
     if t.eval_steps is not None:
         rules.append(("eval_steps", t.eval_steps, t.eval_steps > 0, "a positive number"))
     for key, value, ok, expected in rules:
-        if not ok:
-            c.error(key, f"{value!r} is out of range", f"set {key} to {expected}")
-    if g.sample_prompts is not None and not all(isinstance(p, str) and p.strip() for p in g.sample_prompts):
-        c.error("sample_prompts", "every prompt must be a non-empty string", "remove the empty entries")
+        c.in_range(key, value, ok, expected)
+    args = c.recipe.method_args
+    if args is not None and hasattr(args, "sample_prompts"):
+        c.in_range("sample_max_new_tokens", args.sample_max_new_tokens, args.sample_max_new_tokens >= 1, "1 or more")
+        if args.sample_prompts is not None and not all(isinstance(p, str) and p.strip() for p in args.sample_prompts):
+            c.error("sample_prompts", "every prompt must be a non-empty string", "remove the empty entries")
 
 
 def _read_config(path: Path) -> dict:
@@ -127,26 +142,28 @@ def _architecture_from_dict(config: dict):
     return GemmaHFConfig.from_dict(dict(config))
 
 
-def _check_model(c: _Collector):
+def _gemma_model_types() -> tuple[str, ...]:
+    from gemma_hf.model.configuration import STOCK_MODEL_TYPES
+
+    return ("gemma_hf", *STOCK_MODEL_TYPES)
+
+
+def _check_model(c: Checks):
     from gemma_hf import PRESETS, preset_config
-    from gemma_hf.assets import AssetUnavailable
 
     recipe, g, m = c.recipe, c.recipe.gemma, c.recipe.model
     preset_arch = checkpoint_arch = None
     if m.model_name_or_path is None and g.preset is None:
         c.error("model_name_or_path", "missing: the recipe names no model",
-                "set model_name_or_path (a checkpoint directory, asset:gemma3-270m or a Hub id), or preset (random "
-                "weights of a named architecture)")
+                "set model_name_or_path (a checkpoint or run directory, asset:gemma3-270m or a Hub id), or preset "
+                "(random weights of a named architecture)")
         return None
     if g.preset_overrides and g.preset is None:
         c.error("preset_overrides", "given without a preset", "set preset, or remove preset_overrides")
     if g.preset is not None:
         if g.preset not in PRESETS:
-            from difflib import get_close_matches
-
-            close = get_close_matches(g.preset, list(PRESETS), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            c.error("preset", f"unknown preset {g.preset!r}.{hint}", f"use one of {', '.join(PRESETS)}")
+            c.error("preset", f"unknown preset {g.preset!r}.{suggestion(g.preset, PRESETS)}",
+                    f"use one of {', '.join(PRESETS)}")
         else:
             try:
                 preset_arch = preset_config(g.preset, **(g.preset_overrides or {}))
@@ -154,40 +171,32 @@ def _check_model(c: _Collector):
                 key = "preset_overrides" if g.preset_overrides else "preset"
                 c.error(key, f"the preset's config is invalid with these overrides: {err}",
                         "fix the overrides (e.g. layer_types must have num_hidden_layers entries)")
-    path = m.model_name_or_path
-    if path is not None:
-        local = None
-        if path.startswith(ASSET_SCHEME):
-            try:
-                local = resolve_asset(path)
-            except KeyError as err:
-                c.error("model_name_or_path", str(err.args[0]), "use asset:gemma3-270m or a directory")
-                return preset_arch
-            except AssetUnavailable as err:
-                c.environment("model_name_or_path", f"cannot fetch {path}: {err}",
-                              f"fetch it with `python -m gemma_hf.assets {path[len(ASSET_SCHEME):]}`")
-                return preset_arch
-        elif Path(path).expanduser().exists():
-            local = Path(path).expanduser().resolve()
-        elif path.startswith(("/", ".", "~")) or path.count("/") != 1:
-            c.error("model_name_or_path", f"model directory {path!r} does not exist",
-                    "point it at a checkpoint directory (with config.json), asset:gemma3-270m, or a Hub id org/name")
+    text = m.model_name_or_path
+    if text is not None:
+        try:
+            ref = resolve(text, "model directory")
+        except BadReference as err:
+            (c.environment if err.environment else c.error)("model_name_or_path", err.message, err.fix)
             return preset_arch
-        if local is not None:
-            recipe.model_path = str(local)
+        recipe.model_path, recipe.model_kind = ref.location, ref.kind
+        if ref.is_local:
+            local = ref.path
             if not (local / "config.json").is_file():
-                c.error("model_name_or_path", f"{local} has no config.json: not a model directory",
-                        "point it at a directory written by save_pretrained")
+                adapter = (local / "adapter_config.json").is_file()
+                c.error("model_name_or_path", f"{local} has no config.json: "
+                        + ("it holds a LoRA adapter only" if adapter else "not a model directory"),
+                        "point it at a directory written by save_pretrained"
+                        + (" (a run with merge_lora: true keeps the merged model at its root)" if adapter else ""))
                 return preset_arch
             try:
                 config = _read_config(local)
             except (OSError, ValueError) as err:
                 c.error("model_name_or_path", f"cannot read {local}/config.json: {err}", "fix or re-save the checkpoint")
                 return preset_arch
-            model_type = config.get("model_type")
-            if model_type not in GEMMA_MODEL_TYPES:
+            model_type = config.get("model_type") if isinstance(config, dict) else None
+            if model_type not in _gemma_model_types():
                 c.error("model_name_or_path", f"{local} holds a {model_type!r} model, not a Gemma one",
-                        f"use a checkpoint of model_type {', '.join(GEMMA_MODEL_TYPES)}")
+                        f"use a checkpoint of model_type {', '.join(_gemma_model_types())}")
                 return preset_arch
             try:
                 checkpoint_arch = _architecture_from_dict(config)
@@ -195,15 +204,16 @@ def _check_model(c: _Collector):
                 c.error("model_name_or_path", f"{local}/config.json is not a valid Gemma config: {err}", "re-export it")
                 return preset_arch
         else:  # a Hub id
-            recipe.model_path = path
-            cached = _hub_cached_file(path, "config.json")
+            cached = _hub_cached_file(text, "config.json")
             if cached is not None:
                 checkpoint_arch = _architecture_from_dict(json.loads(Path(cached).read_text()))
             elif hub_offline():
-                c.environment("model_name_or_path", f"{path} is a Hub model that is not downloaded, and the Hub is "
-                              "offline here", "download it elsewhere and point model_name_or_path at the directory")
+                c.environment("model_name_or_path", f"{text} is not a local directory, so it is read as a Hub model id, "
+                              "which is not downloaded, and the Hub is offline here",
+                              "download it and point model_name_or_path at the directory (a local run directory that "
+                              "does not exist yet: write ./PATH, and run the recipe that makes it first)")
             else:
-                c.note(f"model {path} will be downloaded from the Hub when the run starts"
+                c.note(f"model {text} will be downloaded from the Hub when the run starts"
                        + ("" if preset_arch else "; set `preset` so its architecture is checked now"))
     if preset_arch is not None and checkpoint_arch is not None:
         for name in ("family", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads"):
@@ -224,7 +234,7 @@ def _hub_cached_file(repo_id: str, filename: str) -> str | None:
     return found if isinstance(found, str) else None
 
 
-def _check_family(c: _Collector, architecture) -> None:
+def _check_family(c: Checks, architecture) -> None:
     recipe, g = c.recipe, c.recipe.gemma
     if g.chat_family == "auto":
         if architecture is None:
@@ -240,40 +250,30 @@ def _check_family(c: _Collector, architecture) -> None:
                    f"trained on the {g.chat_family} chat format")
 
 
-def _check_tokenizer(c: _Collector, architecture) -> None:
-    from gemma_hf.assets import AssetUnavailable
+def _check_tokenizer(c: Checks, architecture) -> None:
     from gemma_hf.chat import BOS, END_OF_TURN, EOS, START_OF_TURN
 
     recipe, g = c.recipe, c.recipe.gemma
     key = "tokenizer_name_or_path" if g.tokenizer_name_or_path else "model_name_or_path"
-    reference = g.tokenizer_name_or_path or recipe.model.model_name_or_path
-    if reference is None:
+    text = g.tokenizer_name_or_path or recipe.model.model_name_or_path
+    if text is None:
         c.error("tokenizer_name_or_path", "missing: training from a preset needs a tokenizer",
                 "set tokenizer_name_or_path (e.g. asset:gemma-tokenizer for Gemma 1/2, asset:gemma3-tokenizer)")
         return
-    if reference.startswith(ASSET_SCHEME):
-        try:
-            local = resolve_asset(reference)
-        except KeyError as err:
-            c.error(key, str(err.args[0]), "use a known asset")
-            return
-        except AssetUnavailable as err:
-            c.environment(key, f"cannot fetch {reference}: {err}", "fetch it with `python -m gemma_hf.assets`")
-            return
-    elif Path(reference).expanduser().exists():
-        local = Path(reference).expanduser().resolve()
-    elif key == "model_name_or_path" and recipe.model_path is None:
+    if key == "model_name_or_path" and recipe.model_path is None:
         return  # the model problem is reported already
-    elif reference.startswith(("/", ".", "~")) or reference.count("/") != 1:
-        c.error(key, f"tokenizer directory {reference!r} does not exist", "point it at a tokenizer directory")
+    try:
+        ref = resolve(text, "tokenizer directory")
+    except BadReference as err:
+        (c.environment if err.environment else c.error)(key, err.message, err.fix)
         return
-    else:
-        recipe.tokenizer_path = reference
-        if _hub_cached_file(reference, "tokenizer_config.json") is None and hub_offline():
-            c.environment(key, f"the tokenizer of {reference} is not downloaded, and the Hub is offline here",
+    recipe.tokenizer_path = ref.location
+    if not ref.is_local:
+        if _hub_cached_file(text, "tokenizer_config.json") is None and hub_offline():
+            c.environment(key, f"the tokenizer of {text} is not downloaded, and the Hub is offline here",
                           "download it and point tokenizer_name_or_path at the directory")
         return
-    recipe.tokenizer_path = str(local)
+    local = ref.path
     if not any((local / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         c.error(key, f"{local} holds no tokenizer (tokenizer.json / tokenizer.model)",
                 "set tokenizer_name_or_path to a tokenizer directory")
@@ -283,6 +283,7 @@ def _check_tokenizer(c: _Collector, architecture) -> None:
     except Exception as err:  # noqa: BLE001 - any load failure is a recipe problem here
         c.error(key, f"cannot load the tokenizer in {local}: {err}", "point it at a working tokenizer directory")
         return
+    c.tokenizer = tokenizer
     vocab = tokenizer.get_vocab()
     missing = [t for t in (BOS, EOS, START_OF_TURN, END_OF_TURN) if t not in vocab]
     if missing:
@@ -306,7 +307,7 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _check_precision_and_attention(c: _Collector, architecture) -> None:
+def _check_precision_and_attention(c: Checks, architecture) -> None:
     recipe, m, t = c.recipe, c.recipe.model, c.recipe.training
     family = architecture.family if architecture is not None else recipe.family
     if family in ("gemma2", "gemma3"):
@@ -323,12 +324,8 @@ def _check_precision_and_attention(c: _Collector, architecture) -> None:
     attn = m.attn_implementation
     if attn is not None:
         if attn not in ATTN_IMPLEMENTATIONS and not attn.startswith("kernels-community/"):
-            from difflib import get_close_matches
-
-            close = get_close_matches(attn, ATTN_IMPLEMENTATIONS, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            c.error("attn_implementation", f"unknown attention implementation {attn!r}.{hint}",
-                    f"use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+            c.error("attn_implementation", f"unknown attention implementation {attn!r}."
+                    f"{suggestion(attn, ATTN_IMPLEMENTATIONS)}", f"use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
         cap = getattr(architecture, "attn_logit_softcapping", None) if architecture is not None else None
         if attn == "sdpa" and cap is not None:
             c.error("attn_implementation", f"sdpa cannot apply this model's attention logit soft-cap "
@@ -342,30 +339,20 @@ def _check_precision_and_attention(c: _Collector, architecture) -> None:
                 c.environment("attn_implementation", f"{attn} needs the flash-attn package", "pip install flash-attn")
 
 
-def _check_sequence_options(c: _Collector, architecture) -> None:
-    t, g = c.recipe.training, c.recipe.gemma
-    if t.packing and t.max_length is None:
-        c.error("packing", "packing needs max_length (the length of a packed row)", "set max_length, e.g. 2048")
-    eval_packing = t.packing if t.eval_packing is None else t.eval_packing
-    if (t.packing or eval_packing) and t.packing_strategy != "bfd":
-        c.error("packing_strategy", f"{t.packing_strategy!r} splits examples across rows, so a row would start "
-                "without its <bos> (Gemma needs exactly one <bos> per example)",
-                "use packing_strategy: bfd (whole examples per row; longer ones are truncated)")
-    if t.padding_free and not t.packing and t.max_length is not None:
-        c.error("padding_free", "padding-free batches without packing are not truncated to max_length (TRL)",
-                "set packing: true (padding-free packing), or max_length: null")
-    if t.truncation_mode != "keep_start":
-        c.error("truncation_mode", f"{t.truncation_mode!r} cuts the start of long examples, dropping their <bos>",
-                "use truncation_mode: keep_start")
-    if g.long_examples == "drop" and t.max_length is None:
+def _check_lengths(c: Checks, architecture) -> None:
+    t, args = c.recipe.training, c.recipe.method_args
+    max_length = getattr(t, "max_length", None)
+    if getattr(args, "long_examples", None) == "drop" and max_length is None:
         c.error("long_examples", "drop needs max_length (what counts as long)", "set max_length, or long_examples: truncate")
-    if architecture is not None and t.max_length is not None and t.max_length > architecture.max_position_embeddings:
-        c.error("max_length", f"{t.max_length} is longer than the model's max_position_embeddings "
+    if architecture is not None and max_length is not None and max_length > architecture.max_position_embeddings:
+        c.error("max_length", f"{max_length} is longer than the model's max_position_embeddings "
                 f"({architecture.max_position_embeddings})", f"set max_length to at most {architecture.max_position_embeddings}")
 
 
-def _check_peft(c: _Collector) -> None:
-    m = c.recipe.model
+def _check_peft(c: Checks) -> None:
+    from .methods import get_method
+
+    m, method = c.recipe.model, get_method(c.recipe.method)
     quantized = m.load_in_4bit or m.load_in_8bit
     if quantized and not m.use_peft:
         key = "load_in_4bit" if m.load_in_4bit else "load_in_8bit"
@@ -383,8 +370,9 @@ def _check_peft(c: _Collector) -> None:
         if "lm_head" in target_list:
             c.error("lora_target_modules", "a LoRA adapter on lm_head is never trained (TRL computes log-probs from "
                     "lm_head.weight directly)", "remove lm_head (its weight is tied to the embeddings anyway)")
-        if m.lora_task_type != "CAUSAL_LM":
-            c.error("lora_task_type", f"{m.lora_task_type!r} is not the task of an SFT recipe", "use CAUSAL_LM")
+        if m.lora_task_type != method.lora_task_type:
+            c.error("lora_task_type", f"{m.lora_task_type!r} is not the task of a {method.name} recipe "
+                    f"({method.head} head)", f"use {method.lora_task_type} (or remove the key)")
     if quantized:
         if not cuda_available():
             c.environment("load_in_4bit" if m.load_in_4bit else "load_in_8bit",
@@ -395,7 +383,7 @@ def _check_peft(c: _Collector) -> None:
                           "QLoRA needs the bitsandbytes package", "pip install bitsandbytes")
 
 
-def _check_eval(c: _Collector) -> None:
+def _check_eval(c: Checks) -> None:
     t, d = c.recipe.training, c.recipe.data
     strategy = getattr(t.eval_strategy, "value", t.eval_strategy)
     if d.test_split_size is not None:
@@ -409,68 +397,67 @@ def _check_eval(c: _Collector) -> None:
                 "set test_split_size (e.g. 0.05), or eval_strategy: 'no'")
 
 
-def _check_datasets(c: _Collector) -> None:
-    recipe = c.recipe
+def _check_datasets(c: Checks) -> None:
+    """Every record of every local dataset, in the method's data format (see data.py)."""
     from gemma_hf.chat import FAMILIES
 
+    from .data import read_dataset
+    from .formats import CONTROL_TOKENS
+    from .methods import get_method
+
+    recipe = c.recipe
+    method = get_method(recipe.method)
     family = recipe.family if recipe.family in FAMILIES else "gemma2"
     if not recipe.data.datasets:
         c.error("datasets", "missing: the recipe has no data", "add `datasets:\\n  - path: data.jsonl`")
         return
-    from .tokenization import check_no_control_tokens
-
+    forbidden = tuple(dict.fromkeys((*CONTROL_TOKENS, *getattr(c.tokenizer, "all_special_tokens", ()))))
+    parts = {}
     for index, spec in enumerate(recipe.data.datasets):
         key = f"datasets[{index}]"
         if not 0 < spec.fraction <= 1:
             c.error(f"{key}.fraction", f"{spec.fraction} is not in (0, 1]", "use a share such as 0.5 (1 = all records)")
-        try:
-            source = resolve_source(spec, f"{key}.path")
-            if source.kind == "hub":
-                if hub_offline():
-                    c.environment(f"{key}.path", f"{spec.path!r} is neither a local file nor available: it would be a "
-                                  "Hub dataset, and the Hub is offline here", "download it and point path at the files")
-                else:
-                    c.note(f"{key}: Hub dataset {spec.path} is read when the run starts (columns not checked now)")
+        if not (spec.path.startswith("asset:") or Path(spec.path).expanduser().exists()) and _is_hub_dataset(spec.path):
+            if hub_offline():
+                c.environment(f"{key}.path", f"{spec.path!r} is neither a local file nor available: it would be a "
+                              "Hub dataset, and the Hub is offline here", "download it and point path at the files")
                 continue
-            peeked = peek(spec, source, key)
-        except DataError as err:
-            (c.environment if err.environment else c.error)(err.key, err.message, err.fix)
+            c.note(f"{key}: Hub dataset {spec.path} is read (and each record checked) when the run starts")
             continue
-        columns, records = peeked
-        if spec.columns:
-            absent = [name for name in spec.columns if name not in columns]
-            if absent:
-                c.error(f"{key}.columns", f"renames columns {absent} that {spec.path} does not have (it has {columns})",
-                        "rename existing columns only")
-                continue
-            columns = [spec.columns.get(name, name) for name in columns]
-            records = [rename_columns(r, spec.columns) for r in records]
-        fmt = detect_format(columns, spec.format)
-        if fmt is None:
-            c.error(f"{key}.path", f"{spec.path}: its columns {columns} fit no known format (messages; conversations; "
-                    "prompt + completion; instruction + output)",
-                    f"rename columns with `columns:` (e.g. {{{columns[0] if columns else 'question'}: prompt}}), or fix the data")
-            continue
-        absent = missing_columns(columns, fmt)
-        if absent:
-            c.error(f"{key}.format", f"format {fmt} needs the columns {absent}, which {spec.path} lacks (it has {columns})",
-                    "rename columns with `columns:`, or choose the right format")
-            continue
-        if not records:
-            c.error(f"{key}.path", f"{spec.path} holds no records", "point it at a file with data")
-            continue
-        for row, record in enumerate(records):
-            try:
-                messages = to_messages(record, fmt)
-                check_conversation(messages, family)
-                check_no_control_tokens(messages)
-            except (ValueError, TypeError, KeyError) as err:
-                c.error(f"{key}.path", f"{spec.path}: record {row} is not a valid {fmt} conversation: {err}",
-                        "fix the data (or the `format` / `columns` keys)")
-                break
+        part = read_dataset(spec, index, method.data_format, family, forbidden)
+        for problem in part.problems:
+            (c.environment if problem.environment else c.error)(problem.key, problem.message, problem.fix)
+        parts[index] = part
+    recipe.data_parts = parts
+    if len(parts) == len(recipe.data.datasets):
+        _check_split_sizes(c, list(parts.values()))
 
 
-def _check_misc(c: _Collector) -> None:
+def _is_hub_dataset(path: str) -> bool:
+    from gemma_hf.references import is_hub_id
+
+    return is_hub_id(path)
+
+
+def _check_split_sizes(c: Checks, parts) -> None:
+    """The held-out split and the training split both hold records (datasets' train_test_split would
+    fail mid-run otherwise)."""
+    if any(p.problems for p in parts) or not parts:
+        return
+    total = sum(max(1, round(p.spec.fraction * p.num_examples)) if p.spec.fraction < 1 else p.num_examples
+                for p in parts)
+    size = c.recipe.data.test_split_size
+    if size is None:
+        return
+    held_out = math.ceil(size * total) if isinstance(size, float) else size
+    if held_out >= total:
+        c.error("test_split_size", f"holds out {held_out} of the mixture's {total} records, leaving none to train on",
+                "hold out fewer records")
+    elif held_out < 1:
+        c.error("test_split_size", f"{size} of {total} records is an empty held-out split", "hold out more records")
+
+
+def _check_misc(c: Checks) -> None:
     t = c.recipe.training
     if isinstance(t.deepspeed, str) and not t.deepspeed.lstrip().startswith("{") and not Path(t.deepspeed).exists():
         c.error("deepspeed", f"DeepSpeed config file {t.deepspeed!r} does not exist",
@@ -483,3 +470,6 @@ def _check_misc(c: _Collector) -> None:
             c.environment("report_to", f"{integration} is not installed", f"pip install {package}, or report_to: none")
     if t.push_to_hub and hub_offline():
         c.environment("push_to_hub", "the Hub is offline here", "set push_to_hub: false, or run online")
+
+
+__all__ = ["Checks", "check_recipe", "ATTN_IMPLEMENTATIONS", "cuda_available"]

@@ -1,0 +1,614 @@
+"""Model cards rendered from a run directory (read through gemma_hf.recipes.rundir.RunDir, the
+same object that writes it).
+
+:func:`render_card` / :func:`write_card` build the card from ``model_cards/gemma_hf_card.md`` (a
+Jinja2 template rendered through ``huggingface_hub.ModelCard.from_template``); every value comes
+from the run directory: recipe.yaml, run.json, metrics.jsonl, eval.json, config.json, plots/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import yaml
+
+from gemma_hf.model.configuration import GEMMA_FAMILIES
+from gemma_hf.recipes.rundir import RunDir, RunDirError
+
+from .checks import PIPELINE_TAGS, CardError, validate_card
+
+CARD_TEMPLATE_NAME = "gemma_hf_card.md"
+
+
+def card_template() -> Path:
+    """The card template: model_cards/ of a source checkout (editable install), else the copy a
+    regular install puts under <prefix>/share/gemma_hf/model_cards (setup.cfg data_files)."""
+    import sys
+
+    for root in (Path(__file__).resolve().parents[2], Path(sys.prefix) / "share" / "gemma_hf"):
+        candidate = root / "model_cards" / CARD_TEMPLATE_NAME
+        if candidate.is_file():
+            return candidate
+    return Path(__file__).resolve().parents[2] / "model_cards" / CARD_TEMPLATE_NAME
+
+
+CARD_TEMPLATE = card_template()
+_METHOD_NAMES = {
+    "sft": "supervised fine-tuning (SFT)",
+    "distill": "knowledge distillation",
+    "distillation": "knowledge distillation",
+    "gkd": "on-policy distillation (GKD)",
+    "reward": "reward modelling (Bradley-Terry)",
+    "rlhf": "reinforcement learning from human feedback",
+    "rloo": "RLHF with RLOO",
+    "grpo": "RLHF with GRPO",
+    "dpo": "direct preference optimisation (DPO)",
+    "warp": "WARP (weight-averaged rewarded policies)",
+    "pipeline": "a multi-stage pipeline",
+}
+
+# Recipe keys shown in the hyperparameter table (matched on the last component of a nested key);
+# the full recipe is always on the card as well.
+HYPERPARAMETER_KEYS = (
+    "learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "num_train_epochs", "max_steps",
+    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim", "seed",
+    "bf16", "fp16", "gradient_checkpointing", "max_length", "max_seq_length", "max_prompt_length",
+    "max_completion_length", "packing", "completion_only_loss", "assistant_only_loss", "beta", "loss_type",
+    "temperature", "alpha", "lmbda", "num_generations", "center_rewards_coefficient", "use_peft", "lora_r",
+    "lora_alpha", "lora_dropout", "lora_target_modules", "ema_decay", "ema_update_rate", "slerp_t", "liti_eta",
+)
+
+_RUN_REQUIRED = ("method", "base_model", "family", "datasets")
+_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow", ".tsv")
+
+# ---------------------------------------------------------------------------------------------
+# Reading a run directory
+
+
+@dataclass
+class Run:
+    path: Path
+    recipe_text: str
+    recipe: dict
+    run: dict
+    config: dict
+    metrics: list[dict]
+    evaluation: dict | None
+    plots: list[str]
+    weight_files: list[str]
+
+    @property
+    def head(self) -> str:
+        archs = self.config.get("architectures") or []
+        return "sequence-classification" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal-lm"
+
+
+def _weight_files(run_dir: Path) -> list[str]:
+    try:
+        names = RunDir(run_dir).weight_files()
+    except RunDirError as err:
+        raise CardError(str(err)) from None
+    missing = [n for n in names if not (run_dir / n).is_file()]
+    if missing:
+        raise CardError(f"{run_dir}: the shard index lists missing files {missing}.")
+    if not any(n.startswith("model.safetensors") for n in names):
+        pickles = sorted(p.name for p in run_dir.glob("*.bin"))
+        raise CardError(
+            f"{run_dir} has no model.safetensors (or sharded index)"
+            + (f"; it has pickle weights {pickles}, which gemma_hf never publishes" if pickles else "")
+            + "."
+        )
+    return names
+
+
+def _refuse_adapter_only(run_dir: Path) -> None:
+    if (run_dir / "adapter_config.json").is_file() and not (run_dir / "config.json").is_file():
+        raise CardError(
+            f"{run_dir} holds a LoRA adapter only (adapter_config.json, no config.json). Cards and pushes of "
+            "adapter-only runs are not supported: merge the adapter into the base model (merge_lora: true) "
+            "and push the merged run."
+        )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_run(run_dir: str | os.PathLike) -> Run:
+    """Read and check everything the card needs from a run directory (CardError names what is wrong)."""
+    rundir = RunDir(run_dir)
+    path = rundir.path
+    if not path.is_dir():
+        raise CardError(f"{path} is not a directory.")
+    if not rundir.recipe.is_file():
+        raise CardError(f"{rundir.recipe} is missing (the resolved recipe).")
+    recipe_text = rundir.recipe.read_text(encoding="utf-8")
+    try:
+        recipe = yaml.safe_load(recipe_text)
+    except yaml.YAMLError as err:
+        raise CardError(f"{rundir.recipe} is not valid YAML: {err}") from None
+    if not isinstance(recipe, dict):
+        raise CardError(f"{rundir.recipe} must hold a mapping of recipe keys, got {type(recipe).__name__}.")
+    try:
+        run = rundir.read_run()
+        missing = [k for k in _RUN_REQUIRED if k not in run]
+        if missing:
+            raise CardError(f"{rundir.run_json} lacks {missing}.")
+        if not isinstance(run["datasets"], list):
+            raise CardError(f"{rundir.run_json}: 'datasets' must be a list.")
+        _refuse_adapter_only(path)
+        config = rundir.read_json(path / "config.json", "the model config")
+        weights = _weight_files(path)
+        evaluation = rundir.read_eval()
+        metrics = rundir.read_metrics()
+    except RunDirError as err:
+        raise CardError(str(err)) from None
+    return Run(path, recipe_text, recipe, run, config, metrics, evaluation, rundir.plot_files(), weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture: match a preset (the reports' Table 1 rows) by config fields
+
+_MATCH_FIELDS = (
+    "family", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "layer_types", "sliding_window", "attn_logit_softcapping",
+    "final_logit_softcapping", "use_post_norms", "use_qk_norm", "rope_theta", "local_rope_theta",
+    "rope_linear_factor", "attention_scale", "tie_word_embeddings",
+)
+
+
+def _gemma_config(config: dict):
+    from gemma_hf.model import GemmaHFConfig
+
+    config = {k: v for k, v in config.items() if k not in ("auto_map", "transformers_version")}
+    try:
+        return GemmaHFConfig.from_dict(config)
+    except Exception as err:
+        raise CardError(f"config.json is not a Gemma config gemma_hf can read: {err}") from err
+
+
+def match_preset(config):
+    """(preset, "hf" | "report") whose architecture equals `config` field for field, or None.
+
+    The vocabulary may be either the Hugging Face one or the reports' padded one."""
+    from gemma_hf.presets import PRESETS
+
+    for preset in PRESETS.values():
+        for vocab in ("hf", "report"):
+            if vocab == "report" and preset.report_vocab_size is None:
+                continue
+            candidate = preset.build_config(vocab=vocab)
+            if candidate.vocab_size != config.vocab_size:
+                continue
+            if all(getattr(candidate, f) == getattr(config, f) for f in _MATCH_FIELDS):
+                return preset, vocab
+    return None
+
+
+def _count_parameters(run: Run) -> tuple[int, int, str]:
+    """(total, embedding, dtype) from the safetensors headers (tied copies are stored once)."""
+    from safetensors import safe_open
+
+    total = embedding = 0
+    dtypes = set()
+    for name in run.weight_files:
+        if not name.endswith(".safetensors"):
+            continue
+        with safe_open(str(run.path / name), framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_slice(key)
+                count = math.prod(tensor.get_shape())
+                total += count
+                dtypes.add(tensor.get_dtype())
+                if key.endswith("embed_tokens.weight"):
+                    embedding += count
+    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+    return total, embedding, ", ".join(sorted(names.get(d, d) for d in dtypes))
+
+
+# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# Formatting helpers
+
+
+def _cell(value) -> str:
+    """A value as one Markdown table cell (pipes escaped, newlines flattened)."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        text = f"{value:.6g}"
+    elif isinstance(value, int):
+        text = f"{value:,}" if abs(value) >= 10_000 else str(value)
+    elif isinstance(value, (list, tuple)):
+        text = ", ".join(str(v) for v in value)
+    else:
+        text = str(value)
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) if not isinstance(v, _Raw) else v for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+class _Raw(str):
+    """A cell that is already Markdown (a link): inserted as is."""
+
+
+def _fenced(text: str, language: str) -> str:
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{language}\n{text.rstrip()}\n{fence}"
+
+
+def _looks_like_hub_id(name, *, dataset: bool = False) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(name, str) or name.count("/") != 1 or Path(name).expanduser().exists():
+        return False
+    if dataset and name.lower().endswith(_DATA_SUFFIXES):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _link(name: str, *, dataset: bool = False) -> str:
+    if _looks_like_hub_id(name, dataset=dataset):
+        prefix = "datasets/" if dataset else ""
+        return _Raw(f"[{_cell(name)}](https://huggingface.co/{prefix}{name})")
+    return _Raw(f"`{_cell(name)}`")
+
+
+def _duration(seconds) -> str:
+    if not _is_number(seconds):
+        return "–"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Card sections
+
+
+def _architecture_section(run: Run, config) -> tuple[str, str, int, str]:
+    total, embedding, dtype = _count_parameters(run)
+    n_global = sum(t == "full_attention" for t in config.layer_types)
+    n_local = len(config.layer_types) - n_global
+    if n_local == 0:
+        attention = "global"
+    else:
+        attention = f"local (window {config.sliding_window}) and global, {n_local}:{n_global} layers"
+    kv = config.num_key_value_heads
+    head_type = "MQA" if kv == 1 else ("MHA" if kv == config.num_attention_heads else "GQA")
+    query_scale = config.query_pre_attn_scalar if config.query_pre_attn_scalar is not None else config.head_dim
+    caps = f"{_cell(config.attn_logit_softcapping)} / {_cell(config.final_logit_softcapping)}"
+    matched = match_preset(config)
+    label = f"`{matched[0].name}`" if matched else "custom (no preset matches)"
+    rows = [
+        ["Preset", _Raw(label)],
+        ["d_model", config.hidden_size],
+        ["Layers", config.num_hidden_layers],
+        ["Feedforward dim (GeGLU, both branches)", 2 * config.intermediate_size],
+        ["Head type", head_type],
+        ["Num heads / KV heads", f"{config.num_attention_heads} / {kv}"],
+        ["Head size", config.head_dim],
+        ["Query scale", f"1/sqrt({_cell(query_scale)})"],
+        ["Attention", attention],
+        ["Soft-caps (attention / final)", caps],
+        ["Norms", "pre + post RMSNorm" if config.use_post_norms else "pre RMSNorm"],
+        ["QK-norm", bool(config.use_qk_norm)],
+        ["RoPE base (global / local)", f"{_cell(config.rope_theta)} / {_cell(config.local_rope_theta)}"
+         + (f", linear x{config.rope_linear_factor:g} on global layers" if config.rope_linear_factor else "")],
+        ["Vocab size", config.vocab_size],
+        ["Tied embedding", bool(config.tie_word_embeddings)],
+    ]
+    table = _table(["", "this checkpoint"], rows)
+    parts = [
+        f"This checkpoint stores {total:,} parameters ({embedding:,} in the embedding, "
+        f"{total - embedding:,} elsewhere) in {dtype or 'unknown dtype'}."
+    ]
+    if matched:
+        preset, vocab = matched
+        parts.append(f"Its architecture is the `{preset.name}` row of {preset.source}.")
+        if preset.embedding_params is not None and preset.non_embedding_params is not None:
+            parts.append(
+                f"The report counts {preset.embedding_params:,} embedding and {preset.non_embedding_params:,} "
+                f"non-embedding parameters"
+                + (
+                    f" with its padded {preset.report_vocab_size:,}-row vocabulary; Hugging Face checkpoints "
+                    f"use {preset.hf_vocab_size:,} rows."
+                    if preset.report_vocab_size
+                    else "."
+                )
+            )
+        elif preset.total_params is not None:
+            parts.append(f"The source states {preset.total_params:,} parameters.")
+    else:
+        parts.append("No gemma_hf preset has exactly this shape (e.g. a reduced test model).")
+    return table, " ".join(parts), total, dtype or "unknown dtype"
+
+
+def _datasets_table(datasets: list) -> str:
+    if not datasets:
+        return "No datasets were recorded in run.json."
+    rows = []
+    for d in datasets:
+        d = d if isinstance(d, dict) else {"path": d}
+        rows.append([_link(str(d.get("path", "?")), dataset=True), d.get("split"), d.get("fraction"), d.get("num_examples")])
+    return _table(["dataset", "split", "fraction", "examples"], rows)
+
+
+def _hyperparameters_table(recipe: dict) -> str:
+    flat = _flatten(recipe)
+    rows = []
+    for key, value in flat.items():
+        if key.rsplit(".", 1)[-1] in HYPERPARAMETER_KEYS and (
+            value is None or isinstance(value, (int, float, str, bool)) or (isinstance(value, list) and all(not isinstance(v, (dict, list)) for v in value))
+        ):
+            rows.append([_Raw(f"`{_cell(key)}`"), value])
+    if not rows:
+        return "The recipe sets no common training hyperparameters explicitly; see the resolved recipe below."
+    return _table(["hyperparameter", "value"], rows)
+
+
+def _run_table(run: dict) -> str:
+    rows = [[
+        run.get("started"), run.get("finished"), _duration(run.get("wall_time_s")),
+        run.get("gemma_hf_version"), run.get("transformers_version"), run.get("trl_version"),
+    ]]
+    return _table(["started", "finished", "wall time", "gemma_hf", "transformers", "TRL"], rows)
+
+
+# Logged numbers that describe the run's speed or position, not the model: left off the table.
+_BOOKKEEPING = ("step", "epoch", "time", "total_flos", "train_runtime")
+_BOOKKEEPING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
+
+
+def _is_bookkeeping(key: str) -> bool:
+    return key in _BOOKKEEPING or key.endswith(_BOOKKEEPING_SUFFIXES)
+
+
+def _metrics_section(metrics: list[dict]) -> str:
+    if not metrics:
+        return "No training metrics were recorded (metrics.jsonl is missing or empty)."
+    keys: list[str] = []
+    for row in metrics:
+        for k, v in row.items():
+            if _is_number(v) and k not in keys and not _is_bookkeeping(k):
+                keys.append(k)
+    rows = []
+    for k in keys:
+        series = [(r["step"], r[k]) for r in metrics if _is_number(r.get(k)) and math.isfinite(r[k])]
+        if not series:
+            rows.append([_Raw(f"`{k}`"), None, None, None, None, 0])
+            continue
+        best_step, best = min(series, key=lambda s: s[1])
+        rows.append([_Raw(f"`{_cell(k)}`"), series[0][1], series[-1][1], best, best_step, len(series)])
+    last = metrics[-1]
+    summary = (
+        f"{len(metrics)} logging events; the last at step {_cell(last.get('step'))}"
+        + (f", epoch {_cell(last.get('epoch'))}" if last.get("epoch") is not None else "")
+        + " (`metrics.jsonl`)."
+    )
+    return summary + "\n\n" + _table(["metric", "first", "last", "min", "min at step", "events"], rows)
+
+
+def _plots_section(plots: list[str]) -> str:
+    if not plots:
+        return "No plots were saved with this run."
+    return "\n\n".join(f"![{Path(p).stem}]({quote(p)})" for p in plots)
+
+
+def _is_sample(item) -> bool:
+    return isinstance(item, dict) and isinstance(item.get("prompt"), str)
+
+
+def _sample_text(value) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("text")
+    return value if isinstance(value, str) else None
+
+
+def _evaluation_section(evaluation: dict | None) -> str:
+    """Numbers (and nulls) as a table; generated samples ({prompt, before/after/completion}) as
+    fenced text, so model output cannot inject Markdown; anything else as JSON."""
+    if not evaluation:
+        return (
+            "No evaluation results were recorded for this run (no `eval.json`); the only held-out "
+            "measurement, if any, is `eval_loss` under Metrics."
+        )
+    numbers = {k: v for k, v in evaluation.items() if v is None or _is_number(v)}
+    samples = {k: v for k, v in evaluation.items() if isinstance(v, list) and v and all(_is_sample(i) for i in v)}
+    other = {k: v for k, v in evaluation.items() if k not in numbers and k not in samples}
+    parts = ["From `eval.json` (held-out results of the model before and after training):"]
+    paired = {}
+    for key in numbers:
+        for when in ("before", "after"):
+            if key.endswith(f"_{when}"):
+                paired.setdefault(key[: -len(when) - 1], {})[when] = key
+    if paired:
+        parts.append(_table(["result", "before", "after"], [
+            [_Raw(f"`{_cell(name)}`"), numbers.get(keys.get("before")), numbers.get(keys.get("after"))]
+            for name, keys in paired.items()]))
+    single = {k: v for k, v in numbers.items() if not any(k in keys.values() for keys in paired.values())}
+    if single:
+        parts.append(_table(["result", "value"], [[_Raw(f"`{_cell(k)}`"), v] for k, v in single.items()]))
+    for key, items in samples.items():
+        parts.append(f"Generations recorded under `{_cell(key)}`:")
+        for item in items:
+            lines = [f"**Prompt:**\n\n{_fenced(item['prompt'], 'text')}"]
+            for label, value in item.items():
+                text = _sample_text(value)
+                if label != "prompt" and text is not None:
+                    lines.append(f"**{_cell(label)}:**\n\n{_fenced(text, 'text')}")
+            parts.append("\n\n".join(lines))
+    if other:
+        parts.append("Other recorded results:\n\n" + _fenced(json.dumps(other, indent=2, ensure_ascii=False), "json"))
+    return "\n\n".join(parts)
+
+
+def _family_name(family: str) -> str:
+    return GEMMA_FAMILIES[family].display_name if family in GEMMA_FAMILIES else str(family)
+
+
+def _usage_block(head: str, repo_id: str) -> str:
+    """How to use the checkpoint: chat with a causal LM, score a chat with a reward model."""
+    repo = json.dumps(repo_id)
+    if head == "sequence-classification":
+        code = f"""from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained({repo}, trust_remote_code=True)
+model = AutoModelForSequenceClassification.from_pretrained({repo}, trust_remote_code=True)
+chat = [{{"role": "user", "content": "Name a primary colour."}},
+        {{"role": "assistant", "content": "Red is a primary colour."}}]
+inputs = tokenizer.apply_chat_template(chat, return_tensors="pt", return_dict=True)
+reward = model(**inputs).logits[0, 0].item()  # higher: more preferred"""
+    else:
+        code = f"""from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained({repo}, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained({repo}, trust_remote_code=True)
+chat = [{{"role": "user", "content": "Name three primary colours."}}]
+inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+output = model.generate(**inputs, max_new_tokens=64)  # stops at <end_of_turn> (generation_config.json)
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))"""
+    return _fenced(code, "python")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def card_data(run: Run):
+    """The card's Hub metadata (YAML front matter) as a huggingface_hub ModelCardData."""
+    from huggingface_hub import ModelCardData
+
+    base = run.run.get("base_model")
+    base_id = base if _looks_like_hub_id(base) else None
+    datasets = [d.get("path") if isinstance(d, dict) else d for d in run.run["datasets"]]
+    hub_datasets = [d for d in dict.fromkeys(datasets) if _looks_like_hub_id(d, dataset=True)]
+    family = run.run.get("family") or run.config.get("family")
+    tags = ["gemma_hf", "gemma"] + ([family] if family and family != "gemma" else [])
+    tags += [str(run.run["method"]), "trl"]
+    kwargs = dict(
+        license="gemma",
+        library_name="transformers",
+        pipeline_tag=PIPELINE_TAGS[run.head],
+        tags=list(dict.fromkeys(tags)),
+    )
+    if base_id:
+        kwargs.update(base_model=base_id, base_model_relation="finetune")
+    if hub_datasets:
+        kwargs["datasets"] = hub_datasets
+    return ModelCardData(**kwargs)
+
+
+def render_card(
+    run_dir: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    template: str | os.PathLike | None = None,
+) -> str:
+    """The model card (README.md text) for a run directory; validated before it is returned."""
+    from huggingface_hub import ModelCard
+
+    from gemma_hf import __version__
+
+    run = read_run(run_dir)
+    template = Path(template) if template is not None else CARD_TEMPLATE
+    if not template.is_file():
+        raise CardError(
+            f"card template {template} not found (it ships in the repository's model_cards/ directory); "
+            "pass template= / --template with its path."
+        )
+    config = _gemma_config(run.config)
+    arch_table, arch_note, total, dtype = _architecture_section(run, config)
+    family = run.run.get("family") or config.family
+    method = str(run.run["method"])
+    base = str(run.run["base_model"])
+    title = (repo_id.split("/")[-1] if repo_id else run.path.resolve().name)
+    method_name = _METHOD_NAMES.get(method, method)
+    summary = (
+        f"**{_cell(title)}** is `{_cell(base)}` ({_family_name(family)}) after {method_name}, "
+        f"trained with gemma_hf {_cell(run.run.get('gemma_hf_version') or '?')} on "
+        f"{len(run.run['datasets'])} dataset(s). The facts and numbers below were read from the run directory."
+    )
+    card = ModelCard.from_template(
+        card_data(run),
+        template_path=str(template),
+        title=_cell(title),
+        summary=summary,
+        base_model_md=_link(base),
+        method_md=f"`{_cell(method)}`: {_cell(method_name)}",
+        family_md=_cell(_family_name(family)),
+        architecture=_cell((run.config.get("architectures") or ["GemmaHFForCausalLM"])[0]),
+        num_parameters=f"{total:,}",
+        dtype=dtype,
+        architecture_table=arch_table,
+        architecture_note=arch_note,
+        usage_block=_usage_block(run.head, repo_id or "path/to/this/model"),
+        repo_id=repo_id or "path/to/this/model",
+        stock_model_type=GEMMA_FAMILIES[config.family].stock_model_type,
+        datasets_table=_datasets_table(run.run["datasets"]),
+        hyperparameters_table=_hyperparameters_table(run.recipe),
+        run_table=_run_table(run.run),
+        recipe_block=_fenced(run.recipe_text, "yaml"),
+        metrics_table=_metrics_section(run.metrics),
+        plots_md=_plots_section(run.plots),
+        evaluation_md=_evaluation_section(run.evaluation),
+        gemma_hf_version=__version__,
+    )
+    text = str(card)
+    if not text.endswith("\n"):
+        text += "\n"
+    validate_card(text)
+    return text
+
+
+def write_card(
+    run_dir: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    template: str | os.PathLike | None = None,
+) -> Path:
+    """Render the card and write RUN_DIR/README.md atomically (temporary file, then rename)."""
+    text = render_card(run_dir, repo_id=repo_id, template=template)
+    final = Path(run_dir) / "README.md"
+    fd, tmp = tempfile.mkstemp(prefix=".README.md.tmp-", dir=final.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return final
+
+

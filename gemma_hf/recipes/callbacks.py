@@ -1,0 +1,94 @@
+"""Trainer callbacks every method's trainer gets from the engine.
+
+- :class:`MetricsCallback` appends every logging event to the run's metrics.jsonl (main process).
+  A fresh start empties the file; a resumed run first drops what the killed run logged after its
+  checkpoint's step (and the end-of-training summary, logged again at the end), so the file reads
+  as one run.
+- :class:`FiniteGuard` stops the run before the optimizer applies a non-finite gradient (a NaN or
+  inf loss makes every gradient NaN), naming the step; the last checkpoint it allowed is the
+  last good one, so the run stays resumable and is never published.
+- :class:`SaveAtEnd` makes the Trainer checkpoint the final step whatever save_steps says, so a run
+  killed after training (while publishing) resumes without retraining anything.
+
+Library behaviours relied on (transformers 5): ``on_pre_optimizer_step`` runs after gradient
+clipping and before ``optimizer.step()``; an exception raised in a callback propagates out of
+``Trainer.train``; the Trainer's own ``logging_nan_inf_filter`` would hide a NaN loss in the logs,
+which is why the guard looks at the gradients themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from gemma_hf.errors import GemmaHFError
+
+from .rundir import read_metrics, write_metrics
+
+SUMMARY_KEYS = ("train_runtime", "train_loss")
+
+
+class TrainingDiverged(GemmaHFError):
+    """A non-finite loss or gradient: the run stops, unfinished and resumable."""
+
+
+class MetricsCallback(TrainerCallback):
+    def __init__(self, path: Path, fresh: bool):
+        self.path = Path(path)
+        self.fresh = fresh
+        self.start = time.time()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        if self.fresh:
+            write_metrics(self.path, [])
+        elif self.path.exists():
+            kept = [r for r in read_metrics(self.path)
+                    if r.get("step", 0) <= state.global_step and not any(k in r for k in SUMMARY_KEYS)]
+            write_metrics(self.path, kept)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, **logs, "time": round(time.time() - self.start, 3)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+class FiniteGuard(TrainerCallback):
+    def __init__(self, latest_checkpoint=None):
+        self.latest_checkpoint = latest_checkpoint  # a callable returning the newest complete checkpoint
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norms = torch._foreach_norm(grads)
+        total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms])).item()
+        if math.isfinite(total):
+            return
+        checkpoint = self.latest_checkpoint() if self.latest_checkpoint else None
+        where = (f"it stays unfinished and resumable from {checkpoint.name} (the last checkpoint, all finite)"
+                 if checkpoint else "no checkpoint was written before it, so it restarts from the beginning")
+        raise TrainingDiverged(
+            f"training diverged at step {state.global_step + 1}: the gradient norm is {total} (a non-finite loss or "
+            f"gradient). The optimizer step was not applied and the run was not published; {where}. Lower "
+            "learning_rate, set max_grad_norm, check the data, or use float32; then rerun with --resume.")
+
+
+class SaveAtEnd(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_save = True
+        return control
+
+
+__all__ = ["MetricsCallback", "FiniteGuard", "SaveAtEnd", "TrainingDiverged"]
