@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Pytest's worker count; the suite is sized for 2 cores.
 PYTEST_ARGS ?=
 
-.PHONY: install test demo assets bench clean
+.PHONY: install test test-faults demo assets bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ assets: install
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The long fault-injection cases (every kill point, 20 random kill instants, long fuzzing); CI runs them.
+test-faults: install
+	$(BIN)/python -m pytest -q -m faults $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/python -m gemma_hf.demo

@@ -142,6 +142,18 @@ def head_class(config: dict) -> type:
     return GemmaHFForCausalLM
 
 
+def _load(model_class: type, src: Path, **kwargs):
+    """from_pretrained, with a config.json that has wrong types or fields refused as a ConversionError."""
+    try:
+        return model_class.from_pretrained(src, **kwargs)
+    except ConversionError:
+        raise
+    except (ValueError, TypeError, KeyError) as err:
+        if type(err).__name__ in ("CheckpointMismatchError", "UnsafeCheckpointError"):
+            raise
+        raise ConversionError(f"cannot load {src}: {err}") from None
+
+
 def check_paths(src: Path, dst: Path) -> None:
     """Refuse a destination that would destroy the source or a run: the same directory, one inside
     the other (overwriting a parent deletes its child), or a gemma-hf run directory."""
@@ -194,7 +206,7 @@ def export_to_transformers(
         raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it.")
     check_complete_weights(src)
     model_class = head_class(config)
-    ours = model_class.from_pretrained(src, dtype="auto", attn_implementation="eager")
+    ours = _load(model_class, src, dtype="auto", attn_implementation="eager")
     try:
         stock = to_stock_model(ours)
     except ValueError as err:
@@ -254,7 +266,7 @@ def import_checkpoint(
                 f"{src} has model_type={config.get('model_type')!r}; expected gemma, gemma2, gemma3_text or gemma_hf."
             )
         check_complete_weights(src)
-        model = model_class.from_pretrained(src, dtype=dtype or "auto", attn_implementation="eager")
+        model = _load(model_class, src, dtype=dtype or "auto", attn_implementation="eager")
         side_files_from = src
     save_kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     with atomic_directory(dst, overwrite=overwrite) as tmp:

@@ -7,8 +7,9 @@
 - :class:`FiniteGuard` stops the run before the optimizer applies a non-finite gradient (a NaN or
   inf loss makes every gradient NaN), naming the step; the last checkpoint it allowed is the
   last good one, so the run stays resumable and is never published.
-- :class:`SaveAtEnd` makes the Trainer checkpoint the final step whatever save_steps says, so a run
-  killed after training (while publishing) resumes without retraining anything.
+- :class:`SaveAtEnd` makes the Trainer checkpoint the final step whatever save_steps says (unless
+  save_strategy is "no"), so a run killed after training (while publishing) resumes without
+  retraining anything.
 
 Library behaviours relied on (transformers 5): ``on_pre_optimizer_step`` runs after gradient
 clipping and before ``optimizer.step()``; an exception raised in a callback propagates out of
@@ -86,7 +87,8 @@ class FiniteGuard(TrainerCallback):
 
 class SaveAtEnd(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
-        if state.max_steps and state.global_step >= state.max_steps:
+        strategy = getattr(args.save_strategy, "value", args.save_strategy)
+        if strategy != "no" and state.max_steps and state.global_step >= state.max_steps:
             control.should_save = True
         return control
 

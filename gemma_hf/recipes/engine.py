@@ -31,6 +31,7 @@ Library behaviours relied on (easy to break on upgrades):
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -97,6 +98,15 @@ class Run:
         return self.state.is_main_process
 
     # -- helpers the methods share --------------------------------------------------------------
+    def map(self, dataset, function, desc: str, remove_columns: bool = True):
+        """``dataset.map(function)`` without datasets' fingerprinting of ``function``: it pickles the
+        function's closure (a 256k-entry tokenizer: ~20 s per call) to name a cache file, and our
+        datasets live in memory, so a fresh random fingerprint is both correct and instant."""
+        import uuid
+
+        return dataset.map(function, remove_columns=dataset.column_names if remove_columns else None, desc=desc,
+                           new_fingerprint=uuid.uuid4().hex)
+
     def apply_long_examples(self, dataset, split: str, lengths: list[int], truncate):
         """Handle examples longer than max_length by the method's ``long_examples`` policy: drop
         (never in the "eval" split: held-out examples are kept, truncated) or ``truncate(ds)``."""
@@ -213,7 +223,9 @@ def build_model(recipe: Recipe, head: str):
     head_kwargs = {"num_labels": 1} if head == "sequence-classification" else {}
     dtype = None if m.dtype in (None, "auto") else getattr(torch, m.dtype)
     if recipe.model_path is None:  # random weights of a preset architecture
-        config = recipe.architecture.__class__.from_dict({**recipe.architecture.to_dict(), **head_kwargs})
+        config = copy.deepcopy(recipe.architecture)
+        if head_kwargs:
+            config.num_labels = head_kwargs["num_labels"]  # resets id2label/label2id to match
         model = cls._from_config(config, attn_implementation=m.attn_implementation or "eager")
         return (model.to(dtype) if dtype is not None else model), []
     kwargs = {"dtype": dtype if dtype is not None else "auto", **head_kwargs}
@@ -350,7 +362,7 @@ def _run_locked(recipe: Recipe, rundir: RunDir, state, resume: bool) -> RunResul
         before = _before(run, model, eval_set)
         trainer = method.make_trainer(run, model, train_set, eval_set)
         fault_point("train")
-        trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+        train(trainer, run.resume_from)
         check_finite_weights(trainer)
         losses = _trainer_eval_losses(run, trainer, eval_set)
         results = _publish(run, trainer, eval_set, before, losses, len(train_set))
@@ -382,6 +394,25 @@ def disk_full(path: Path, margin: int = 64 * 2**20) -> bool:
     except OSError:
         return False
     return usage.free < min(margin, usage.total // 100) or usage.free < 4 * 2**20
+
+
+def train(trainer, resume_from: Path | None) -> None:
+    """trainer.train, resuming from ``resume_from``. A checkpoint of the final step means training is
+    over: its weights and state are restored and nothing is trained. (transformers 5's Trainer,
+    resumed at global_step == max_steps, trains one step more: the killed-while-publishing run
+    would end past max_steps with other weights. We rely on ``Trainer._load_from_checkpoint`` and
+    ``TrainerState.load_from_json`` here, both long-standing.)"""
+    from transformers.trainer_callback import TrainerState
+
+    if resume_from is not None:
+        state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
+        if state.max_steps and state.global_step >= state.max_steps:
+            log.warning("%s is the final step (%d): training is complete, nothing to train", resume_from.name,
+                        state.global_step)
+            trainer._load_from_checkpoint(str(resume_from))
+            trainer.state = state
+            return
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
 
 def check_finite_weights(trainer) -> None:

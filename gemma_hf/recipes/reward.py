@@ -87,13 +87,15 @@ class Reward(Method):
             return out
 
         run.info["margin_column"] = "margin" in dataset.column_names
-        tokenized = dataset.map(encode, remove_columns=dataset.column_names,
-                                desc=f"Tokenizing {split} pairs ({family} chat format)")
+        tokenized = run.map(dataset, encode, f"Tokenizing {split} pairs ({family} chat format)")
         lengths = [max(len(c), len(r)) for c, r in zip(tokenized["chosen_ids"], tokenized["rejected_ids"])]
 
         def truncate(ds, max_length):
-            return ds.map(lambda r: {"chosen_ids": r["chosen_ids"][:max_length],
-                                     "rejected_ids": r["rejected_ids"][:max_length]}, desc=f"Truncating {split} pairs")
+            cut = run.map(ds, lambda r: {"chosen_ids": r["chosen_ids"][:max_length],
+                                         "rejected_ids": r["rejected_ids"][:max_length]}, f"Truncating {split} pairs",
+                          remove_columns=False)
+            # A pair whose answers differ only after max_length says nothing once cut: drop it.
+            return cut.filter(lambda r: r["chosen_ids"] != r["rejected_ids"], desc="Dropping pairs made equal")
 
         return run.apply_long_examples(tokenized, split, lengths, truncate)
 

@@ -90,8 +90,7 @@ class SFT(Method):
             input_ids, mask = encode_with_assistant_mask(tokenizer, record["messages"], family)
             return {"input_ids": input_ids, **({"assistant_masks": mask} if assistant_only else {})}
 
-        tokenized = dataset.map(encode, remove_columns=dataset.column_names,
-                                desc=f"Tokenizing {split} ({family} chat format)")
+        tokenized = run.map(dataset, encode, f"Tokenizing {split} ({family} chat format)")
         lengths = [len(ids) for ids in tokenized["input_ids"]]
         # Truncation of long examples is TRL's (keep_start, in SFTTrainer._prepare_dataset).
         tokenized, stats = run.apply_long_examples(tokenized, split, lengths, truncate=None)

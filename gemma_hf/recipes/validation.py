@@ -203,6 +203,7 @@ def _check_model(c: Checks):
             except (ValueError, TypeError) as err:
                 c.error("model_name_or_path", f"{local}/config.json is not a valid Gemma config: {err}", "re-export it")
                 return preset_arch
+            _check_weights(c, local)
         else:  # a Hub id
             cached = _hub_cached_file(text, "config.json")
             if cached is not None:
@@ -222,6 +223,27 @@ def _check_model(c: Checks):
                         f"{g.preset!r} has {getattr(preset_arch, name)!r}", "remove preset, or use the matching one")
                 break
     return checkpoint_arch or preset_arch
+
+
+def _check_weights(c: Checks, local: Path) -> None:
+    """The checkpoint's safetensors files are whole (their headers say how long they are)."""
+    from .rundir import RunDirError, safetensors_complete, weight_files
+
+    try:
+        files = [f for f in weight_files(local) if f.endswith(".safetensors")]
+    except RunDirError as err:
+        c.error("model_name_or_path", str(err), "re-save the checkpoint")
+        return
+    if not files:
+        pickles = sorted(p.name for p in local.glob("*.bin"))
+        c.error("model_name_or_path", f"{local} has no safetensors weights" + (
+            f" (only pickle files {pickles}, which gemma_hf does not load: unpickling can run code)" if pickles else ""),
+            "convert the checkpoint to safetensors (save_pretrained writes them)")
+        return
+    broken = [f for f in files if not (local / f).is_file() or not safetensors_complete(local / f)]
+    if broken:
+        c.error("model_name_or_path", f"{local}: {', '.join(broken)} {'is' if len(broken) == 1 else 'are'} missing, "
+                "truncated or corrupt (not a whole safetensors file)", "re-save or re-download the checkpoint")
 
 
 def _hub_cached_file(repo_id: str, filename: str) -> str | None:

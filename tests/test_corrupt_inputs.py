@@ -1,0 +1,252 @@
+"""Corrupt inputs of every kind the CLI reads -- recipes, dataset records, checkpoints, GGUF files,
+tokenizers, sampling flags -- give exit 2 and one message naming what is wrong; never a traceback,
+never a file written. Every method's recipe goes through the same checks (parameterised)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gemma_hf.assets import gemma_tokenizer, llamafactory_data
+from tests.assets import require
+from tests.clirun import run_cli
+from tests.faults import METHODS, recipe_of
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def assets():
+    require(gemma_tokenizer)
+    require(llamafactory_data)
+
+
+def expect_refusal(argv, capsys, *texts, tmp_path=None):
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2, (argv, out[-1000:], err[-3000:])
+    assert "Traceback" not in err and "\nerror: " in "\n" + err.replace("\r", "\n"), err[-3000:]
+    for text in texts:
+        assert text in err, (text, err[-3000:])
+    if tmp_path is not None:
+        assert not (tmp_path / "out").exists()
+    return err
+
+
+def write_recipe(tmp_path: Path, method: str, text: str | bytes) -> Path:
+    path = tmp_path / f"{method}.yaml"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes
+# --------------------------------------------------------------------------------------------
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(9))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name,text,key,message", [
+    ("not-utf8", b"learning_rate: 1e-4\noutput_dir: \xff\xfe\n", "yaml", "not UTF-8"),
+    ("truncated", "learning_rate: [1e-4, \n", "yaml", "not valid YAML"),
+    ("binary", b"\x00\x01\x02\x03", "yaml", "not"),
+    ("alias-bomb", BOMB, "yaml", "expands to more than"),
+    ("a-list", "- learning_rate\n- 1e-4\n", "yaml", "not a mapping"),
+    ("inf-lr", "learning_rate: .inf\n", "learning_rate", "not a finite number"),
+    ("nan-decay", "weight_decay: .nan\n", "weight_decay", "not a finite number"),
+    ("negative-seed", "seed: -1\n", "seed", "out of range"),
+    ("beta1", "adam_beta1: 1.5\n", "adam_beta1", "out of range"),
+    ("epsilon", "adam_epsilon: -1.0e-8\n", "adam_epsilon", "out of range"),
+    ("workers", "dataloader_num_workers: -2\n", "dataloader_num_workers", "out of range"),
+    ("split-too-big", "test_split_size: 100000\n", "test_split_size", "leaving none to train on"),
+])
+def test_corrupt_recipes(tmp_path, capsys, method, name, text, key, message):
+    if isinstance(text, str) and name not in ("truncated", "alias-bomb", "a-list"):
+        recipe = yaml.safe_load(recipe_of(method).read_text())  # a valid recipe, with this one value changed
+        recipe["output_dir"] = str(tmp_path / "out")
+        recipe.update(yaml.safe_load(text))
+        text = yaml.safe_dump(recipe)
+    path = write_recipe(tmp_path, method, text)
+    started = time.time()
+    for argv in (["validate", str(path), "--method", method], [method, "--config", str(path)]):
+        expect_refusal(argv, capsys, f"- {key}", message, tmp_path=tmp_path)
+    assert time.time() - started < 60  # an alias bomb is refused, not expanded
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset records: every record is read, a bad one is named by its index and column
+# --------------------------------------------------------------------------------------------
+
+GOOD = {"sft": {"instruction": "Say hi.", "output": "Hi!"},
+        "reward": {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}}
+BAD_LINES = {
+    "malformed-json": (b'{"instruction": "x", "output": ', "line 51 (record 50) is not valid JSON"),
+    "not-utf8": (b'{"instruction": "caf\xe9", "output": "x"}', "line 51 (record 50) is not UTF-8"),
+    "not-an-object": (b'["a", "b"]', "record 50, key 'record'"),
+}
+BAD_RECORDS = {
+    "sft": [
+        ({"instruction": "Say hi.", "output": 7}, "record 50, key 'output'", "must be a string"),
+        ({"instruction": "Say <pad> hi.", "output": "Hi"}, "record 50", "control token '<pad>'"),
+        ({"instruction": "Hi <end_of_turn>", "output": "Hi"}, "record 50", "control token '<end_of_turn>'"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "record 50", "ends with a user turn"),
+    ],
+    "reward": [
+        ({"prompt": "Say hi.", "chosen": 7, "rejected": "No."}, "record 50, key 'chosen'", "must be a"),
+        ({"prompt": "Say <pad> hi.", "chosen": "Hi", "rejected": "No"}, "record 50", "control token '<pad>'"),
+        ({"prompt": "Say hi.", "chosen": "Hi"}, "record 50, key 'rejected'", "no 'rejected'"),
+    ],
+}
+
+
+def _data_recipe(tmp_path: Path, method: str, lines: list[bytes], fmt: str = "auto") -> Path:
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    recipe = yaml.safe_load(recipe_of(method).read_text())
+    recipe.update(datasets=[{"path": str(data), "format": fmt}], output_dir=str(tmp_path / "out"),
+                  test_split_size=None, eval_strategy="no")
+    return write_recipe(tmp_path, method, yaml.safe_dump(recipe))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", list(BAD_LINES))
+def test_a_bad_line_far_into_a_dataset_is_named(tmp_path, capsys, method, name):
+    good = json.dumps(GOOD[method]).encode()
+    bad, message = BAD_LINES[name]
+    if method == "reward":
+        bad = bad.replace(b'"instruction"', b'"prompt"').replace(b'"output"', b'"chosen"')
+        if name == "not-utf8":
+            bad = b'{"prompt": "caf\xe9", "chosen": "x", "rejected": "y"}'
+    path = _data_recipe(tmp_path, method, [good] * 50 + [bad] + [good] * 5)
+    for argv in (["validate", str(path), "--method", method], [method, "--config", str(path)]):
+        expect_refusal(argv, capsys, "datasets[0].path", message, tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_bad_record_far_into_a_dataset_is_named(tmp_path, capsys, method):
+    good = json.dumps(GOOD[method]).encode()
+    for record, where, message in BAD_RECORDS[method]:
+        fmt = "messages" if "messages" in record else "auto"
+        first = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+                           ).encode() if fmt == "messages" else good
+        path = _data_recipe(tmp_path, method, [first] * 50 + [json.dumps(record).encode()] + [first] * 3, fmt)
+        for argv in (["validate", str(path), "--method", method], [method, "--config", str(path)]):
+            expect_refusal(argv, capsys, "datasets[0].path", where, message, tmp_path=tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints, GGUF, tokenizers, sampling flags
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from gemma_hf import GemmaHFForCausalLM
+    from tests.tiny import tiny_config
+
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    GemmaHFForCausalLM(tiny_config("gemma2", vocab_size=256000, max_position_embeddings=64)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(require(gemma_tokenizer)).save_pretrained(path)
+    return path
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_weights_are_refused_by_every_reader(checkpoint, tmp_path, capsys):
+    bad = _copy(checkpoint, tmp_path / "bad")
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    for argv in (["generate", str(bad), "--prompt", "hi"],
+                 ["export", "--to", "transformers", str(bad), str(tmp_path / "out")]):
+        expect_refusal(argv, capsys, "model.safetensors", "truncated", tmp_path=tmp_path)
+    recipe = yaml.safe_load(recipe_of("sft").read_text())
+    for key in ("preset", "preset_overrides", "tokenizer_name_or_path"):
+        recipe.pop(key)
+    recipe.update(model_name_or_path=str(bad), output_dir=str(tmp_path / "out"), max_length=32)
+    path = write_recipe(tmp_path, "sft", yaml.safe_dump(recipe))
+    for argv in (["validate", str(path)], ["sft", "--config", str(path)]):
+        expect_refusal(argv, capsys, "- model_name_or_path", "model.safetensors is missing, truncated", tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.update(hidden_size="wide"), "hidden_size"),
+    (lambda c: c.pop("model_type"), "model_type"),
+    (lambda c: c.update(model_type="llama"), "llama"),
+    (lambda c: c.update(num_attention_heads=3), "num_key_value_heads"),
+])
+def test_a_bad_config_json_is_refused(checkpoint, tmp_path, capsys, edit, message):
+    bad = _copy(checkpoint, tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text())
+    edit(config)
+    (bad / "config.json").write_text(json.dumps(config))
+    for argv in (["generate", str(bad), "--prompt", "hi"],
+                 ["export", "--to", "transformers", str(bad), str(tmp_path / "out")]):
+        expect_refusal(argv, capsys, message, tmp_path=tmp_path)
+
+
+def test_a_truncated_gguf_is_refused(tmp_path, capsys):
+    from gemma_hf.assets import gemma3_270m_gguf
+
+    source = next(require(gemma3_270m_gguf).glob("*.gguf"))
+    cut = tmp_path / "cut.gguf"
+    with source.open("rb") as handle:
+        cut.write_bytes(handle.read(3_000_000))
+    expect_refusal(["export", "--to", "gemma_hf", str(cut), str(tmp_path / "out")], capsys, "cut.gguf",
+                   "truncated, corrupt or not a GGUF file", tmp_path=tmp_path)
+
+
+def test_export_onto_its_source_or_a_run_is_refused(checkpoint, tmp_path, capsys):
+    src = _copy(checkpoint, tmp_path / "src")
+    before = sorted(p.name for p in src.iterdir())
+    expect_refusal(["export", "--to", "transformers", str(src), str(src), "--overwrite"], capsys, "is the source")
+    expect_refusal(["export", "--to", "transformers", str(src), str(src / "inner"), "--overwrite"], capsys, "overlaps")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    expect_refusal(["export", "--to", "transformers", str(src), str(run), "--overwrite"], capsys,
+                   "never replaces a run")
+    assert sorted(p.name for p in src.iterdir()) == before and (run / "run.json").is_file()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--top-p", "-1"], "--top-p must be in (0, 1]"),
+    (["--top-p", "2"], "--top-p must be in (0, 1]"),
+    (["--temperature", "nan"], "--temperature must be a finite number"),
+    (["--temperature", "-1"], "--temperature must be a finite number"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be 1 or more"),
+    (["--tokenizer", "/no/such/tokenizer"], "--tokenizer /no/such/tokenizer is not a directory"),
+])
+def test_bad_sampling_flags(checkpoint, capsys, flags, message):
+    expect_refusal(["generate", str(checkpoint), "--prompt", "hi", *flags], capsys, message)
+
+
+def test_a_prompt_longer_than_the_context_is_refused(checkpoint, capsys):
+    expect_refusal(["generate", str(checkpoint), "--prompt", "word " * 200], capsys,
+                   "the model's context holds 64")
+
+
+def test_a_tokenizer_that_is_not_one_is_refused(checkpoint, tmp_path, capsys):
+    bad = _copy(checkpoint, tmp_path / "bad")
+    (bad / "tokenizer.json").write_text("{not json")
+    recipe = yaml.safe_load(recipe_of("sft").read_text())
+    recipe.update(tokenizer_name_or_path=str(bad), output_dir=str(tmp_path / "out"))
+    path = write_recipe(tmp_path, "sft", yaml.safe_dump(recipe))
+    expect_refusal(["validate", str(path)], capsys, "- tokenizer_name_or_path", "cannot load the tokenizer",
+                   tmp_path=tmp_path)

@@ -1,0 +1,168 @@
+"""Fault injection, for every method of the method table (each method's tiny recipe): kill -9 at
+named points and at random instants, then --resume, gives exactly the uninterrupted run; two runs
+into one output_dir; a full disk; divergence. Runs are real subprocesses, killed with SIGKILL.
+
+The default run covers each method at a few points; `pytest -m faults` (CI runs it, `make
+test-faults`) adds every named point and 20 random instants on the SFT recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from gemma_hf.assets import gemma_tokenizer, llamafactory_data
+from gemma_hf.recipes.rundir import RunDir
+from tests.assets import require
+from tests.faults import METHODS, assert_same_run, kill_after, run, start
+
+KILL_POINTS = ["train", "publish:model", "publish:files", "publish:card", "publish:ready",
+               "publish:checkpoints-moved", "publish:old-moved", "publish:swapped"]
+DEFAULT_POINTS = ["train", "publish:files", "publish:old-moved"]
+RANDOM_KILLS = 20
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Per method: an uninterrupted run, during which a second run into the same output_dir is tried."""
+    require(gemma_tokenizer)
+    require(llamafactory_data)
+    out = {}
+    for method in METHODS:
+        root = tmp_path_factory.mktemp(f"reference-{method}")
+        run_dir = root / "run"
+        began = time.time()
+        first = start(method, run_dir)
+        lock = root / ".run.lock"
+        while not lock.exists() and first.poll() is None:
+            time.sleep(0.05)
+        second = run(method, run_dir, "--learning_rate", "1e-3")
+        stdout, stderr = first.communicate(timeout=900)
+        out[method] = {"dir": run_dir, "seconds": time.time() - began, "first": (first.returncode, stderr),
+                       "second": (second.returncode, second.stderr)}
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_second_run_into_the_same_output_dir_is_refused(reference, method):
+    ref = reference[method]
+    code, err = ref["first"]
+    assert code == 0, err[-3000:]
+    code, err = ref["second"]
+    assert code == 2 and "is in use by another gemma-hf process (pid" in err and "Traceback" not in err, err[-3000:]
+    rows = [json.loads(line) for line in (ref["dir"] / "metrics.jsonl").read_text().splitlines()]
+    steps = [(r["step"], "eval_loss" in r or "eval_accuracy" in r, "loss" in r) for r in rows]
+    assert len(steps) == len(set(steps)), "metrics.jsonl interleaves two runs"
+    assert not (ref["dir"].parent / ".run.lock").exists()  # the lock goes with the run
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_finished_run_is_kept_and_resuming_it_is_a_no_op(reference, method, tmp_path):
+    ref = reference[method]["dir"]
+    copy = tmp_path / "run"
+    shutil.copytree(ref, copy)
+    before = (copy / "run.json").read_text()
+    again = run(method, copy)
+    assert again.returncode == 2 and "already holds a finished run" in again.stderr
+    resumed = run(method, copy, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (copy / "run.json").read_text() == before
+    assert_same_run(copy, ref)
+
+
+def _kill_and_resume(method, point, tmp_path, reference):
+    run_dir = tmp_path / "run"
+    killed = run(method, run_dir, GEMMA_HF_KILL_AT=point)
+    assert killed.returncode == -9, (point, killed.returncode, killed.stderr[-2000:])
+    assert not RunDir(run_dir).is_finished() or point == "publish:swapped"
+    resumed = run(method, run_dir, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(run_dir, reference[method]["dir"])
+
+
+@pytest.mark.parametrize("point", DEFAULT_POINTS)
+@pytest.mark.parametrize("method", METHODS)
+def test_kill_at_a_named_point_then_resume_equals_the_uninterrupted_run(reference, method, point, tmp_path):
+    _kill_and_resume(method, point, tmp_path, reference)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("point", [p for p in KILL_POINTS if p not in DEFAULT_POINTS])
+@pytest.mark.parametrize("method", METHODS)
+def test_kill_at_every_named_point(reference, method, point, tmp_path):
+    _kill_and_resume(method, point, tmp_path, reference)
+
+
+def _random_kills(method, count, seed, tmp_path, reference) -> list[float]:
+    rng = random.Random(seed)
+    span = reference[method]["seconds"]
+    instants = []
+    for index in range(count):
+        run_dir = tmp_path / f"run-{index}"
+        at = rng.uniform(1.0, span)
+        process = start(method, run_dir)
+        was_killed = kill_after(process, at)
+        instants.append(round(at, 2) if was_killed else -1)
+        resumed = run(method, run_dir, "--resume")
+        assert resumed.returncode == 0, (at, resumed.stderr[-3000:])
+        assert_same_run(run_dir, reference[method]["dir"])
+        shutil.rmtree(run_dir)
+    print(f"{method}: killed at {instants} s (-1: finished first); run takes {span:.1f} s")
+    return instants
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_kill_at_random_instants_then_resume(reference, method, tmp_path):
+    _random_kills(method, 1, seed=sum(map(ord, method)), tmp_path=tmp_path, reference=reference)
+
+
+@pytest.mark.faults
+def test_kill_at_twenty_random_instants_on_the_sft_recipe(reference, tmp_path):
+    instants = _random_kills("sft", RANDOM_KILLS, seed=20261129, tmp_path=tmp_path, reference=reference)
+    assert sum(i > 0 for i in instants) >= RANDOM_KILLS // 2  # most kills land while the run is going
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_divergence_stops_the_run_unpublished(method, tmp_path):
+    require(gemma_tokenizer)
+    run_dir = tmp_path / "run"
+    result = run(method, run_dir, "--learning_rate", "1e30", "--max_grad_norm", "0")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "training diverged at step" in result.stderr and "Traceback" not in result.stderr
+    assert not (run_dir / "run.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.")]
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return mounted.returncode == 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_full_disk_stops_the_run_resumably(reference, method, tmp_path):
+    """The first checkpoint (~200 MB: weights + Adam states of a 16M-parameter embedding) does not fit
+    on a 150 MB disk: exit 1 naming the full disk, no traceback, no checkpoint that counts; moved to
+    a roomy disk, --resume finishes it and equals the uninterrupted run."""
+    small = tmp_path / "small"
+    if not _mount_tmpfs(small, "150m"):
+        pytest.skip("cannot mount a small tmpfs here (needs root); the full-disk path is not exercised")
+    try:
+        result = run(method, small / "run")
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert "no space left on the device" in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert RunDir(small / "run").latest_complete_checkpoint()[0] is None
+        assert not (small / "run" / "run.json").exists()
+        moved = tmp_path / "roomy" / "run"
+        shutil.copytree(small / "run", moved)
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
+    resumed = run(method, moved, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(moved, reference[method]["dir"])
