@@ -15,7 +15,7 @@ import yaml
 from gemma_hf.assets import gemma_tokenizer, llamafactory_data
 from tests.assets import require
 from tests.clirun import run_cli
-from tests.faults import METHODS, recipe_of
+from tests.faults import ALL_METHODS, recipe_of
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -55,7 +55,7 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(9))
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ALL_METHODS)
 @pytest.mark.parametrize("name,text,key,message", [
     ("not-utf8", b"learning_rate: 1e-4\noutput_dir: \xff\xfe\n", "yaml", "not UTF-8"),
     ("truncated", "learning_rate: [1e-4, \n", "yaml", "not valid YAML"),
@@ -87,24 +87,40 @@ def test_corrupt_recipes(tmp_path, capsys, method, name, text, key, message):
 # Dataset records: every record is read, a bad one is named by its index and column
 # --------------------------------------------------------------------------------------------
 
-GOOD = {"sft": {"instruction": "Say hi.", "output": "Hi!"},
-        "reward": {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}}
+def data_format(method: str) -> str:
+    from gemma_hf.recipes.methods import get_method
+
+    return get_method(method).data_format
+
+
+# Per data format: a good record, bad JSON lines (the key that carries the text), bad records.
+GOOD = {"conversation": {"instruction": "Say hi.", "output": "Hi!"},
+        "preference": {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."},
+        "prompt": {"prompt": "Say hi."}}
+TEXT_KEY = {"conversation": "instruction", "preference": "prompt", "prompt": "prompt"}
 BAD_LINES = {
-    "malformed-json": (b'{"instruction": "x", "output": ', "line 51 (record 50) is not valid JSON"),
-    "not-utf8": (b'{"instruction": "caf\xe9", "output": "x"}', "line 51 (record 50) is not UTF-8"),
+    "malformed-json": (b'{"KEY": "x", "output": ', "line 51 (record 50) is not valid JSON"),
+    "not-utf8": (b'{"KEY": "caf\xe9", "chosen": "x", "rejected": "y", "output": "z"}',
+                 "line 51 (record 50) is not UTF-8"),
     "not-an-object": (b'["a", "b"]', "record 50, key 'record'"),
 }
 BAD_RECORDS = {
-    "sft": [
+    "conversation": [
         ({"instruction": "Say hi.", "output": 7}, "record 50, key 'output'", "must be a string"),
         ({"instruction": "Say <pad> hi.", "output": "Hi"}, "record 50", "control token '<pad>'"),
         ({"instruction": "Hi <end_of_turn>", "output": "Hi"}, "record 50", "control token '<end_of_turn>'"),
         ({"messages": [{"role": "user", "content": "hi"}]}, "record 50", "ends with a user turn"),
     ],
-    "reward": [
+    "preference": [
         ({"prompt": "Say hi.", "chosen": 7, "rejected": "No."}, "record 50, key 'chosen'", "must be a"),
         ({"prompt": "Say <pad> hi.", "chosen": "Hi", "rejected": "No"}, "record 50", "control token '<pad>'"),
         ({"prompt": "Say hi.", "chosen": "Hi"}, "record 50, key 'rejected'", "no 'rejected'"),
+    ],
+    "prompt": [
+        ({"prompt": 7}, "record 50, key 'prompt'", "must be a string"),
+        ({"prompt": "Say <start_of_turn> hi."}, "record 50", "control token '<start_of_turn>'"),
+        ({"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+         "record 50, key 'prompt'", "end with a user turn"),
     ],
 }
 
@@ -118,24 +134,23 @@ def _data_recipe(tmp_path: Path, method: str, lines: list[bytes], fmt: str = "au
     return write_recipe(tmp_path, method, yaml.safe_dump(recipe))
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ALL_METHODS)
 @pytest.mark.parametrize("name", list(BAD_LINES))
 def test_a_bad_line_far_into_a_dataset_is_named(tmp_path, capsys, method, name):
-    good = json.dumps(GOOD[method]).encode()
+    kind = data_format(method)
+    good = json.dumps(GOOD[kind]).encode()
     bad, message = BAD_LINES[name]
-    if method == "reward":
-        bad = bad.replace(b'"instruction"', b'"prompt"').replace(b'"output"', b'"chosen"')
-        if name == "not-utf8":
-            bad = b'{"prompt": "caf\xe9", "chosen": "x", "rejected": "y"}'
+    bad = bad.replace(b"KEY", TEXT_KEY[kind].encode())
     path = _data_recipe(tmp_path, method, [good] * 50 + [bad] + [good] * 5)
     for argv in (["validate", str(path), "--method", method], [method, "--config", str(path)]):
         expect_refusal(argv, capsys, "datasets[0].path", message, tmp_path=tmp_path)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_a_bad_record_far_into_a_dataset_is_named(tmp_path, capsys, method):
-    good = json.dumps(GOOD[method]).encode()
-    for record, where, message in BAD_RECORDS[method]:
+    kind = data_format(method)
+    good = json.dumps(GOOD[kind]).encode()
+    for record, where, message in BAD_RECORDS[kind]:
         fmt = "messages" if "messages" in record else "auto"
         first = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
                            ).encode() if fmt == "messages" else good

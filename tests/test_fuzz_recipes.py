@@ -26,7 +26,7 @@ from gemma_hf import cli
 from gemma_hf.assets import gemma_tokenizer, llamafactory_data
 from gemma_hf.recipes.schema import key_index
 from tests.assets import require
-from tests.faults import METHODS, recipe_of
+from tests.faults import ALL_METHODS, METHODS, recipe_of
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -110,13 +110,13 @@ def _fuzz_validation(method: str, tmp_path_factory, capsys, examples: int) -> No
     print(f"\nfuzz validate {method}: {dict(tally)}")
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_fuzzed_recipes_exit_0_or_2_naming_a_key(method, tmp_path_factory, capsys):
     _fuzz_validation(method, tmp_path_factory, capsys, examples=60)
 
 
 @pytest.mark.faults
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_fuzzed_recipes_long(method, tmp_path_factory, capsys):
     _fuzz_validation(method, tmp_path_factory, capsys, examples=400)
 

@@ -141,7 +141,6 @@ def run_command(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from gemma_hf.recipes.config import load_recipe
-    from gemma_hf.recipes.engine import run_recipe
     from gemma_hf.recipes.methods import get_method
 
     recipe = load_recipe(args.config, args.overrides, method=name)
@@ -151,7 +150,7 @@ def run_command(args: argparse.Namespace) -> int:
     if main:
         for note in recipe.notes:
             print(f"note: {note}", file=sys.stderr)
-    result = run_recipe(recipe, resume=args.resume)
+    result = get_method(name).run(recipe, resume=args.resume)
     if main:
         print(f"\nrun finished: {result.output_dir} ({result.global_step} steps, {result.wall_time_s:.0f}s)")
         for line in get_method(name).summary(result.results):

@@ -23,10 +23,11 @@ def load_recipe(*args, **kwargs):
     return _load(*args, **kwargs)
 
 
-def run_recipe(*args, **kwargs):
-    from .engine import run_recipe as _run
+def run_recipe(recipe, resume: bool = False):
+    """Run a checked recipe with its method (gemma-hf <method> --config R.yaml)."""
+    from .methods import get_method
 
-    return _run(*args, **kwargs)
+    return get_method(recipe.method).run(recipe, resume=resume)
 
 
 __all__ = ["Problem", "RecipeError", "load_recipe", "run_recipe"]

@@ -46,7 +46,7 @@ from gemma_hf.errors import GemmaHFError
 from .config import Recipe
 from .methods import Method, get_method
 from .problems import Problem, RecipeError
-from .rundir import RunDir, now_iso, read_metrics, write_json, write_metrics, write_text
+from .rundir import CARRIED, RunDir, now_iso, read_metrics, write_json, write_metrics, write_text
 
 log = logging.getLogger(__name__)
 PUBLISH_READY = ".publish-ready"
@@ -86,6 +86,7 @@ class Run:
     started: str = ""
     start_time: float = 0.0
     new_parameters: list[str] = field(default_factory=list)  # created by this run (e.g. a new score head)
+    train_set: Any = None  # the prepared training split (for a method's configure_model)
     stats: dict[str, dict] = field(default_factory=dict)  # per split, from the method's prepare()
     info: dict[str, Any] = field(default_factory=dict)  # run.json entries gathered along the way
 
@@ -207,18 +208,40 @@ def model_class(head: str):
     return GemmaHFForCausalLM if head == "causal-lm" else GemmaHFForSequenceClassification
 
 
-def build_model(recipe: Recipe, head: str):
-    """(model, names of parameters the checkpoint did not have) for ``head``, seeded first."""
-    import torch
+def seed_everything(recipe: Recipe) -> None:
+    """Seed before weights exist: a preset's random init, a new head and LoRA's init are reproducible."""
     from transformers import set_seed
     from transformers.trainer_utils import enable_full_determinism
 
-    m, t = recipe.model, recipe.training
-    # Seed before the weights exist: a preset's random init, a new head and LoRA's init are reproducible.
+    t = recipe.training
     if t.full_determinism:
         enable_full_determinism(t.seed)
     else:
         set_seed(t.seed)
+
+
+def load_model(path: str, head: str, *, dtype: str | None = None, attn_implementation: str | None = None,
+               revision: str | None = None, **kwargs):
+    """(model, missing parameter names) of a checkpoint directory or Hub id, with ``head``."""
+    import torch
+
+    kwargs = {"dtype": getattr(torch, dtype) if dtype not in (None, "auto") else "auto", **kwargs}
+    if head == "sequence-classification":
+        kwargs.setdefault("num_labels", 1)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if revision and not Path(path).exists():
+        kwargs["revision"] = revision
+    model, info = model_class(head).from_pretrained(path, output_loading_info=True, **kwargs)
+    return model, sorted(info.get("missing_keys") or ())
+
+
+def build_model(recipe: Recipe, head: str):
+    """(model, names of parameters the checkpoint did not have) for ``head``, seeded first."""
+    import torch
+
+    m = recipe.model
+    seed_everything(recipe)
     cls = model_class(head)
     head_kwargs = {"num_labels": 1} if head == "sequence-classification" else {}
     dtype = None if m.dtype in (None, "auto") else getattr(torch, m.dtype)
@@ -228,18 +251,14 @@ def build_model(recipe: Recipe, head: str):
             config.num_labels = head_kwargs["num_labels"]  # resets id2label/label2id to match
         model = cls._from_config(config, attn_implementation=m.attn_implementation or "eager")
         return (model.to(dtype) if dtype is not None else model), []
-    kwargs = {"dtype": dtype if dtype is not None else "auto", **head_kwargs}
-    if m.attn_implementation:
-        kwargs["attn_implementation"] = m.attn_implementation
-    if not Path(recipe.model_path).exists():
-        kwargs["revision"] = m.model_revision
+    kwargs = {}
     if m.load_in_4bit or m.load_in_8bit:
         from trl import get_kbit_device_map, get_quantization_config
 
         kwargs["quantization_config"] = get_quantization_config(m)
         kwargs["device_map"] = get_kbit_device_map()
-    model, info = cls.from_pretrained(recipe.model_path, output_loading_info=True, **kwargs)
-    return model, sorted(info.get("missing_keys") or ())
+    return load_model(recipe.model_path, head, dtype=m.dtype, attn_implementation=m.attn_implementation,
+                      revision=m.model_revision, **kwargs)
 
 
 def peft_config_for(run: Run):
@@ -338,7 +357,8 @@ def _run_locked(recipe: Recipe, rundir: RunDir, state, resume: bool) -> RunResul
          "fraction": part.spec.fraction, "num_examples": taken}
         for part, taken in zip(mixture.parts, mixture.taken)
     ]
-    model, run.new_parameters = build_model(recipe, method.head)
+    run.train_set = train_set
+    model, run.new_parameters = method.build_model(run) or build_model(recipe, method.head)
     if method.head == "causal-lm":
         set_generation_stops(model, run.tokenizer)
     else:
@@ -651,15 +671,25 @@ def _publish(run: Run, trainer, eval_set, before: dict, losses: dict, num_train:
         "transformers_version": transformers.__version__,
         "trl_version": trl.__version__,
     }
+    finish_publish(rundir, staged, run_info)
+    state.wait_for_everyone()
+    return results
+
+
+def finish_publish(rundir: RunDir, staged: RunDir, run_info: dict) -> None:
+    """The last steps of every publish: run.json (the run's record, written last of its files), the
+    card, the ready marker, then the swap: the working directory's carried directories
+    (checkpoints/, stages/) move in, the working directory out, the finished one in. Each instant
+    is recoverable (recover_publish) and has a fault point for the kill-anywhere tests."""
     fault_point("publish:files")
     write_json(staged.run_json, run_info)
     _write_card(staged)
     fault_point("publish:card")
     write_text(staged / PUBLISH_READY, now_iso())
     fault_point("publish:ready")
-    # The swap: checkpoints in, working directory out, finished directory in.
-    if rundir.checkpoints.exists():
-        os.rename(rundir.checkpoints, staged.checkpoints)
+    for name in CARRIED:
+        if (rundir / name).exists():
+            os.rename(rundir / name, staged / name)
     fault_point("publish:checkpoints-moved")
     if rundir.old.exists():
         shutil.rmtree(rundir.old)
@@ -669,8 +699,6 @@ def _publish(run: Run, trainer, eval_set, before: dict, losses: dict, num_train:
     fault_point("publish:swapped")
     (rundir / PUBLISH_READY).unlink(missing_ok=True)
     shutil.rmtree(rundir.old, ignore_errors=True)
-    state.wait_for_everyone()
-    return results
 
 
 def _write_card(staged: RunDir) -> None:

@@ -35,6 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
 METHOD_MODULES: dict[str, str] = {
     "sft": "gemma_hf.recipes.sft",
     "reward": "gemma_hf.recipes.reward",
+    "rlhf": "gemma_hf.recipes.rlhf",
+    "warp": "gemma_hf.recipes.warp",
 }
 
 HEADS = ("causal-lm", "sequence-classification")
@@ -69,13 +71,31 @@ class Method:
         return "CAUSAL_LM" if self.head == "causal-lm" else "SEQ_CLS"
 
     # -- validation (before any model loads) ----------------------------------------------------
+    def architecture(self, c: "Checks"):
+        """The config of the model this recipe trains when the method makes it itself (e.g. a student
+        built from its teacher), else None: the shared model checks then read model_name_or_path /
+        preset."""
+        return None
+
     def check(self, c: "Checks") -> None:
         """Method-specific checks; report with ``c.error(key, message, fix)``."""
 
     # -- the run (see engine.py for the order) --------------------------------------------------
+    def run(self, recipe, resume: bool = False):
+        """Run a checked recipe: the engine's one-trainer run, unless the method orchestrates stages
+        of its own (WARP: several RL runs, merges, iterations)."""
+        from .engine import run_recipe
+
+        return run_recipe(recipe, resume=resume)
+
     def prepare(self, run: "Run", dataset, split: str):
         """Canonical records -> what the trainer consumes (token ids); returns (dataset, stats dict)."""
         raise NotImplementedError
+
+    def build_model(self, run: "Run"):
+        """(model, new parameter names) when the method builds the model itself, else None (the engine
+        loads model_name_or_path or a preset's random weights)."""
+        return None
 
     def configure_model(self, run: "Run", model) -> None:
         """Adjust the freshly built model (before LoRA and training)."""

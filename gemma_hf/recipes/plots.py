@@ -63,4 +63,45 @@ def plot_histograms(panels: list[tuple[str, dict[str, list[float]]]], path: Path
     plt.close(fig)
 
 
-__all__ = ["plot_losses", "plot_histograms"]
+def plot_series(series: dict[str, list[tuple[float, float]]], path: Path, title: str) -> None:
+    """One panel per named series of (step, value) points, stacked, sharing the step axis."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(series), 1, figsize=(7, 2.6 * len(series)), dpi=110, sharex=True, squeeze=False)
+    for ax, (name, points) in zip(axes[:, 0], series.items()):
+        ax.plot(*zip(*points), marker=".", linewidth=1.4)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[-1][0].set_xlabel("step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_points(groups: dict[str, list[tuple[float, float, str]]], path: Path, title: str, xlabel: str,
+                ylabel: str) -> None:
+    """A scatter of labelled (x, y) points per group (the Pareto view of WARP: KL vs reward)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.6), dpi=110)
+    markers = ["o", "s", "^", "D", "v", "P"]
+    for marker, (group, points) in zip(markers, groups.items()):
+        if not points:
+            continue
+        xs, ys, labels = zip(*points)
+        ax.plot(xs, ys, marker=marker, linestyle="-" if group.startswith("LITI") else "none", label=group)
+        for x, y, label in points:
+            if label:
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+__all__ = ["plot_losses", "plot_histograms", "plot_series", "plot_points"]

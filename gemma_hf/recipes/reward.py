@@ -8,10 +8,13 @@ score head's output at the last non-padding token. The loss is Bradley-Terry,
 TRL's optional reward-centring term ``center_rewards_coefficient * mean((r_chosen + r_rejected)^2)``.
 
 The score head: a checkpoint that has one (a reward model) keeps it; otherwise (a causal LM, an
-SFT run, a preset) it is new and initialised N(0, 1/(d_model + 1)), as Stiennon et al. 2020
-("Learning to summarize from human feedback") initialise their reward head, so initial rewards
-are of order one whatever the width. With LoRA the head is fully trainable (PEFT's
-``modules_to_save`` for SEQ_CLS) and merged into the saved model.
+SFT run, a preset) it is new and initialised N(0, 1/((d_model + 1) r^2)), where r is the RMS of the
+final hidden state measured on 8 training conversations. Stiennon et al. 2020 ("Learning to
+summarize from human feedback") initialise their reward head N(0, 1/(d_model + 1)) for unit-scale
+features; Gemma's final hidden states are far from unit scale (the norm's learned gain), so the
+measured r keeps the initial rewards at unit variance (~N(0, 1)) and the first Bradley-Terry
+gradients tame. With LoRA the head is fully trainable (PEFT's ``modules_to_save`` for SEQ_CLS)
+and merged into the saved model.
 
 Held-out results (eval.json, before and after training): pairwise accuracy (share of pairs whose
 chosen answer gets the higher reward), mean margin ``r_chosen - r_rejected``, the Bradley-Terry
@@ -45,7 +48,8 @@ class RewardArguments:
     )
     score_init_std: float | None = field(
         default=None,
-        metadata={"help": "Standard deviation of a new score head's weights; default 1/sqrt(d_model + 1)."},
+        metadata={"help": "Standard deviation of a new score head's weights; default 1/(r*sqrt(d_model + 1)) with r "
+                          "the RMS of the final hidden state on 8 training conversations (initial rewards ~N(0, 1))."},
     )
 
 
@@ -105,12 +109,17 @@ class Reward(Method):
         if run.recipe.model_path is not None and "score.weight" not in run.new_parameters:
             run.info["score_head"] = "from the checkpoint"
             return
-        std = run.recipe.method_args.score_init_std or 1.0 / math.sqrt(model.config.hidden_size + 1)
+        std = run.recipe.method_args.score_init_std
+        how = "score_init_std"
+        if std is None:
+            rms = _hidden_rms(model, run.train_set, run.tokenizer.pad_token_id)
+            std = 1.0 / (rms * math.sqrt(model.config.hidden_size + 1))
+            how = f"1/(rms*sqrt(d+1)), rms {rms:.3g} of the final hidden state on 8 training conversations"
         generator = torch.Generator().manual_seed(run.recipe.training.seed)
         with torch.no_grad():
             weight = model.score.weight
             weight.copy_(torch.randn(weight.shape, generator=generator, dtype=torch.float32).mul_(std).to(weight.dtype))
-        run.info["score_head"] = f"new, N(0, {std:.4g}^2)"
+        run.info["score_head"] = f"new, N(0, {std:.4g}^2): {how}"
 
     def evaluate(self, run, model, eval_set, when: str) -> dict:
         rewards = score_pairs(model, eval_set, run.tokenizer.pad_token_id, run.recipe.training.per_device_eval_batch_size,
@@ -152,6 +161,21 @@ class Reward(Method):
                 show = lambda v: "-" if v is None else fmt.format(v)  # noqa: E731
                 lines.append(f"{label}: {show(before)} -> {show(after)}")
         return lines
+
+
+def _hidden_rms(model, dataset, pad_token_id: int, count: int = 8) -> float:
+    """RMS of the final hidden state (the score head's input) over the real tokens of a few chosen
+    conversations: the scale that makes a new head's initial rewards unit-variance."""
+    import torch
+
+    rows = [dataset[i]["chosen_ids"] for i in range(min(count, len(dataset)))]
+    total = squares = 0.0
+    with torch.no_grad():
+        for ids in rows:
+            hidden = model.model(input_ids=torch.tensor([ids], device=model.device), use_cache=False).last_hidden_state
+            squares += hidden.float().pow(2).mean(dim=-1).sum().item()
+            total += hidden.shape[1]
+    return math.sqrt(squares / total) if total else 1.0
 
 
 def score_pairs(model, dataset, pad_token_id: int, batch_size: int, device) -> dict[str, list[float]]:

@@ -48,6 +48,8 @@ ADAPTER = "adapter"
 CARD = "README.md"
 MARKER = ".gemma-hf-run.json"
 BEFORE = ".before.json"  # results computed before training, kept for a resumed run
+STAGES = "stages"  # the sub-runs and merges of a multi-stage method (WARP)
+CARRIED = (CHECKPOINTS, STAGES)  # directories the publish moves from the working into the finished run
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _PLOT_SUFFIXES = (".png", ".svg", ".jpg", ".jpeg")
 
@@ -193,8 +195,9 @@ class RunDir:
         if self.path.exists():
             if self.is_finished():
                 return False
-            if self.checkpoints.exists() and not staged.checkpoints.exists():
-                os.rename(self.checkpoints, staged.checkpoints)
+            for name in CARRIED:
+                if (self.path / name).exists() and not (staged.path / name).exists():
+                    os.rename(self.path / name, staged.path / name)
             if old.exists():
                 shutil.rmtree(old)
             os.rename(self.path, old)
@@ -321,5 +324,5 @@ def now_iso() -> str:
 
 
 __all__ = ["RunDir", "RunDirError", "checkpoint_is_complete", "read_metrics", "write_metrics", "write_json",
-           "write_text", "now_iso", "safetensors_complete", "weight_files", "model_files_complete",
+           "write_text", "now_iso", "safetensors_complete", "CARRIED", "STAGES", "weight_files", "model_files_complete",
            "RECIPE", "RUN_JSON", "EVAL_JSON", "METRICS", "PLOTS", "CHECKPOINTS", "ADAPTER", "CARD", "MARKER"]

@@ -151,7 +151,12 @@ def _gemma_model_types() -> tuple[str, ...]:
 def _check_model(c: Checks):
     from gemma_hf import PRESETS, preset_config
 
+    from .methods import get_method
+
     recipe, g, m = c.recipe, c.recipe.gemma, c.recipe.model
+    made = get_method(recipe.method).architecture(c)
+    if made is not None:  # the method builds the model itself (a student from its teacher, ...)
+        return made
     preset_arch = checkpoint_arch = None
     if m.model_name_or_path is None and g.preset is None:
         c.error("model_name_or_path", "missing: the recipe names no model",

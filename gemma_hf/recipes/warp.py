@@ -1,0 +1,333 @@
+"""WARP (``gemma-hf warp``): Weight Averaged Rewarded Policies (Ramé et al. 2024), as stages of one
+run directory.
+
+Iteration i (of ``warp_iterations``) starts from θ_init,i (the recipe's model for i = 0):
+
+(a) ``warp_runs`` = M RLHF runs (gemma_hf.recipes.rlhf, the same recipe, seeds ``warp_seeds``),
+    each with an EMA anchor: the KL reference is θ_ema <- (1 - μ) θ_ema + μ θ after every step
+    (``ema_anchor: μ``);
+(b) their task vectors δ_m = θ_m - θ_init,i are merged by spherical interpolation, folded over the
+    runs: merged_1 = δ_1, merged_m = slerp(merged_{m-1}, δ_m, 1/m) (gemma_hf.merging.slerp_merge);
+(c) LITI: θ_η = (1 - η) θ_init,i + η (θ_init,i + merged) for each η of ``warp_etas``;
+(d) θ_init,i+1 = θ_η for η = ``warp_eta``; the last one is the run's final model.
+
+Every run, merge and LITI point is a stage under ``output_dir/stages/iter-I/``: an RLHF run
+directory (resumable from its checkpoints, skipped when finished) or a model directory written
+atomically (skipped when present). A kill at any instant and a re-run (with --resume) finishes
+the job without redoing a finished stage. The held-out Pareto view of the last iteration -- (KL to
+θ_init, reward) of the M runs, their SLERP merge and each LITI point -- goes to eval.json, to
+plots/pareto.png and to the card.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .rlhf import RLHF, RLHFArguments
+
+WARP_KEYS = ("warp_runs", "warp_seeds", "warp_iterations", "warp_etas", "warp_eta", "warp_eval")
+
+
+@dataclass
+class WarpArguments(RLHFArguments):
+    warp_runs: int = field(default=2, metadata={"help": "M: RL runs per iteration, from the same init, seeds warp_seeds."})
+    warp_seeds: list[int] | None = field(
+        default=None, metadata={"help": "One seed per run (default: seed, seed + 1, ...)."})
+    warp_iterations: int = field(default=1, metadata={"help": "I: iterations; each starts from the last's LITI point."})
+    warp_etas: list[float] = field(
+        default_factory=lambda: [0.3, 0.5, 1.0],
+        metadata={"help": "LITI points eta in [0, 1]: (1 - eta) * init + eta * (init + merged task vector)."})
+    warp_eta: float = field(
+        default=0.5, metadata={"help": "The eta whose LITI point becomes the next init (and the final model)."})
+    warp_eval: bool = field(
+        default=True, metadata={"help": "Measure the held-out Pareto view (KL to init, reward) of the last iteration."})
+
+
+class Warp(RLHF):
+    name = "warp"
+    help = "WARP: M RLHF runs with an EMA anchor, SLERP of their task vectors, LITI, iterated"
+    about = ("WARP (Rame et al. 2024): M RLHF runs from one init with EMA anchors, merged by spherical interpolation of "
+             "their task vectors, then interpolated towards the init (LITI); the chosen point starts the next "
+             "iteration. Every run and merge is a resumable stage of one run directory.")
+    arguments = WarpArguments
+
+    def check(self, c) -> None:
+        super().check(c)
+        args, t = c.recipe.method_args, c.recipe.training
+        c.in_range("warp_runs", args.warp_runs, args.warp_runs >= 1, "1 or more (2 or more to merge anything)")
+        c.in_range("warp_iterations", args.warp_iterations, args.warp_iterations >= 1, "1 or more")
+        if args.warp_seeds is not None:
+            if len(args.warp_seeds) != args.warp_runs or len(set(args.warp_seeds)) != len(args.warp_seeds):
+                c.error("warp_seeds", f"needs {args.warp_runs} distinct seeds (warp_runs), got {args.warp_seeds}",
+                        "give one distinct seed per run, or remove the key")
+            elif not all(0 <= s < 2**32 for s in args.warp_seeds):
+                c.error("warp_seeds", "seeds must be in [0, 2**32)", "use smaller seeds")
+        if not args.warp_etas or not all(0 <= e <= 1 for e in args.warp_etas):
+            c.error("warp_etas", f"{args.warp_etas} must be a non-empty list of numbers in [0, 1]", "e.g. [0.3, 0.5, 1.0]")
+        c.in_range("warp_eta", args.warp_eta, 0 <= args.warp_eta <= 1, "a number in [0, 1]")
+        if args.ema_anchor is None:
+            c.error("ema_anchor", "missing: WARP's KL anchor is an EMA of the policy", "set ema_anchor, e.g. 0.01")
+        if t.max_steps is None or t.max_steps < 1:
+            c.error("max_steps", "WARP's runs need a fixed number of steps", "set max_steps")
+
+    def seeds(self, recipe) -> list[int]:
+        args = recipe.method_args
+        return list(args.warp_seeds) if args.warp_seeds else [recipe.training.seed + m for m in range(args.warp_runs)]
+
+    # -- the run --------------------------------------------------------------------------------
+    def run(self, recipe, resume: bool = False):
+        from contextlib import ExitStack
+
+        from accelerate import PartialState
+
+        from gemma_hf.io import exclusive_lock
+
+        from .engine import RunResult, claim_output_dir, recover_publish
+        from .rundir import RunDir
+
+        state = PartialState()
+        if state.num_processes > 1:
+            from gemma_hf.errors import InputError
+
+            raise InputError("gemma-hf warp runs its stages one after another in one process; launch it without "
+                             "accelerate (each RL stage can use the machine's devices)")
+        rundir = RunDir(recipe.output_dir.resolve())
+        recipe.output_dir = rundir.path
+        with ExitStack() as stack:
+            stack.enter_context(exclusive_lock(rundir.path, "output_dir"))
+            recover_publish(rundir)
+            if claim_output_dir(recipe, rundir, resume) == "finished":
+                info = rundir.read_run()
+                return RunResult(rundir.path, recipe.method, rundir.read_eval() or {}, 0.0, info.get("global_step", 0))
+            return self._run_stages(recipe, rundir)
+
+    def _run_stages(self, recipe, rundir):
+        from gemma_hf.merging import liti, slerp_merge
+
+        from .engine import fault_point
+        from .rundir import STAGES, now_iso, write_json
+
+        started, start = now_iso(), time.time()
+        rundir.path.mkdir(parents=True, exist_ok=True)
+        write_json(rundir.marker, {"method": recipe.method, "started": started, "pid": os.getpid()})
+        args = recipe.method_args
+        stages = rundir / STAGES
+        for leftover in stages.glob("**/.*.tmp-*") if stages.exists() else []:
+            shutil.rmtree(leftover, ignore_errors=True)  # a merge a kill cut short: redone below
+        init = stages / "init-0"
+        if not (init / "config.json").is_file():
+            self._save_initial_model(recipe, init)
+        record: list[dict[str, Any]] = []
+        for iteration in range(args.warp_iterations):
+            here = stages / f"iter-{iteration}"
+            runs = []
+            for m, seed in enumerate(self.seeds(recipe)):
+                run_dir = here / f"run-{m}"
+                runs.append(run_dir)
+                record.append(self._rl_stage(recipe, init, run_dir, seed, f"iter-{iteration}/run-{m}"))
+                fault_point(f"warp:iter-{iteration}/run-{m}")
+            merged = here / "slerp"
+            record.append(self._model_stage(merged, f"iter-{iteration}/slerp", lambda out: slerp_merge(
+                init, runs, out) if len(runs) > 1 else _copy_model(runs[0], out)))
+            fault_point(f"warp:iter-{iteration}/slerp")
+            etas = sorted(set([*args.warp_etas, args.warp_eta]))
+            points = {eta: here / f"liti-{eta:g}" for eta in etas}
+            missing = [eta for eta, path in points.items() if not (path / "config.json").is_file()]
+            if missing:
+                started_at = time.time()
+                liti(init, merged, [eta for eta in missing], [points[eta] for eta in missing])
+                record.append({"stage": f"iter-{iteration}/liti", "etas": missing,
+                               "seconds": round(time.time() - started_at, 1)})
+            else:
+                record.append({"stage": f"iter-{iteration}/liti", "skipped": True})
+            fault_point(f"warp:iter-{iteration}/liti")
+            last_init, init = init, points[args.warp_eta]
+        results, plots = ({}, {})
+        if args.warp_eval:
+            results, plots = self._pareto(recipe, rundir, last_init, runs, merged, points)
+        return self._publish(recipe, rundir, init, record, results, plots, started, start, runs)
+
+    def _save_initial_model(self, recipe, init: Path) -> None:
+        """θ_init of the first iteration as a model directory (a preset's seeded random weights, or a copy)."""
+        from gemma_hf.io import atomic_directory
+
+        from .engine import build_model, load_tokenizer
+
+        model, _ = build_model(recipe, "causal-lm")
+        tokenizer = load_tokenizer(recipe)
+        from gemma_hf.chat import install_chat_template
+
+        from .engine import set_generation_stops
+
+        set_generation_stops(model, tokenizer)
+        install_chat_template(tokenizer, recipe.family)
+        with atomic_directory(init, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+    def _rl_stage(self, recipe, init: Path, run_dir: Path, seed: int, name: str) -> dict:
+        from .config import _plain, load_recipe
+        from .engine import run_recipe
+        from .rundir import RunDir
+
+        if RunDir(run_dir).is_finished():
+            return {"stage": name, "skipped": True, **_stage_numbers(run_dir)}
+        values = {k: _plain(v) for k, v in recipe.values.items() if k not in WARP_KEYS}
+        for key in ("preset", "preset_overrides"):
+            values.pop(key, None)
+        values.update(output_dir=str(run_dir), seed=seed, model_name_or_path=str(init),
+                      tokenizer_name_or_path=str(init))
+        if recipe.env:
+            values["env"] = dict(recipe.env)
+        sub = load_recipe(None, values=values, method="rlhf")
+        started = time.time()
+        print(f"== WARP stage {name}: RLHF from {init.name}, seed {seed} ==", flush=True)
+        result = run_recipe(sub, resume=True)
+        return {"stage": name, "seconds": round(time.time() - started, 1), "global_step": result.global_step,
+                **_stage_numbers(run_dir)}
+
+    def _model_stage(self, out: Path, name: str, make) -> dict:
+        if (out / "config.json").is_file():
+            return {"stage": name, "skipped": True}
+        started = time.time()
+        make(out)
+        return {"stage": name, "seconds": round(time.time() - started, 1)}
+
+    def _pareto(self, recipe, rundir, init: Path, runs: list[Path], merged: Path, points: dict[float, Path]):
+        """Held-out (KL to init, reward) of the last iteration's runs, merge and LITI points."""
+        from accelerate import PartialState
+
+        from gemma_hf.rl.metrics import policy_metrics
+
+        from .engine import Run, _prepare_splits, load_model, load_tokenizer, read_mixture
+        from .plots import plot_points
+
+        run = Run(recipe, self, rundir, PartialState())
+        run.tokenizer = load_tokenizer(recipe)
+        mixture = read_mixture(recipe, self)
+        _, eval_set = _prepare_splits(run, mixture)
+        if eval_set is None:
+            return {}, {}
+        args = recipe.method_args
+        init_model, _ = load_model(str(init), "causal-lm", dtype=recipe.model.dtype)
+        init_model.eval()
+        prompts = list(eval_set["prompt"])
+        columns = {k: eval_set[k] for k in eval_set.column_names if k != "prompt"}
+        candidates = [("init", init, "init"), *[(f"run-{m}", path, "RL runs") for m, path in enumerate(runs)],
+                      ("slerp", merged, "SLERP merge"),
+                      *[(f"liti-{eta:g}", path, "LITI") for eta, path in sorted(points.items())]]
+        table = []
+        for label, path, group in candidates:
+            model = init_model if label == "init" else load_model(str(path), "causal-lm", dtype=recipe.model.dtype)[0].eval()
+            numbers = policy_metrics(model, init_model, run.tokenizer, prompts, recipe.family, self.rewards(run),
+                                     max_new_tokens=args.eval_max_new_tokens, temperature=args.eval_temperature,
+                                     seed=recipe.training.seed, batch_size=recipe.training.per_device_eval_batch_size,
+                                     columns=columns)
+            table.append({"point": label, "group": group, **{k: v for k, v in numbers.items() if not k.startswith("_")}})
+            print(f"  pareto {label}: reward {numbers.get('reward')}, KL to init {numbers.get('kl_to_init'):.4f}",
+                  flush=True)
+        groups: dict[str, list] = {}
+        for row in table:
+            groups.setdefault(row["group"], []).append((row["kl_to_init"], row["reward"] or 0.0,
+                                                        row["point"].replace("liti-", "η=")))
+        results = {"pareto": table}
+        for row in table:
+            results[f"reward_{row['point']}"] = row.get("reward")
+            results[f"kl_to_init_{row['point']}"] = row.get("kl_to_init")
+        return results, {"pareto.png": (plot_points, groups)}
+
+    def _publish(self, recipe, rundir, final: Path, record, results, plots, started, start, runs):
+        import transformers
+        import trl
+
+        import gemma_hf
+
+        from .engine import RunResult, finish_publish
+        from .rundir import RunDir, now_iso, read_metrics, write_json, write_metrics, write_text
+
+        staged = rundir.staging
+        if staged.path.exists():
+            shutil.rmtree(staged.path)
+        staged.path.mkdir(parents=True)
+        _copy_model(final, staged.path, into_existing=True)
+        write_text(staged.recipe, recipe.to_yaml())
+        metrics = []
+        for path in sorted((rundir / "stages").glob("iter-*/run-*")):
+            stage = f"{path.parent.name}/{path.name}"
+            metrics += [{**row, "stage": stage} for row in read_metrics(RunDir(path).metrics)]
+        write_metrics(staged.metrics, metrics)
+        for name, (plot, groups) in plots.items():
+            plot(groups, staged.plots / name, "WARP, last iteration: held-out reward vs KL to its init",
+                 "KL to init per token", "mean reward")
+        if results:
+            write_json(staged.eval_json, results)
+        first = RunDir(runs[0]).read_run() if RunDir(runs[0]).is_finished() else {}
+        args = recipe.method_args
+        run_info = {
+            "method": recipe.method,
+            "head": "causal-lm",
+            "base_model": recipe.model.model_name_or_path or f"preset:{recipe.gemma.preset}",
+            "family": recipe.family,
+            "datasets": first.get("datasets", []),
+            "warp": {"runs": args.warp_runs, "seeds": self.seeds(recipe), "iterations": args.warp_iterations,
+                     "etas": args.warp_etas, "eta_carried": args.warp_eta, "ema_anchor": args.ema_anchor,
+                     "final_model": str(final.relative_to(rundir.path))},
+            "stages": record,
+            "global_step": sum(s.get("global_step", 0) for s in record),
+            "rewards": args.rewards,
+            "started": started,
+            "finished": now_iso(),
+            "wall_time_s": round(time.time() - start, 1),
+            "gemma_hf_version": gemma_hf.__version__,
+            "transformers_version": transformers.__version__,
+            "trl_version": trl.__version__,
+        }
+        finish_publish(rundir, staged, run_info)
+        return RunResult(rundir.path, recipe.method, results, time.time() - start, run_info["global_step"])
+
+    def summary(self, results: dict) -> list[str]:
+        rows = results.get("pareto") or []
+        return [f"{r['point']:>10}: reward {r.get('reward') if r.get('reward') is None else round(r['reward'], 4)}, "
+                f"KL to init {r.get('kl_to_init', 0):.4f}, length {r.get('length', 0):.1f}" for r in rows]
+
+
+def _stage_numbers(run_dir: Path) -> dict:
+    try:
+        evaluation = json.loads((run_dir / "eval.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: evaluation.get(k) for k in ("reward_before", "reward_after", "kl_to_init_after") if k in evaluation}
+
+
+def _copy_model(src: Path, dst: Path, into_existing: bool = False) -> None:
+    """The model files of a model or run directory (weights, config, code, tokenizer, generation config),
+    written atomically unless ``into_existing`` (a staging directory)."""
+    from gemma_hf.io import atomic_directory
+
+    from .rundir import weight_files
+
+    names = [*weight_files(src), "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "tokenizer.model", "special_tokens_map.json", "chat_template.jinja",
+             *[p.name for p in src.glob("*.py")]]
+
+    def copy(into: Path) -> None:
+        for name in dict.fromkeys(names):
+            if (src / name).is_file():
+                shutil.copy2(src / name, into / name)
+
+    if into_existing:
+        copy(dst)
+        return
+    with atomic_directory(dst) as tmp:
+        copy(tmp)
+
+
+METHOD = Warp()
+
+__all__ = ["Warp", "WarpArguments", "METHOD"]

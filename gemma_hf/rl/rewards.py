@@ -1,0 +1,187 @@
+"""Rewards for RLHF: reward-model run directories and Python functions, each with a weight, in the
+form TRL's RLOO/GRPO trainers take (``reward_funcs``, ``reward_processing_classes``,
+``reward_weights``), and scored the same way by the held-out evaluation.
+
+A reward spec is a mapping, in a recipe's ``rewards:`` list:
+
+- ``{model: RUN_DIR_OR_CHECKPOINT, weight: 1.0}``: a GemmaHFForSequenceClassification (one output);
+  the conversation (prompt + completion) is rendered with the reward model's own chat template —
+  the format it was trained on — and scored at its last token;
+- ``{function: "module:function", weight: 0.5}``: a Python callable with TRL's reward signature
+  ``f(prompts, completions, completion_ids, **columns) -> list[float | None]``
+  (gemma_hf.rl.rules holds rule-based ones).
+
+Library behaviour relied on (TRL 1.16): for a model reward, the trainer renders ``prompt +
+completion`` with ``reward_processing_class.apply_chat_template`` and tokenizes it with
+``add_special_tokens=False`` (our template writes the one ``<bos>``), right-padded, and reads
+``logits[:, 0]``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gemma_hf.errors import InputError
+
+
+@dataclass
+class RewardSpec:
+    kind: str  # "model" or "function"
+    target: str  # the reference (model) or "module:function"
+    weight: float = 1.0
+
+    @property
+    def name(self) -> str:
+        if self.kind == "function":
+            return self.target.split(":")[-1]
+        return "reward_model" if self.target.rstrip("/").split("/")[-1] in ("", ".") else \
+            f"rm_{self.target.rstrip('/').split('/')[-1]}"
+
+
+class RewardSpecError(InputError):
+    def __init__(self, key: str, message: str, fix: str):
+        super().__init__(message)
+        self.key, self.message, self.fix = key, message, fix
+
+
+def parse_specs(value: Any) -> list[RewardSpec]:
+    """``rewards:`` entries -> RewardSpecs; RewardSpecError names the entry and the fix."""
+    if not isinstance(value, list) or not value:
+        raise RewardSpecError("rewards", "needs a non-empty list of {model: ..., weight: ...} or {function: ..., "
+                              "weight: ...}", "add at least one reward")
+    specs = []
+    for index, entry in enumerate(value):
+        key = f"rewards[{index}]"
+        if isinstance(entry, str):
+            entry = {"function": entry} if ":" in entry and not entry.startswith("asset:") else {"model": entry}
+        if not isinstance(entry, dict):
+            raise RewardSpecError(key, f"expected a mapping, got {entry!r}", "write {model: DIR} or {function: mod:fn}")
+        unknown = set(entry) - {"model", "function", "weight"}
+        if unknown:
+            raise RewardSpecError(key, f"unknown key(s) {sorted(unknown)}", "use model or function, and weight")
+        if ("model" in entry) == ("function" in entry):
+            raise RewardSpecError(key, "needs exactly one of model or function", "give one per entry")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise RewardSpecError(f"{key}.weight", f"{weight!r} is not a finite number", "use e.g. 1.0")
+        kind = "model" if "model" in entry else "function"
+        target = entry[kind]
+        if not isinstance(target, str) or not target.strip():
+            raise RewardSpecError(f"{key}.{kind}", f"{target!r} is not a reference", "give a path or module:function")
+        if kind == "function" and target.count(":") != 1:
+            raise RewardSpecError(f"{key}.function", f"{target!r} is not module:function",
+                                  "write e.g. gemma_hf.rl.rules:ends_turn")
+        specs.append(RewardSpec(kind, target, float(weight)))
+    return specs
+
+
+def load_function(target: str) -> Callable:
+    module_name, _, attribute = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise RewardSpecError("rewards", f"cannot import {module_name!r} for reward {target!r}: {err}",
+                              "make the module importable (installed, or on PYTHONPATH)") from None
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise RewardSpecError("rewards", f"{module_name} has no callable {attribute!r}", "name an existing function")
+    parameters = inspect.signature(function).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        raise RewardSpecError("rewards", f"reward {target} must accept **kwargs (TRL passes prompts, completions, "
+                              "completion_ids and the dataset's columns by keyword)",
+                              "define it as f(prompts, completions, **kwargs)")
+    return function
+
+
+def check_specs(specs: list[RewardSpec]) -> list[tuple[str, str, str]]:
+    """(key, message, fix) for every spec that cannot be used here (validation: no weights loaded)."""
+    import json
+
+    from gemma_hf.references import BadReference, resolve
+
+    problems = []
+    for index, spec in enumerate(specs):
+        key = f"rewards[{index}].{spec.kind}"
+        if spec.kind == "function":
+            try:
+                load_function(spec.target)
+            except RewardSpecError as err:
+                problems.append((key, err.message, err.fix))
+            continue
+        try:
+            ref = resolve(spec.target, "reward model")
+        except BadReference as err:
+            problems.append((key, err.message, err.fix))
+            continue
+        if not ref.is_local:
+            continue
+        try:
+            config = json.loads((ref.path / "config.json").read_text())
+        except (OSError, ValueError) as err:
+            problems.append((key, f"{ref.path} is not a model directory: {err}", "point it at a reward run directory"))
+            continue
+        architectures = config.get("architectures") or []
+        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+            problems.append((key, f"{ref.path} is a {architectures or 'causal LM'} checkpoint, not a reward model",
+                             "train one with gemma-hf reward and point at its run directory"))
+        elif len(config.get("id2label") or {0: 0}) != 1:
+            problems.append((key, f"{ref.path} has {len(config['id2label'])} outputs; a reward model has one",
+                             "use a gemma-hf reward run"))
+    return problems
+
+
+def load_rewards(specs: list[RewardSpec], device=None) -> tuple[list, list, list[float], list[str]]:
+    """(reward_funcs, reward_processing_classes, weights, names) for TRL's RLOO/GRPO trainers."""
+    from transformers import AutoTokenizer
+
+    from gemma_hf import GemmaHFForSequenceClassification
+    from gemma_hf.references import resolve
+
+    funcs, classes, weights, names = [], [], [], []
+    for spec in specs:
+        if spec.kind == "function":
+            funcs.append(load_function(spec.target))
+            classes.append(None)
+        else:
+            path = resolve(spec.target, "reward model").location
+            model = GemmaHFForSequenceClassification.from_pretrained(path).eval().requires_grad_(False)
+            if device is not None:
+                model.to(device)
+            funcs.append(model)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer.padding_side = "right"
+            classes.append(tokenizer)
+        weights.append(spec.weight)
+        names.append(spec.name)
+    return funcs, classes, weights, names
+
+
+def score(funcs, classes, weights, prompts: list[list[dict]], completions: list[str],
+          completion_ids: list[list[int]], columns: dict[str, list] | None = None) -> dict[str, list[float]]:
+    """Each reward and the weighted total for (prompt, completion) pairs, computed as TRL does."""
+    import torch
+
+    columns = columns or {}
+    conversational = [[{"role": "assistant", "content": c}] for c in completions]
+    per_function = []
+    for func, tokenizer in zip(funcs, classes):
+        if tokenizer is None:
+            values = func(prompts=prompts, completions=conversational, completion_ids=completion_ids, **columns)
+            per_function.append([float("nan") if v is None else float(v) for v in values])
+            continue
+        texts = [tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, conversational)]
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+        inputs = {k: v.to(func.device) for k, v in inputs.items()}
+        with torch.no_grad():
+            per_function.append(func(**inputs).logits[:, 0].float().tolist())
+    total = [sum(w * v for w, v in zip(weights, values) if not math.isnan(v))
+             for values in zip(*per_function)] if per_function else []
+    return {"per_function": per_function, "total": total}
+
+
+__all__ = ["RewardSpec", "RewardSpecError", "parse_specs", "check_specs", "load_rewards", "load_function", "score"]

@@ -1,0 +1,92 @@
+"""Rule-based rewards (TRL's reward-function signature: ``f(prompts, completions, completion_ids,
+**columns) -> list[float]``, completions as ``[{"role": "assistant", "content": text}]``).
+
+Use them in a recipe as ``{function: "gemma_hf.rl.rules:NAME", weight: w}``. They reward what the
+chat-format health checks measure (gemma_hf.evaluation): ending the turn, not looping, not
+repeating the prompt; plus toy rewards with a dense signal for tests on tiny random models.
+"""
+
+from __future__ import annotations
+
+import re
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+# The ids that end a turn (<eos>, <end_of_turn>) of the policy's tokenizer: set by the RLHF run
+# (configure(tokenizer)) before training; the defaults are the Gemma 1/2 ones.
+STOP_IDS: set[int] = {1, 107}
+
+
+def configure(tokenizer) -> None:
+    """Use ``tokenizer``'s stop ids (Gemma 3's <end_of_turn> is 106, Gemma 1/2's is 107)."""
+    from gemma_hf.chat import stop_token_ids
+
+    STOP_IDS.clear()
+    STOP_IDS.update(stop_token_ids(tokenizer))
+
+
+def _text(completion) -> str:
+    if isinstance(completion, list):
+        return "".join(m.get("content", "") for m in completion if isinstance(m, dict))
+    return str(completion)
+
+
+def _prompt_text(prompt) -> str:
+    if isinstance(prompt, list):
+        users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        return users[-1] if users else ""
+    return str(prompt)
+
+
+def distinct_2(text: str) -> float:
+    """Unique word bigrams / word bigrams (1.0 for fewer than two words)."""
+    words = _WORD.findall(text.lower())
+    bigrams = list(zip(words, words[1:]))
+    return len(set(bigrams)) / len(bigrams) if bigrams else 1.0
+
+
+def ends_turn(prompts, completions, completion_ids=None, trainer_state=None, **kwargs) -> list[float]:
+    """1.0 if the completion ended its turn (its last token is a STOP_IDS token: TRL keeps the stop token
+    in completion_ids), else 0.0."""
+    return [1.0 if ids and ids[-1] in STOP_IDS else 0.0 for ids in (completion_ids or [[] for _ in completions])]
+
+
+def no_repetition(prompts, completions, **kwargs) -> list[float]:
+    """distinct-2 of the completion (1.0: no repeated word bigram; loops score low)."""
+    return [distinct_2(_text(c)) for c in completions]
+
+
+def not_echoing(prompts, completions, **kwargs) -> list[float]:
+    """1.0 unless the completion repeats the prompt's user message (its first 8 words) verbatim."""
+    out = []
+    for prompt, completion in zip(prompts, completions):
+        words = _WORD.findall(_prompt_text(prompt).lower())[:8]
+        text = " ".join(_WORD.findall(_text(completion).lower()))
+        out.append(0.0 if len(words) >= 3 and " ".join(words) in text else 1.0)
+    return out
+
+
+def chat_health(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+    """ends_turn + no_repetition + not_echoing, each in [0, 1] (so in [0, 3])."""
+    a = ends_turn(prompts, completions, completion_ids)
+    b = no_repetition(prompts, completions)
+    c = not_echoing(prompts, completions)
+    return [x + y + z for x, y, z in zip(a, b, c)]
+
+
+def ascii_letters(prompts, completions, **kwargs) -> list[float]:
+    """Toy reward with a dense signal for tiny random models: the share of ASCII letters among the
+    completion's characters (a random policy over a 256k vocabulary scores well below 1)."""
+    out = []
+    for completion in completions:
+        text = _text(completion)
+        out.append(sum(ch.isascii() and ch.isalpha() for ch in text) / len(text) if text else 0.0)
+    return out
+
+
+def short(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+    """Toy reward: 1 / (1 + number of completion tokens)."""
+    return [1.0 / (1 + len(ids)) for ids in (completion_ids or [[]] * len(completions))]
+
+
+__all__ = ["ends_turn", "no_repetition", "not_echoing", "chat_health", "ascii_letters", "short", "distinct_2"]
