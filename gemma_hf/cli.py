@@ -14,6 +14,7 @@ import sys
 # Modules that contribute subcommands, in the order `gemma-hf --help` lists them.
 COMMAND_MODULES = (
     "gemma_hf.commands.recipes",  # one per method (sft, reward, ...), validate
+    "gemma_hf.commands.pipeline",  # pipeline
     "gemma_hf.commands.chat",  # chat, generate
     "gemma_hf.commands.checkpoints",  # export, push, card
     "gemma_hf.commands.merge",  # merge (linear, slerp, liti)

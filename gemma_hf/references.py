@@ -27,6 +27,7 @@ from pathlib import Path
 from .errors import InputError, suggestion
 
 ASSET_SCHEME = "asset:"
+STAGE_SCHEME = "stage:"  # a pipeline stage's output, written `{from: NAME}` in a pipeline
 RUN_MARKER_FILE = "run.json"  # written last by a finished run (gemma_hf.recipes.rundir)
 _FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".yaml", ".yml", ".gguf", ".safetensors", ".txt", ".arrow")
 
@@ -41,6 +42,21 @@ class BadReference(InputError):
     def __init__(self, message: str, fix: str, environment: bool = False):
         super().__init__(message)
         self.message, self.fix, self.environment = message, fix, environment
+
+
+@dataclass
+class PendingStage:
+    """What validation knows of a pipeline stage's output before it exists."""
+
+    name: str
+    architecture: object = None  # GemmaHFConfig of the model the stage will write
+    tokenizer_path: str | None = None  # the tokenizer the stage's run directory will hold
+    head: str = "causal-lm"
+
+
+# Pipeline validation declares the stages whose outputs later stages reference; outside a
+# pipeline a stage reference is an error.
+PENDING_STAGES: dict[str, PendingStage] = {}
 
 
 @dataclass(frozen=True)
@@ -109,6 +125,12 @@ def resolve(text: str, what: str = "path") -> Reference:
     """
     if not isinstance(text, str) or not text.strip():
         raise BadReference(f"empty {what}", f"give a {what}")
+    if text.startswith(STAGE_SCHEME):
+        name = text[len(STAGE_SCHEME):]
+        if name not in PENDING_STAGES:
+            raise BadReference(f"{what} {text!r} refers to a pipeline stage, outside a pipeline (or to an unknown or "
+                               "later stage)", "use `{from: STAGE}` in a pipeline, for a stage listed before this one")
+        return Reference(text, "stage", None)
     if text.startswith(ASSET_SCHEME):
         return Reference(text, "asset", resolve_asset(text))
     local = Path(text).expanduser()
@@ -123,5 +145,49 @@ def resolve(text: str, what: str = "path") -> Reference:
     return Reference(text, "hub", None)
 
 
-__all__ = ["ASSET_SCHEME", "BadReference", "Reference", "resolve", "resolve_asset", "is_hub_id",
+def identity(text: str) -> str:
+    """How a recipe's reference is recorded in a run directory someone else will read (recipe.yaml,
+    run.json, the card): never a local absolute path. Assets, Hub ids and relative paths stay as
+    written; an absolute path inside the asset cache becomes ``asset:NAME/...``; one inside the
+    current directory becomes relative; any other becomes ``local:NAME`` (its base name, plus the
+    first 12 hex digits of its sha256 when it is a file)."""
+    if not isinstance(text, str) or not text or text.startswith((ASSET_SCHEME, STAGE_SCHEME, "preset:", "local:")):
+        return text
+    expanded = Path(text).expanduser()
+    if not expanded.is_absolute():
+        return text
+    from .assets import asset_of
+
+    asset = asset_of(expanded)
+    if asset is not None:
+        return asset
+    try:
+        return str(expanded.resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        pass
+    if expanded.is_file():
+        import hashlib
+
+        digest = hashlib.sha256()
+        with expanded.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return f"local:{expanded.name}@sha256:{digest.hexdigest()[:12]}"
+    return f"local:{expanded.name}"
+
+
+def hub_id_of(text: str) -> str | None:
+    """The Hugging Face Hub repository a reference stands for, when known (a Hub id, or an asset that
+    reproduces one)."""
+    if not isinstance(text, str):
+        return None
+    if text.startswith(ASSET_SCHEME):
+        from .assets import IDENTITY
+
+        name = text[len(ASSET_SCHEME):].split("/")[0]
+        return (IDENTITY.get(name) or {}).get("hub_id")
+    return text if is_hub_id(text) else None
+
+
+__all__ = ["identity", "hub_id_of", "ASSET_SCHEME", "STAGE_SCHEME", "PENDING_STAGES", "PendingStage", "BadReference", "Reference", "resolve", "resolve_asset", "is_hub_id",
            "looks_like_path", "hub_offline"]

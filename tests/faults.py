@@ -26,10 +26,20 @@ METHODS = [m for m in ALL_METHODS if type(get_method(m)).run is Method.run]
 FAST = ["--max_steps", "4", "--save_steps", "2", "--eval_steps", "2", "--logging_steps", "1"]
 EXTRA = {"sft": ["--sample_max_new_tokens", "4"], "reward": []}
 
+
+def extra_args(method: str) -> list[str]:
+    """EXTRA, and for distill a tiny teacher instead of the recipe's real 270M (tests/tiny.py)."""
+    if method == "distill":
+        from tests.tiny import shared_teacher
+
+        return ["--teacher_name_or_path", str(shared_teacher()), "--student_init", "{keep_layers: [0, 3]}",
+                "--max_new_tokens", "4"]
+    return EXTRA.get(method, [])
+
 # Logged numbers that depend on the clock or on one Trainer process's own accumulators (the
 # end-of-training summary is recomputed by a resumed run from its own steps only).
 VOLATILE = ("time", "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss",
-            "total_flos", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+            "total_flos", "step_time", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
 
 
 def recipe_of(method: str) -> Path:
@@ -38,7 +48,7 @@ def recipe_of(method: str) -> Path:
 
 def command(method: str, output_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "gemma_hf.cli", method, "--config", str(recipe_of(method)),
-            "--output_dir", str(output_dir), *FAST, *EXTRA.get(method, []), *extra]
+            "--output_dir", str(output_dir), *FAST, *extra_args(method), *extra]
 
 
 def env(**more: str) -> dict:

@@ -130,3 +130,75 @@ class _BlockGemmaHF(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, _BlockGemmaHF())
 """
+
+
+# -- distillation teachers -------------------------------------------------------------------------
+TEACHER_SHAPE = dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                     num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=32)
+
+
+def make_teacher(path: Path, tokenizer_asset, family: str, seed: int) -> Path:
+    """A random tiny Gemma 3 (or Gemma 2) checkpoint with the real tokenizer and chat template."""
+    from gemma_hf import GemmaHFForCausalLM, preset_config
+    from gemma_hf.chat import install_chat_template
+    from gemma_hf.recipes.engine import set_generation_stops
+
+    from tests.assets import tokenizer as load_tokenizer
+
+    tok = load_tokenizer(tokenizer_asset)
+    torch.manual_seed(seed)
+    preset = "gemma3-270m" if family == "gemma3" else "gemma2-2b"
+    shape = TEACHER_SHAPE if family == "gemma3" else {**TEACHER_SHAPE, "num_key_value_heads": 2}
+    model = GemmaHFForCausalLM(preset_config(preset, **shape, vocab_size=len(tok)))  # npm Gemma 3: 262145
+    with torch.no_grad():
+        # Norms off their identity init. Then a teacher the student can learn to imitate from a few
+        # batches: its layers 1 and 2 (which the student built from layers [0, 3] lacks) add one
+        # constant vector along a direction u to the residual stream (attention output zeroed; the
+        # MLP's single live unit gives gelu(a.x) (a.x) >= 0 times u, which the post-feedforward RMSNorm
+        # turns into the same vector for every input), and the tied embedding gives token i the
+        # component c_i u: the teacher's next-token distributions lean on a fixed, peaked "unigram"
+        # softmax(c) the student can only match by learning the shift.
+        gen = torch.Generator().manual_seed(seed)
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+        hidden, u = model.config.hidden_size, torch.randn(model.config.hidden_size, generator=gen)
+        u /= u.norm()
+        embed = model.model.embed_tokens.weight
+        embed += torch.randn(embed.shape[0], 1, generator=gen) * 0.5 * u
+        for index in (1, 2):
+            layer = model.model.layers[index]
+            layer.self_attn.o_proj.weight.zero_()
+            a = torch.randn(hidden, generator=gen) / hidden**0.5
+            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
+                proj.weight.zero_()
+                proj.weight[0] = a
+            layer.mlp.down_proj.weight.zero_()
+            layer.mlp.down_proj.weight[:, 0] = u
+            layer.post_feedforward_layernorm.weight.fill_(2.0)  # (1 + w) = 3: the shift dominates
+    set_generation_stops(model, tok)
+    model.save_pretrained(path)
+    install_chat_template(tok, family).save_pretrained(path)
+    return path
+
+
+def shared_teacher() -> "Path":
+    """One tiny Gemma 3 teacher (make_teacher, seed 0) per machine, for the subprocess tests
+    (tests/faults.py): built once into the temp directory, atomically."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from gemma_hf.assets import gemma3_tokenizer
+
+    path = Path(tempfile.gettempdir()) / "gemma_hf-tests-teacher-v1"
+    if not (path / "model.safetensors").is_file():
+        scratch = Path(tempfile.mkdtemp(prefix="gemma_hf-tests-teacher-"))
+        make_teacher(scratch / "teacher", gemma3_tokenizer, "gemma3", seed=0)
+        try:
+            os.rename(scratch / "teacher", path)
+        except OSError:  # another process built it first
+            pass
+        shutil.rmtree(scratch, ignore_errors=True)
+    return path

@@ -70,6 +70,19 @@ def register(subparsers) -> None:
         sub.set_defaults(func=run_command, method=name, overrides=[])
         _collect_overrides(sub)
 
+    cache = subparsers.add_parser(
+        "distill-cache", help="run a distillation recipe's teacher once and store its sampled probabilities",
+        formatter_class=formatter,
+        description="Offline distillation, step 1: run the teacher of a distill recipe (distill_mode: offline) once "
+                    "over its training split and store, per target position, cache_top_k token ids sampled from the "
+                    "teacher's distribution at cache_temperature (cache_mode: sampled) or its top K, with their "
+                    "probabilities, in cache_dir: sharded safetensors and a manifest (teacher, tokenizer, K, "
+                    "temperature, mode, dataset fingerprint). Resumable: complete shards are kept. Step 2: "
+                    "gemma-hf distill --config the same recipe.")
+    cache.add_argument("--config", metavar="RECIPE.yaml", required=True, help="the distill recipe")
+    cache.set_defaults(func=distill_cache_command, overrides=[])
+    _collect_overrides(cache)
+
     validate = subparsers.add_parser("validate", help="check a recipe without running it",
                                      description=VALIDATE_DESCRIPTION, formatter_class=formatter)
     validate.add_argument("recipe", metavar="RECIPE.yaml", help="the recipe file")
@@ -158,6 +171,26 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def distill_cache_command(args: argparse.Namespace) -> int:
+    from gemma_hf.errors import InputError
+    from gemma_hf.recipes.config import load_recipe
+    from gemma_hf.recipes.distill import write_cache
+
+    recipe = load_recipe(args.config, args.overrides, method="distill")
+    if recipe.method_args.distill_mode != "offline" or not recipe.method_args.cache_dir:
+        raise InputError(f"{args.config} is not an offline distillation recipe: set distill_mode: offline and "
+                         "cache_dir")
+    blocking = [p for p in recipe.environment_problems if p.key != "cache_dir"]
+    if blocking:
+        recipe.environment_problems = blocking
+        raise _environment_error(recipe)
+    manifest = write_cache(recipe)
+    print(f"\ncache written: {recipe.method_args.cache_dir} ({manifest['dataset'].get('num_examples')} examples, "
+          f"{manifest['dataset'].get('num_positions')} target positions, K={manifest.get('K')}, {manifest.get('mode')}, "
+          f"{manifest.get('_seconds')} s)")
+    return 0
+
+
 def validate_command(args: argparse.Namespace) -> int:
     from gemma_hf.recipes.config import load_recipe
 
@@ -167,7 +200,8 @@ def validate_command(args: argparse.Namespace) -> int:
         raise _environment_error(recipe)
     if args.quiet:
         return 0
-    model = recipe.model.model_name_or_path or f"preset {recipe.gemma.preset} (random weights)"
+    model = recipe.model.model_name_or_path or (f"preset {recipe.gemma.preset} (random weights)" if recipe.gemma.preset
+                                                 else "a model the method builds (e.g. a student from its teacher)")
     lora = " + QLoRA" if recipe.model.load_in_4bit or recipe.model.load_in_8bit else " + LoRA" if recipe.model.use_peft else ""
     records = sum(part.num_examples for part in recipe.data_parts.values())
     print(f"ok: {args.recipe} is a valid {recipe.method} recipe: {model}{lora}, {recipe.family} chat format, "

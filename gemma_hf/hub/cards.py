@@ -504,12 +504,16 @@ print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_to
 # Rendering
 
 
-def card_data(run: Run):
-    """The card's Hub metadata (YAML front matter) as a huggingface_hub ModelCardData."""
+def card_data(run: Run, title: str | None = None):
+    """The card's Hub metadata (YAML front matter) as a huggingface_hub ModelCardData: license,
+    tags, the base model and datasets where a Hub repository is known (assets name the one they
+    reproduce), and ``model-index`` with the held-out results of eval.json."""
     from huggingface_hub import ModelCardData
 
+    from gemma_hf.references import hub_id_of
+
     base = run.run.get("base_model")
-    base_id = base if _looks_like_hub_id(base) else None
+    base_id = hub_id_of(base) if isinstance(base, str) else None
     datasets = [d.get("path") if isinstance(d, dict) else d for d in run.run["datasets"]]
     hub_datasets = [d for d in dict.fromkeys(datasets) if _looks_like_hub_id(d, dataset=True)]
     family = run.run.get("family") or run.config.get("family")
@@ -525,7 +529,28 @@ def card_data(run: Run):
         kwargs.update(base_model=base_id, base_model_relation="finetune")
     if hub_datasets:
         kwargs["datasets"] = hub_datasets
+    results = _eval_results(run, datasets)
+    if results:
+        kwargs.update(model_name=title or run.path.resolve().name, eval_results=results)
     return ModelCardData(**kwargs)
+
+
+def _eval_results(run: Run, datasets: list) -> list:
+    """model-index entries: eval.json's numbers measured after training (names without the _before
+    ones, which describe the starting point), on the run's held-out split."""
+    from huggingface_hub import EvalResult
+
+    evaluation = run.evaluation or {}
+    task = PIPELINE_TAGS[run.head]
+    held_out = "held-out split of " + ", ".join(str(d) for d in dict.fromkeys(datasets)) if datasets else "held-out"
+    out = []
+    for key, value in evaluation.items():
+        if not _is_number(value) or not math.isfinite(value) or key.endswith("_before") or "num_" in key:
+            continue
+        name = key[: -len("_after")] if key.endswith("_after") else key
+        out.append(EvalResult(task_type=task, dataset_type="held-out", dataset_name=held_out[:200], metric_type=name,
+                              metric_value=float(value), metric_name=name))
+    return out[:40]
 
 
 def render_card(
@@ -533,6 +558,7 @@ def render_card(
     *,
     repo_id: str | None = None,
     template: str | os.PathLike | None = None,
+    name: str | None = None,
 ) -> str:
     """The model card (README.md text) for a run directory; validated before it is returned."""
     from huggingface_hub import ModelCard
@@ -551,7 +577,7 @@ def render_card(
     family = run.run.get("family") or config.family
     method = str(run.run["method"])
     base = str(run.run["base_model"])
-    title = (repo_id.split("/")[-1] if repo_id else run.path.resolve().name)
+    title = repo_id.split("/")[-1] if repo_id else (name or run.path.resolve().name)
     method_name = _METHOD_NAMES.get(method, method)
     summary = (
         f"**{_cell(title)}** is `{_cell(base)}` ({_family_name(family)}) after {method_name}, "
@@ -559,7 +585,7 @@ def render_card(
         f"{len(run.run['datasets'])} dataset(s). The facts and numbers below were read from the run directory."
     )
     card = ModelCard.from_template(
-        card_data(run),
+        card_data(run, title),
         template_path=str(template),
         title=_cell(title),
         summary=summary,
@@ -595,9 +621,11 @@ def write_card(
     *,
     repo_id: str | None = None,
     template: str | os.PathLike | None = None,
+    name: str | None = None,
 ) -> Path:
-    """Render the card and write RUN_DIR/README.md atomically (temporary file, then rename)."""
-    text = render_card(run_dir, repo_id=repo_id, template=template)
+    """Render the card and write RUN_DIR/README.md atomically (temporary file, then rename).
+    ``name``: the run's name when RUN_DIR is not its final place (the publish's staging directory)."""
+    text = render_card(run_dir, repo_id=repo_id, template=template, name=name)
     final = Path(run_dir) / "README.md"
     fd, tmp = tempfile.mkstemp(prefix=".README.md.tmp-", dir=final.parent)
     try:

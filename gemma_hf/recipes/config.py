@@ -86,8 +86,28 @@ class Recipe:
         if self.env:
             body["env"] = dict(self.env)
         for key, value in self.values.items():
-            body[key] = _plain(value)
+            body[key] = shareable(key, _plain(value))
         return header + "\n" + yaml.safe_dump(body, sort_keys=False, allow_unicode=True, width=100)
+
+
+# Recipe keys whose values are paths or model references (recorded by identity: see shareable()).
+PATH_KEYS = ("output_dir", "model_name_or_path", "tokenizer_name_or_path", "teacher_name_or_path", "cache_dir",
+             "baseline_name_or_path", "reward_name_or_path", "judge_name_or_path", "judge_template", "deepspeed",
+             "path", "model", "teacher", "from", "cache", "base_model")
+
+
+def shareable(key: str, value: Any) -> Any:
+    """``value`` of recipe key ``key`` as a run directory records it: references by identity
+    (gemma_hf.references.identity), never a local absolute path, in nested lists and mappings too."""
+    from gemma_hf.references import identity
+
+    if isinstance(value, dict):
+        return {k: shareable(k, v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shareable(key, v) for v in value]
+    if key in PATH_KEYS and isinstance(value, str):
+        return identity(value)
+    return value
 
 
 def _plain(value: Any) -> Any:
@@ -436,11 +456,13 @@ def load_recipe(
     group_values: dict[str, dict[str, Any]] = {name: {} for name, _ in groups(method)}
     for key, value in typed.items():
         group_values[index[key].group][key] = value
-    group_values["training"]["output_dir"] = str(output_dir / "checkpoints")
     config_fields = {f.name for f in dataclasses.fields(spec.config_class())}
+    if spec.trains:  # the Trainer's own output_dir holds the checkpoints; the run directory is ours
+        group_values["training"]["output_dir"] = str(output_dir / "checkpoints")
     for claimed in spec.claimed_keys & config_fields:
         group_values["training"].setdefault(claimed, _claimed_default(claimed))
-    if "use_cpu" not in typed and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda_available():
+    if ("use_cpu" in config_fields and "use_cpu" not in typed and int(os.environ.get("WORLD_SIZE", "1")) > 1
+            and not _cuda_available()):
         # A multi-process launch (accelerate launch / torchrun) on a machine without CUDA: accelerate
         # only sets up its CPU (gloo) process group when asked for the CPU, else every process trains alone.
         group_values["training"]["use_cpu"] = True

@@ -352,8 +352,10 @@ def _run_locked(recipe: Recipe, rundir: RunDir, state, resume: bool) -> RunResul
     with state.main_process_first():
         mixture = read_mixture(recipe, method)
         train_set, eval_set = _prepare_splits(run, mixture)
+    from gemma_hf.references import identity
+
     run.info["datasets"] = [
-        {"path": part.source.reference, "format": part.format, "split": part.spec.split,
+        {"path": identity(part.source.reference), "format": part.format, "split": part.spec.split,
          "fraction": part.spec.fraction, "num_examples": taken}
         for part, taken in zip(mixture.parts, mixture.taken)
     ]
@@ -462,8 +464,11 @@ def _check_finite_results(results: dict) -> None:
 
 def fault_point(name: str) -> None:
     """Fault injection for the kill-anywhere tests: GEMMA_HF_KILL_AT=NAME kills this process with
-    SIGKILL (no cleanup, like a power cut or the OOM killer) when the run reaches point NAME."""
-    if os.environ.get("GEMMA_HF_KILL_AT") == name:
+    SIGKILL (no cleanup, like a power cut or the OOM killer) when the run reaches point NAME; inside
+    a pipeline, GEMMA_HF_KILL_AT=STAGE:NAME only in that stage."""
+    target = os.environ.get("GEMMA_HF_KILL_AT")
+    stage = os.environ.get("GEMMA_HF_STAGE")
+    if target is not None and (target == name if stage is None else target in (name, f"{stage}:{name}")):
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
@@ -602,6 +607,9 @@ def _publish(run: Run, trainer, eval_set, before: dict, losses: dict, num_train:
 
     import gemma_hf
     from gemma_hf.chat import install_chat_template
+    from gemma_hf.references import identity
+
+    from .config import shareable
 
     recipe, rundir, state = run.recipe, run.rundir, run.state
     staged = rundir.staging
@@ -652,7 +660,7 @@ def _publish(run: Run, trainer, eval_set, before: dict, losses: dict, num_train:
     run_info = {
         "method": recipe.method,
         "head": run.method.head,
-        "base_model": recipe.model.model_name_or_path or f"preset:{recipe.gemma.preset}",
+        "base_model": identity(recipe.model.model_name_or_path) or f"preset:{recipe.gemma.preset}",
         "family": run.family,
         "datasets": run.info["datasets"],
         "num_train_examples": num_train,
@@ -663,7 +671,7 @@ def _publish(run: Run, trainer, eval_set, before: dict, losses: dict, num_train:
         "global_step": trainer.state.global_step,
         "num_processes": state.num_processes,
         "resumed_from": run.resume_from.name if run.resume_from else None,
-        **run.method.run_info(run),
+        **shareable("run_info", run.method.run_info(run)),
         "started": run.started,
         "finished": now_iso(),
         "wall_time_s": round(time.time() - run.start_time, 1),
@@ -683,7 +691,7 @@ def finish_publish(rundir: RunDir, staged: RunDir, run_info: dict) -> None:
     is recoverable (recover_publish) and has a fault point for the kill-anywhere tests."""
     fault_point("publish:files")
     write_json(staged.run_json, run_info)
-    _write_card(staged)
+    _write_card(staged, rundir.path.name)
     fault_point("publish:card")
     write_text(staged / PUBLISH_READY, now_iso())
     fault_point("publish:ready")
@@ -701,13 +709,13 @@ def finish_publish(rundir: RunDir, staged: RunDir, run_info: dict) -> None:
     shutil.rmtree(rundir.old, ignore_errors=True)
 
 
-def _write_card(staged: RunDir) -> None:
+def _write_card(staged: RunDir, name: str) -> None:
     """The model card, rendered from the staged run directory. A card that cannot be rendered never
     costs the run: the reason is logged and `gemma-hf card RUN_DIR` renders it later."""
     from gemma_hf.hub import CardError, write_card
 
     try:
-        write_card(staged.path)
+        write_card(staged.path, name=name)
     except CardError as err:
         log.warning("the model card could not be rendered (%s); the run is published without README.md. "
                     "Render it with `gemma-hf card RUN_DIR` once fixed.", err)

@@ -35,8 +35,10 @@ if TYPE_CHECKING:  # pragma: no cover
 METHOD_MODULES: dict[str, str] = {
     "sft": "gemma_hf.recipes.sft",
     "reward": "gemma_hf.recipes.reward",
+    "distill": "gemma_hf.recipes.distill",
     "rlhf": "gemma_hf.recipes.rlhf",
     "warp": "gemma_hf.recipes.warp",
+    "eval": "gemma_hf.recipes.evaluate",
 }
 
 HEADS = ("causal-lm", "sequence-classification")
@@ -61,6 +63,9 @@ class Method:
     # then prepares the whole mixture before taking the held-out split, so that test_split_size
     # counts the examples actually evaluated).
     drop_long_eval: ClassVar[bool] = False
+    # False for methods that train nothing (evaluation): their "training" group is a small dataclass of
+    # our own (output_dir, seed, batch size), and the training checks do not apply.
+    trains: ClassVar[bool] = True
 
     def config_class(self) -> type:
         module, _, name = self.trainer_config.partition(":")

@@ -70,17 +70,21 @@ def check_recipe(recipe: Recipe, file_label: str, check_environment: bool = True
     from .methods import get_method
 
     c = Checks(recipe, file_label)
-    _check_numbers(c)
+    trains = get_method(recipe.method).trains
+    if trains:
+        _check_numbers(c)
     architecture = _check_model(c)
     recipe.architecture = architecture
     _check_family(c, architecture)
     _check_tokenizer(c, architecture)
     _check_precision_and_attention(c, architecture)
     _check_lengths(c, architecture)
-    _check_peft(c)
-    _check_eval(c)
+    if trains:
+        _check_peft(c)
+        _check_eval(c)
     _check_datasets(c)
-    _check_misc(c)
+    if trains:
+        _check_misc(c)
     get_method(recipe.method).check(c)
     if not check_environment:
         recipe.environment_problems.clear()
@@ -184,7 +188,11 @@ def _check_model(c: Checks):
             (c.environment if err.environment else c.error)("model_name_or_path", err.message, err.fix)
             return preset_arch
         recipe.model_path, recipe.model_kind = ref.location, ref.kind
-        if ref.is_local:
+        if ref.kind == "stage":  # a pipeline stage's output: what that stage will write
+            from gemma_hf.references import PENDING_STAGES
+
+            checkpoint_arch = PENDING_STAGES[text[len("stage:"):]].architecture
+        elif ref.is_local:
             local = ref.path
             if not (local / "config.json").is_file():
                 adapter = (local / "adapter_config.json").is_file()
@@ -295,6 +303,13 @@ def _check_tokenizer(c: Checks, architecture) -> None:
         (c.environment if err.environment else c.error)(key, err.message, err.fix)
         return
     recipe.tokenizer_path = ref.location
+    if ref.kind == "stage":  # the tokenizer the stage's run directory will hold
+        from gemma_hf.references import PENDING_STAGES
+
+        pending = PENDING_STAGES[text[len("stage:"):]].tokenizer_path
+        if pending is None:
+            return
+        ref = resolve(pending, "tokenizer directory")
     if not ref.is_local:
         if _hub_cached_file(text, "tokenizer_config.json") is None and hub_offline():
             c.environment(key, f"the tokenizer of {text} is not downloaded, and the Hub is offline here",
@@ -338,14 +353,14 @@ def _check_precision_and_attention(c: Checks, architecture) -> None:
     recipe, m, t = c.recipe, c.recipe.model, c.recipe.training
     family = architecture.family if architecture is not None else recipe.family
     if family in ("gemma2", "gemma3"):
-        if t.fp16:
+        if getattr(t, "fp16", False):
             c.error("fp16", f"fp16 overflows in {family} models (activations exceed the float16 range)",
                     "use bf16: true on a GPU that has bf16, else full precision (fp16: false, bf16: false)")
         if m.dtype == "float16":
             c.error("dtype", f"float16 weights overflow in {family} models", "use dtype: bfloat16 or float32")
-    elif t.fp16 or m.dtype == "float16":
+    elif getattr(t, "fp16", False) or m.dtype == "float16":
         c.note("Gemma 1 in float16 can overflow; bfloat16 is the safe half precision")
-    if t.bf16 and not cuda_available():
+    if getattr(t, "bf16", False) and not cuda_available():
         c.note("bf16 mixed precision on a CPU runs through autocast, slower than float32 here; set bf16: false "
                "for CPU runs")
     attn = m.attn_implementation

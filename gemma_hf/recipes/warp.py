@@ -269,10 +269,14 @@ class Warp(RLHF):
             write_json(staged.eval_json, results)
         first = RunDir(runs[0]).read_run() if RunDir(runs[0]).is_finished() else {}
         args = recipe.method_args
+        from gemma_hf.references import identity
+
+        from .config import shareable
+
         run_info = {
             "method": recipe.method,
             "head": "causal-lm",
-            "base_model": recipe.model.model_name_or_path or f"preset:{recipe.gemma.preset}",
+            "base_model": identity(recipe.model.model_name_or_path) or f"preset:{recipe.gemma.preset}",
             "family": recipe.family,
             "datasets": first.get("datasets", []),
             "warp": {"runs": args.warp_runs, "seeds": self.seeds(recipe), "iterations": args.warp_iterations,
@@ -280,7 +284,7 @@ class Warp(RLHF):
                      "final_model": str(final.relative_to(rundir.path))},
             "stages": record,
             "global_step": sum(s.get("global_step", 0) for s in record),
-            "rewards": args.rewards,
+            "rewards": shareable("rewards", args.rewards),
             "started": started,
             "finished": now_iso(),
             "wall_time_s": round(time.time() - start, 1),

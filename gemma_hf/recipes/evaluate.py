@@ -1,0 +1,202 @@
+"""Evaluation (``gemma-hf eval``): a model against a baseline on held-out prompts, with the
+evaluation library (gemma_hf.evaluation): held-out loss on reference answers, chat-format health
+(turns ended, empty answers, answers repeating the prompt, distinct-2), reward-model win rate, and
+side-by-side with an LM judge (both orders, ties split, 95% bootstrap interval, as report 1's
+Table 5), plus lm-evaluation-harness tasks when ``lm_eval`` is installed.
+
+The held-out prompts are the recipe's datasets (prompt records; a final model turn or an
+``output``/``completion`` column is the reference answer) -- with ``test_split_size`` and the seed
+of a training recipe, exactly that recipe's held-out split. The output directory gets eval.json
+(flat numbers + per-prompt samples), evaluation.md (the tables), run.json and recipe.yaml; it is
+written atomically and never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .methods import Method
+
+
+@dataclass
+class EvalRunArguments:
+    """What an evaluation needs of a "training" group: where, which seed, how many at once."""
+
+    output_dir: str = field(default="", metadata={"help": "Where the evaluation's directory goes."})
+    seed: int = field(default=0, metadata={"help": "Seed of the held-out split and of the bootstrap."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Prompts answered or scored at once."})
+
+
+@dataclass
+class EvalArguments:
+    baseline_name_or_path: str | None = field(
+        default=None, metadata={"help": "The model compared against (a checkpoint or run directory, asset:NAME)."})
+    reward_name_or_path: str | None = field(
+        default=None, metadata={"help": "A reward-model run directory: reward win rate (or mean reward without a "
+                                        "baseline)."})
+    judge_name_or_path: str | None = field(
+        default=None, metadata={"help": "A causal LM as side-by-side judge (needs a baseline)."})
+    judge_template: str | None = field(
+        default=None, metadata={"help": "The judge's prompt template file (default: gemma_hf/evaluation/templates/"
+                                        "judge_side_by_side.txt)."})
+    max_new_tokens: int = field(default=96, metadata={"help": "Most new tokens per (greedy) answer."})
+    heldout_loss: bool = field(default=True, metadata={"help": "Held-out loss on the reference answers."})
+    bootstrap_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples of the win-rate intervals."})
+    lm_eval_tasks: list[str] | None = field(
+        default=None, metadata={"help": "lm-evaluation-harness tasks to run on the model (needs `pip install lm-eval`)."})
+
+
+class Evaluate(Method):
+    name = "eval"
+    help = "evaluate a model against a baseline: held-out loss, chat health, reward win rate, LM-judge side-by-side"
+    about = ("Evaluation of a model against a baseline on held-out prompts: held-out loss, chat-format health, "
+             "reward-model win rate and an LM judge's side-by-side win rate with 95% bootstrap intervals.")
+    data_format = "prompt"
+    head = "causal-lm"
+    trainer_config = "gemma_hf.recipes.evaluate:EvalRunArguments"
+    arguments = EvalArguments
+    trains = False
+
+    def check(self, c) -> None:
+        from gemma_hf.references import BadReference, resolve
+
+        args = c.recipe.method_args
+        c.in_range("max_new_tokens", args.max_new_tokens, args.max_new_tokens >= 1, "1 or more")
+        c.in_range("bootstrap_resamples", args.bootstrap_resamples, args.bootstrap_resamples >= 100, "100 or more")
+        c.in_range("per_device_eval_batch_size", c.recipe.training.per_device_eval_batch_size,
+                   c.recipe.training.per_device_eval_batch_size >= 1, "1 or more")
+        if args.judge_name_or_path and not args.baseline_name_or_path:
+            c.error("judge_name_or_path", "a side-by-side judgement needs a baseline",
+                    "set baseline_name_or_path, or remove the judge")
+        for key in ("baseline_name_or_path", "reward_name_or_path", "judge_name_or_path"):
+            text = getattr(args, key)
+            if text is None:
+                continue
+            try:
+                ref = resolve(text, "model")
+            except BadReference as err:
+                (c.environment if err.environment else c.error)(key, err.message, err.fix)
+                continue
+            if ref.is_local and not (ref.path / "config.json").is_file():
+                c.error(key, f"{ref.path} is not a model directory (no config.json)", "point it at a run directory")
+            elif ref.is_local and key == "reward_name_or_path":
+                config = json.loads((ref.path / "config.json").read_text())
+                if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+                    c.error(key, f"{ref.path} is not a reward model", "point it at a gemma-hf reward run directory")
+        if args.judge_template is not None:
+            from gemma_hf.evaluation.judge import check_template
+
+            try:
+                check_template(Path(args.judge_template).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                c.error("judge_template", str(err), "give a text file with {instruction}, {answer_a}, {answer_b}")
+        if args.lm_eval_tasks:
+            import importlib.util
+
+            if importlib.util.find_spec("lm_eval") is None:
+                c.environment("lm_eval_tasks", "lm-evaluation-harness is not installed", "pip install lm-eval")
+
+    def run(self, recipe, resume: bool = False):
+        from contextlib import ExitStack
+
+        from gemma_hf.io import exclusive_lock
+
+        from .engine import RunResult, claim_output_dir
+        from .rundir import RunDir
+
+        rundir = RunDir(recipe.output_dir.resolve())
+        recipe.output_dir = rundir.path
+        with ExitStack() as stack:
+            stack.enter_context(exclusive_lock(rundir.path, "output_dir"))
+            if claim_output_dir(recipe, rundir, resume) == "finished":
+                return RunResult(rundir.path, recipe.method, rundir.read_eval() or {}, 0.0, 0)
+            return self._evaluate(recipe, rundir)
+
+    def _evaluate(self, recipe, rundir):
+        import torch
+        from accelerate import PartialState
+
+        import gemma_hf
+        from gemma_hf.evaluation import (Contestant, LMJudge, RewardModelScorer, evaluate, markdown_table)
+        from gemma_hf.references import identity, resolve
+
+        from .engine import Run, RunResult, _prepare_splits, read_mixture
+        from .rundir import now_iso, write_json, write_text
+
+        started, start = now_iso(), time.time()
+        args, t = recipe.method_args, recipe.training
+        run = Run(recipe, self, rundir, PartialState())
+        mixture = read_mixture(recipe, self)
+        train, held_out = _prepare_splits(run, mixture)
+        items = held_out if held_out is not None else train
+        conversations = [{"prompt": r["prompt"], **({"reference": r["reference"]} if r.get("reference") else {})}
+                         for r in items]
+        device = run.state.device
+        dtype = recipe.model.dtype if recipe.model.dtype not in (None, "auto") else "float32"
+
+        def contestant(text: str):  # named by identity: never a local absolute path in eval.json
+            return Contestant.from_pretrained(resolve(text, "model").location, identity(text), dtype=dtype,
+                                              device=device)
+
+        model = contestant(recipe.model.model_name_or_path)
+        baseline = contestant(args.baseline_name_or_path) if args.baseline_name_or_path else None
+        reward = RewardModelScorer.from_pretrained(resolve(args.reward_name_or_path, "reward model").location,
+                                                   batch_size=t.per_device_eval_batch_size) \
+            if args.reward_name_or_path else None
+        judge = LMJudge.from_pretrained(resolve(args.judge_name_or_path, "judge").location, template=args.judge_template,
+                                        batch_size=t.per_device_eval_batch_size) if args.judge_name_or_path else None
+        with torch.no_grad():
+            result = evaluate(model, conversations, baseline, reward=reward, judge=judge, loss=args.heldout_loss,
+                              max_new_tokens=args.max_new_tokens, batch_size=t.per_device_eval_batch_size,
+                              num_resamples=args.bootstrap_resamples, seed=t.seed,
+                              reward_name=identity(args.reward_name_or_path),
+                              judge_name=identity(args.judge_name_or_path))
+        if args.lm_eval_tasks:
+            from gemma_hf.evaluation import run_lm_eval
+
+            harness = run_lm_eval(resolve(recipe.model.model_name_or_path, "model").location, args.lm_eval_tasks)
+            result["summary"].update(harness["summary"])
+        staged = rundir.staging
+        if staged.path.exists():
+            shutil.rmtree(staged.path)
+        staged.path.mkdir(parents=True)
+        write_json(staged.eval_json, {**result["summary"], "samples": result["samples"], "settings": result["settings"]})
+        write_text(staged / "evaluation.md", markdown_table(result) + "\n")
+        write_text(staged.recipe, recipe.to_yaml())
+        run_info = {"method": "eval", "model": identity(recipe.model.model_name_or_path),
+                    "baseline": identity(args.baseline_name_or_path), "reward_model": identity(args.reward_name_or_path),
+                    "judge": identity(args.judge_name_or_path), "family": recipe.family,
+                    "num_prompts": len(conversations),
+                    "datasets": [{"path": identity(p.source.reference), "num_examples": n}
+                                 for p, n in zip(mixture.parts, mixture.taken)],
+                    "started": started, "finished": now_iso(), "wall_time_s": round(time.time() - start, 1),
+                    "gemma_hf_version": gemma_hf.__version__}
+        write_json(staged.run_json, run_info)
+        from .engine import PUBLISH_READY
+
+        write_text(staged / PUBLISH_READY, now_iso())
+        rundir.path.mkdir(parents=True, exist_ok=True)
+        if rundir.old.exists():
+            shutil.rmtree(rundir.old)
+        rundir.path.rename(rundir.old)
+        staged.path.rename(rundir.path)
+        (rundir / PUBLISH_READY).unlink(missing_ok=True)
+        shutil.rmtree(rundir.old, ignore_errors=True)
+        return RunResult(rundir.path, "eval", result["summary"], time.time() - start, 0)
+
+    def prepare(self, run, dataset, split: str):
+        return dataset, {"examples": len(dataset)}
+
+    def summary(self, results: dict) -> list[str]:
+        keys = ("model_heldout_loss", "baseline_heldout_loss", "model_ended_turn_rate", "baseline_ended_turn_rate",
+                "model_repeat_prompt_rate", "model_distinct_2", "reward_win_rate", "judge_win_rate")
+        return [f"{k}: {results[k]:.4f}" for k in keys if isinstance(results.get(k), (int, float))]
+
+
+METHOD = Evaluate()
+
+__all__ = ["Evaluate", "EvalArguments", "EvalRunArguments", "METHOD"]

@@ -1,0 +1,503 @@
+"""The post-training pipeline (``gemma-hf pipeline --config P.yaml``): stages that are ordinary
+method recipes, run in order in one pipeline directory, each stage's output feeding the next.
+
+A pipeline file::
+
+    output_dir: runs/my-pipeline
+    final: rlhf                      # the stage whose model is the pipeline's (default: the last model)
+    stages:
+      - name: sft
+        method: sft
+        recipe: sft.yaml             # a recipe file (relative to this file) or an inline mapping
+        overrides: {max_steps: 60}
+      - name: reward
+        method: reward
+        recipe: reward.yaml
+        overrides: {model_name_or_path: {from: sft}}
+      - name: rlhf
+        method: warp
+        recipe: warp.yaml
+        overrides:
+          model_name_or_path: {from: sft}
+          rewards: [{model: {from: reward}}, {function: "gemma_hf.rl.rules:chat_health"}]
+      - name: eval
+        method: eval
+        recipe: eval.yaml
+        overrides: {model_name_or_path: {from: rlhf}, baseline_name_or_path: {from: sft}}
+    push: {repo_id: ORG/NAME, private: true}    # optional, off by default
+
+``{from: NAME}`` anywhere in a stage's values is the run directory of the earlier stage NAME.
+Every stage is validated before the first one starts (a typo in the last stage fails in the first
+second), with the outputs of earlier stages standing in as what they will be (their model's
+architecture and tokenizer).
+
+The pipeline directory holds ``stages/NAME/`` (each stage's run directory), ``logs/NAME.log``
+(each stage's output) and ``manifest.json``: per stage its method, the hash of its resolved recipe
+(which includes the hashes of the stages it reads from), its status (pending, running, finished,
+failed), its output, its wall time and its log. A re-run skips finished stages whose hash is
+unchanged, resumes an interrupted one (from its checkpoints), and re-runs a stage whose recipe
+changed and every stage after it. A failing stage is named with its log; the stages before it stay
+as they are. When every stage has finished, the final stage's model is published at the pipeline
+directory's root with a card that covers the whole pipeline (every stage's held-out results, the
+evaluation's table), and pushed if ``push`` says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+import yaml
+
+from gemma_hf.errors import GemmaHFError
+
+from .problems import Problem, RecipeError
+
+PIPELINE_KEYS = ("output_dir", "stages", "final", "push", "env")
+STAGE_KEYS = ("name", "method", "recipe", "overrides")
+MANIFEST = "manifest.json"
+
+
+class StageFailed(GemmaHFError):
+    """A stage of the pipeline failed; the message names it and its log."""
+
+
+@dataclass
+class Stage:
+    name: str
+    method: str
+    values: dict[str, Any]  # the stage recipe's values, overrides applied, {from: X} as "stage:X"
+    source: str  # the recipe file (or "inline")
+    reads: list[str] = field(default_factory=list)  # the stages it takes output from
+    hash: str = ""
+
+
+@dataclass
+class Pipeline:
+    source: Path
+    output_dir: Path
+    stages: list[Stage]
+    final: str
+    push: dict | None
+    env: dict[str, str]
+
+    def stage_dir(self, name: str) -> Path:
+        return self.output_dir / "stages" / name
+
+    def log(self, name: str) -> Path:
+        return self.output_dir / "logs" / f"{name}.log"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and checking
+# --------------------------------------------------------------------------------------------
+
+
+def _from_references(value: Any, known: list[str], where: str, problems: list[Problem], source: str, reads: set):
+    """``{from: NAME}`` -> ``"stage:NAME"`` throughout ``value``."""
+    if isinstance(value, dict):
+        if set(value) == {"from"}:
+            name = value["from"]
+            if name not in known:
+                problems.append(Problem(where, f"{{from: {name!r}}} names no earlier stage",
+                                        f"use one of {known or '(none: this is the first stage)'}", source))
+                return value
+            reads.add(name)
+            return f"stage:{name}"
+        return {k: _from_references(v, known, f"{where}.{k}", problems, source, reads) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_references(v, known, f"{where}[{i}]", problems, source, reads) for i, v in enumerate(value)]
+    return value
+
+
+def read_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
+    """Read a pipeline file; RecipeError for every problem of its own structure (stage recipes are
+    checked by :func:`check_pipeline`)."""
+    from .config import read_yaml, yaml_scalar
+    from .methods import METHOD_MODULES
+
+    path = Path(path)
+    raw = read_yaml(path)
+    label = str(path)
+    problems: list[Problem] = []
+    for token_index in range(0, len(overrides or []), 2):
+        key = overrides[token_index].lstrip("-").replace("-", "_")
+        if key != "output_dir" or token_index + 1 >= len(overrides):
+            problems.append(Problem(key, "a pipeline takes only --output_dir on the command line",
+                                    "edit the pipeline file (or a stage's overrides)", "the command line"))
+            continue
+        raw["output_dir"] = yaml_scalar(overrides[token_index + 1])
+    for key in raw:
+        if key not in PIPELINE_KEYS:
+            from gemma_hf.errors import suggestion
+
+            problems.append(Problem(str(key), f"unknown pipeline key.{suggestion(str(key), PIPELINE_KEYS)}",
+                                    f"pipeline keys are {', '.join(PIPELINE_KEYS)}", label))
+    if not raw.get("output_dir") or not isinstance(raw.get("output_dir"), str):
+        problems.append(Problem("output_dir", "missing: where the pipeline's directory goes",
+                                "add `output_dir: runs/<name>`", label))
+    stages_raw = raw.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        problems.append(Problem("stages", "missing or empty: a pipeline is a list of stages",
+                                "add `stages:` with {name, method, recipe, overrides} entries", label))
+        stages_raw = []
+    stages: list[Stage] = []
+    names: list[str] = []
+    for index, entry in enumerate(stages_raw):
+        key = f"stages[{index}]"
+        if not isinstance(entry, dict):
+            problems.append(Problem(key, f"expected a mapping, got {entry!r}", "write {name, method, recipe}", label))
+            continue
+        unknown = [k for k in entry if k not in STAGE_KEYS]
+        for k in unknown:
+            problems.append(Problem(f"{key}.{k}", "unknown stage key", f"stage keys are {', '.join(STAGE_KEYS)}", label))
+        name, method = entry.get("name"), entry.get("method")
+        if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").isalnum():
+            problems.append(Problem(f"{key}.name", f"{name!r} is not a stage name", "use letters, digits, - and _",
+                                    label))
+            continue
+        if name in names:
+            problems.append(Problem(f"{key}.name", f"{name!r} is used twice", "give each stage its own name", label))
+            continue
+        if method not in METHOD_MODULES:
+            from gemma_hf.errors import suggestion
+
+            problems.append(Problem(f"{key}.method", f"{method!r} is not a method.{suggestion(str(method), METHOD_MODULES)}",
+                                    f"use one of {', '.join(METHOD_MODULES)}", label))
+            continue
+        recipe = entry.get("recipe")
+        values: dict[str, Any] = {}
+        source = "inline"
+        if isinstance(recipe, str):
+            file = (path.parent / recipe) if not Path(recipe).is_absolute() else Path(recipe)
+            source = str(file)
+            try:
+                values = read_yaml(file)
+            except RecipeError as err:
+                problems.extend(Problem(f"{key}.recipe ({p.key})", p.message, p.fix, label) for p in err.problems)
+                continue
+        elif isinstance(recipe, dict):
+            values = dict(recipe)
+        elif recipe is not None:
+            problems.append(Problem(f"{key}.recipe", "expected a recipe file name or an inline mapping",
+                                    "write `recipe: sft.yaml` or `recipe: {...}`", label))
+            continue
+        overrides_value = entry.get("overrides") or {}
+        if not isinstance(overrides_value, dict):
+            problems.append(Problem(f"{key}.overrides", "expected a mapping of recipe keys", "write {key: value}", label))
+            continue
+        values.update(overrides_value)
+        values.pop("output_dir", None)
+        reads: set[str] = set()
+        values = _from_references(values, names, key, problems, label, reads)
+        stages.append(Stage(name, method, values, source, sorted(reads)))
+        names.append(name)
+    final = raw.get("final")
+    model_stages = [s.name for s in stages if s.method != "eval"]
+    if final is None and model_stages:
+        final = model_stages[-1]
+    if stages and final not in model_stages:
+        problems.append(Problem("final", f"{final!r} is not a stage that trains a model", f"use one of {model_stages}",
+                                label))
+    push = raw.get("push")
+    if push is not None and (not isinstance(push, dict) or "repo_id" not in push
+                             or set(push) - {"repo_id", "private"}):
+        problems.append(Problem("push", "expected {repo_id: ORG/NAME, private: true}", "fix or remove push", label))
+    env = raw.get("env") or {}
+    if not isinstance(env, dict):
+        problems.append(Problem("env", "expected a mapping", "write env as NAME: value", label))
+        env = {}
+    if problems:
+        raise RecipeError(label, problems)
+    output_dir = Path(raw["output_dir"]).expanduser().resolve()
+    pipeline = Pipeline(path, output_dir, stages, final, push, {str(k): str(v) for k, v in env.items()})
+    _hash_stages(pipeline)
+    return pipeline
+
+
+def _hash_stages(pipeline: Pipeline) -> None:
+    hashes: dict[str, str] = {}
+    for stage in pipeline.stages:
+        text = json.dumps({"method": stage.method, "values": stage.values,
+                           "reads": {name: hashes[name] for name in stage.reads}}, sort_keys=True, default=str)
+        stage.hash = hashes[stage.name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def stage_values(pipeline: Pipeline, stage: Stage, resolve_outputs: bool) -> dict[str, Any]:
+    """The stage's recipe values with its output_dir, and (when running) the real paths of the stages it reads."""
+
+    def swap(value):
+        if isinstance(value, str) and value.startswith("stage:") and resolve_outputs:
+            return str(pipeline.stage_dir(value[len("stage:"):]))
+        if isinstance(value, dict):
+            return {k: swap(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [swap(v) for v in value]
+        return value
+
+    values = swap(json.loads(json.dumps(stage.values)))
+    values["output_dir"] = str(pipeline.stage_dir(stage.name))
+    if pipeline.env:
+        values["env"] = {**pipeline.env, **(values.get("env") or {})}
+    return values
+
+
+def check_pipeline(pipeline: Pipeline) -> dict[str, Any]:
+    """Validate every stage's recipe before anything runs; {stage: Recipe}. Earlier stages' outputs
+    stand in as what they will be: their model's architecture and tokenizer."""
+    from gemma_hf.references import PENDING_STAGES, PendingStage
+
+    from .config import load_recipe
+    from .methods import get_method
+
+    recipes: dict[str, Any] = {}
+    problems: list[Problem] = []
+    PENDING_STAGES.clear()
+    try:
+        for index, stage in enumerate(pipeline.stages):
+            try:
+                recipe = load_recipe(None, values=stage_values(pipeline, stage, resolve_outputs=False),
+                                     method=stage.method)
+            except RecipeError as err:
+                problems.extend(Problem(f"stages[{index}] ({stage.name}).{p.key}", p.message, p.fix,
+                                        str(pipeline.source)) for p in err.problems)
+                continue
+            recipes[stage.name] = recipe
+            head = get_method(stage.method).head
+            PENDING_STAGES[stage.name] = PendingStage(stage.name, recipe.architecture, recipe.tokenizer_path, head)
+    finally:
+        PENDING_STAGES.clear()
+    if problems:
+        raise RecipeError(pipeline.source, problems)
+    return recipes
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def read_manifest(pipeline: Pipeline) -> dict:
+    path = pipeline.output_dir / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"stages": {}}
+
+
+def write_manifest(pipeline: Pipeline, manifest: dict) -> None:
+    from .rundir import write_json
+
+    write_json(pipeline.output_dir / MANIFEST, manifest)
+
+
+class _Tee:
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self):
+        for stream in self.streams:
+            stream.flush()
+
+    def isatty(self):
+        return False
+
+
+@contextlib.contextmanager
+def _logged(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as log:
+        old_out, old_err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(old_out, log), _Tee(old_err, log)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = old_out, old_err
+
+
+def run_pipeline(pipeline: Pipeline, resume: bool = True) -> dict:
+    """Run (or continue) the pipeline; the manifest after the last stage."""
+    from contextlib import ExitStack
+
+    from accelerate import PartialState
+
+    from gemma_hf.io import exclusive_lock
+
+    from .config import load_recipe
+    from .methods import get_method
+    from .rundir import RunDir
+
+    state = PartialState()
+    check_pipeline(pipeline)  # everything, before the first stage
+    main = state.is_main_process
+    with ExitStack() as stack:
+        if main:
+            stack.enter_context(exclusive_lock(pipeline.output_dir, "pipeline directory"))
+            from .engine import recover_publish
+
+            recover_publish(RunDir(pipeline.output_dir))
+        state.wait_for_everyone()
+        _check_output_dir(pipeline)
+        manifest = read_manifest(pipeline)
+        if RunDir(pipeline.output_dir).is_finished():
+            changed = [s.name for s in pipeline.stages
+                       if manifest.get("stages", {}).get(s.name, {}).get("hash") != s.hash]
+            if not changed:
+                print(f"{pipeline.output_dir} holds this pipeline, finished: nothing to do", flush=True)
+                return manifest
+            # A stage's recipe changed: the published model is withdrawn (run.json, the card) until the
+            # changed stages and those after them have run again and the new final model is published.
+            if main:
+                for name in ("run.json", "README.md"):
+                    (pipeline.output_dir / name).unlink(missing_ok=True)
+            state.wait_for_everyone()
+        pipeline.output_dir.mkdir(parents=True, exist_ok=True)
+        manifest.setdefault("stages", {})
+        manifest["pipeline"] = str(pipeline.source.name)
+        stale = False
+        for stage in pipeline.stages:
+            entry = manifest["stages"].get(stage.name, {})
+            out = pipeline.stage_dir(stage.name)
+            changed = entry.get("hash") not in (None, stage.hash)
+            if changed or stale:
+                stale = True  # this stage and everything after it run again
+                if main and out.exists():
+                    shutil.rmtree(out)
+                entry = {}
+            if entry.get("status") == "finished" and RunDir(out).is_finished():
+                print(f"== stage {stage.name} ({stage.method}): finished earlier, skipped ==", flush=True)
+                continue
+            entry = {"method": stage.method, "hash": stage.hash, "status": "running", "output": str(out),
+                     "log": str(pipeline.log(stage.name)), "recipe": stage.source, "reads": stage.reads,
+                     "attempts": entry.get("attempts", 0) + 1}
+            manifest["stages"][stage.name] = entry
+            if main:
+                write_manifest(pipeline, manifest)
+            started = time.time()
+            print(f"== stage {stage.name} ({stage.method}) -> {out} ==", flush=True)
+            import os
+
+            os.environ["GEMMA_HF_STAGE"] = stage.name  # stage-specific fault points (tests)
+            try:
+                with _logged(pipeline.log(stage.name)) if main else contextlib.nullcontext():
+                    recipe = load_recipe(None, values=stage_values(pipeline, stage, resolve_outputs=True),
+                                         method=stage.method)
+                    if recipe.environment_problems:
+                        raise RecipeError(f"stage {stage.name}", recipe.environment_problems)
+                    result = get_method(stage.method).run(recipe, resume=True)
+            except BaseException as err:
+                os.environ.pop("GEMMA_HF_STAGE", None)
+                entry.update(status="failed", seconds=round(time.time() - started, 1),
+                             error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+                if main:
+                    write_manifest(pipeline, manifest)
+                if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                    raise
+                raise StageFailed(f"stage {stage.name!r} ({stage.method}) failed: {err}\nits log: "
+                                  f"{pipeline.log(stage.name)}; the stages before it are kept. Fix it and rerun "
+                                  "the pipeline: finished stages are skipped, this one resumes.") from err
+            os.environ.pop("GEMMA_HF_STAGE", None)
+            entry.update(status="finished", seconds=round(time.time() - started, 1),
+                         summary={k: v for k, v in (result.results or {}).items()
+                                  if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            print(f"== stage {stage.name} finished in {entry['seconds']:.0f} s ==", flush=True)
+            if main:
+                write_manifest(pipeline, manifest)
+        if main:
+            publish_pipeline(pipeline, manifest)
+        state.wait_for_everyone()
+    return manifest
+
+
+def _check_output_dir(pipeline: Pipeline) -> None:
+    """The pipeline directory is ours (a manifest), or empty/absent."""
+    out = pipeline.output_dir
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        raise RecipeError(pipeline.source, [Problem(
+            "output_dir", f"{out} exists and is not a gemma-hf pipeline directory (no {MANIFEST})",
+            "choose a new output_dir (or empty it)", str(pipeline.source))])
+
+
+def publish_pipeline(pipeline: Pipeline, manifest: dict) -> None:
+    """The final stage's model at the pipeline directory's root, with the pipeline's record and card."""
+    from .engine import finish_publish
+    from .rundir import RunDir, now_iso, write_json, write_text
+    from .warp import _copy_model
+
+    rundir = RunDir(pipeline.output_dir)
+    final = RunDir(pipeline.stage_dir(pipeline.final))
+    staged = rundir.staging
+    if staged.path.exists():
+        shutil.rmtree(staged.path)
+    staged.path.mkdir(parents=True)
+    _copy_model(final.path, staged.path, into_existing=True)
+    for name in ("metrics.jsonl",):
+        if (final / name).is_file():
+            shutil.copy2(final / name, staged / name)
+    if final.plots.is_dir():
+        shutil.copytree(final.plots, staged.plots)
+    from gemma_hf.references import identity
+
+    from .config import shareable
+
+    resolved = {"output_dir": identity(str(pipeline.output_dir)), "final": pipeline.final,
+                "stages": [{"name": st.name, "method": st.method, "hash": st.hash,
+                            "recipe": shareable("recipe", stage_values(pipeline, st, resolve_outputs=False))}
+                           for st in pipeline.stages]}
+    write_text(staged.recipe, f"# Resolved pipeline (from {pipeline.source.name}); {{from: NAME}} is written "
+               f"stage:NAME\n" + yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True, width=100))
+    results: dict[str, Any] = {}
+    for stage in pipeline.stages:
+        evaluation = RunDir(pipeline.stage_dir(stage.name)).read_eval() or {}
+        for key, value in evaluation.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) or value is None:
+                results[f"{stage.name}/{key}"] = value
+    eval_stage = next((s for s in reversed(pipeline.stages) if s.method == "eval"), None)
+    if eval_stage is not None:
+        table = pipeline.stage_dir(eval_stage.name) / "evaluation.md"
+        if table.is_file():
+            write_text(staged / "evaluation.md", table.read_text(encoding="utf-8"))
+    write_json(staged.eval_json, results)
+    first = RunDir(pipeline.stage_dir(pipeline.stages[0].name)).read_run()
+    final_run = final.read_run()
+    run_info = {
+        "method": "pipeline",
+        "head": "causal-lm",
+        "base_model": first.get("base_model"),
+        "family": final_run.get("family"),
+        "datasets": [d for s in pipeline.stages for d in (RunDir(pipeline.stage_dir(s.name)).read_run().get("datasets")
+                                                           or [])],
+        "final_stage": pipeline.final,
+        "stages": [{"name": s.name, "method": s.method, "hash": s.hash,
+                    "seconds": manifest["stages"][s.name].get("seconds")} for s in pipeline.stages],
+        "wall_time_s": round(sum(manifest["stages"][s.name].get("seconds") or 0 for s in pipeline.stages), 1),
+        "finished": now_iso(),
+        "gemma_hf_version": final_run.get("gemma_hf_version"),
+        "transformers_version": final_run.get("transformers_version"),
+        "trl_version": final_run.get("trl_version"),
+    }
+    # The working directory's stages/, logs/ and manifest move into the finished one.
+    for name in ("logs", MANIFEST):
+        if (rundir / name).exists():
+            (rundir / name).rename(staged / name)
+    finish_publish(rundir, staged, run_info)
+    if pipeline.push:
+        from gemma_hf.hub import push_to_hub
+
+        push_to_hub(rundir.path, pipeline.push["repo_id"], private=pipeline.push.get("private", True))
+
+
+__all__ = ["Pipeline", "Stage", "StageFailed", "read_pipeline", "check_pipeline", "run_pipeline", "publish_pipeline"]

@@ -1,0 +1,201 @@
+"""gemma-hf distill and distill-cache end to end on CPU: a tiny Gemma 3 teacher with the real Gemma 3
+tokenizer, a student built from two of its layers, real Alpaca records.
+
+The loss functions themselves are checked against dense computations in test_distill_losses.py,
+the cache format in test_distill_cache.py, the student construction in test_distill_student.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from gemma_hf.assets import gemma3_tokenizer, gemma_tokenizer
+from tests.tiny import make_teacher
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "recipes" / "tiny" / "distill.yaml"
+TINY_OFFLINE = REPO / "recipes" / "tiny" / "distill-offline.yaml"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def cli(argv) -> int:
+    from gemma_hf import cli as gemma_cli
+
+    try:
+        return gemma_cli.main([str(a) for a in argv])
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    return make_teacher(tmp_path_factory.mktemp("teacher") / "teacher", gemma3_tokenizer, "gemma3", seed=0)
+
+
+def argv(recipe: Path, teacher: Path, out: Path, *extra) -> list:
+    return ["distill", "--config", recipe, "--teacher_name_or_path", teacher, "--output_dir", out,
+            "--student_init", "{keep_layers: [0, 3]}", "--max_new_tokens", "8", "--logging_steps", "1", *extra]
+
+
+def run_json(out: Path) -> dict:
+    return json.loads((out / "run.json").read_text())
+
+
+@pytest.fixture
+def count_generations(monkeypatch):
+    """Counts the calls that really generate (gemma_hf.distillation.trainer.generate_completions),
+    by which model: the student is trained (requires grad), the teacher frozen."""
+    from gemma_hf.distillation import trainer as module
+
+    calls = {"student": 0, "teacher": 0}
+    real = module.generate_completions
+
+    def counting(model, *args, **kwargs):
+        trained = any(p.requires_grad for p in model.parameters())
+        calls["student" if trained else "teacher"] += 1
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(module, "generate_completions", counting)
+    return calls
+
+
+@pytest.mark.parametrize("lmbda, seq_kd, expected", [
+    (0.0, False, {"student": 0, "teacher": 0, "data": 4}),
+    (1.0, False, {"student": 4, "teacher": 0, "data": 0}),
+    (0.0, True, {"student": 0, "teacher": 4, "data": 0}),
+])
+def test_lmbda_decides_who_writes_the_completions(teacher, tmp_path, count_generations, lmbda, seq_kd, expected):
+    out = tmp_path / "run"
+    code = cli(argv(TINY, teacher, out, "--lmbda", lmbda, "--seq_kd", str(seq_kd).lower(), "--max_steps", 4,
+                    "--save_steps", 4, "--eval_steps", 4))
+    assert code == 0
+    info = run_json(out)
+    assert info["generations"] == expected
+    assert count_generations == {"student": expected["student"], "teacher": expected["teacher"]}
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = [row for row in logged if "generated_by_student" in row][-1]
+    assert last["generated_by_student"] == expected["student"]
+
+
+def test_the_on_policy_coin_is_the_same_in_every_process():
+    """The coin is a function of (seed, step) only: two processes draw the same sequence."""
+    script = ("import random; print([random.Random(f'0:{s}').random() < 0.5 for s in range(32)])")
+    draws = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+             for _ in range(2)}
+    assert len(draws) == 1
+    seq = eval(draws.pop())  # noqa: S307 - our own output
+    assert 8 <= sum(seq) <= 24  # and it is a coin, not a constant
+
+
+def test_student_is_built_from_the_teacher_and_counted(teacher, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(argv(TINY, teacher, out, "--lmbda", 0, "--max_steps", 2, "--save_steps", 2, "--eval_steps", 2)) == 0
+    info = run_json(out)
+    student = info["student"]
+    assert student["keep_layers"] == [0, 3]
+    t = load_file(teacher / "model.safetensors")
+    s = load_file(out / "model.safetensors")
+    assert student["parameters"] == sum(v.numel() for k, v in t.items() if not k.startswith("model.layers.")) + sum(
+        v.numel() for k, v in t.items() if k.startswith(("model.layers.0.", "model.layers.3.")))
+    assert f"{student['parameters']:,} parameters" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2
+    teacher_types = json.loads((teacher / "config.json").read_text())["layer_types"]
+    assert config["layer_types"] == [teacher_types[0], teacher_types[3]]  # each kept layer keeps its attention type
+    assert set(s) <= set(t) | {k.replace("model.layers.1.", "model.layers.3.") for k in s}
+
+
+def test_on_policy_distillation_brings_the_student_closer_to_the_teacher(teacher, tmp_path):
+    out = tmp_path / "run"
+    assert cli(argv(TINY, teacher, out, "--beta", 0.0, "--lmbda", 0.5, "--learning_rate", 3e-3, "--max_steps", 6,
+                    "--save_steps", 6, "--eval_steps", 6)) == 0
+    results = json.loads((out / "eval.json").read_text())
+    before, after = results["kl_teacher_student_before"], results["kl_teacher_student_after"]
+    assert after < 0.2 * before, results
+    assert all(torch.isfinite(v).all() for v in load_file(out / "model.safetensors").values())
+
+
+def cache_argv(teacher: Path, cache: Path, *extra) -> list:
+    return ["distill-cache", "--config", TINY_OFFLINE, "--teacher_name_or_path", teacher, "--cache_dir", cache,
+            "--student_init", "{keep_layers: [0, 3]}", "--cache_shard_size", 8, *extra]
+
+
+def test_offline_distillation_from_the_cache(teacher, tmp_path):
+    cache = tmp_path / "cache"
+    assert cli(cache_argv(teacher, cache)) == 0
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["K"] == 16 and manifest["mode"] == "sampled"
+    out = tmp_path / "run"
+    assert cli(["distill", "--config", TINY_OFFLINE, "--teacher_name_or_path", teacher, "--cache_dir", cache,
+                "--student_init", "{keep_layers: [0, 3]}", "--output_dir", out, "--learning_rate", 3e-3,
+                "--max_steps", 6, "--save_steps", 6, "--eval_steps", 6, "--nll_weight", 0.0]) == 0
+    results = json.loads((out / "eval.json").read_text())
+    assert results["kl_teacher_student_after"] < 0.2 * results["kl_teacher_student_before"], results
+    assert run_json(out)["cache"]["K"] == 16
+
+
+def test_a_cache_of_another_teacher_is_refused_before_training(teacher, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert cli(cache_argv(teacher, cache)) == 0
+    other = make_teacher(tmp_path / "other", gemma3_tokenizer, "gemma3", seed=1)
+    out = tmp_path / "run"
+    code = cli(["distill", "--config", TINY_OFFLINE, "--teacher_name_or_path", other, "--cache_dir", cache,
+                "--student_init", "{keep_layers: [0, 3]}", "--output_dir", out, "--max_steps", 2])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "cache_dir" in err and "teacher" in err
+    assert not out.exists()
+
+
+def test_a_teacher_of_another_tokenizer_is_refused_naming_both(teacher, tmp_path, capsys):
+    gemma2 = make_teacher(tmp_path / "gemma2-teacher", gemma_tokenizer, "gemma2", seed=0)
+    out = tmp_path / "run"
+    code = cli(["distill", "--config", TINY, "--teacher_name_or_path", gemma2, "--model_name_or_path", teacher,
+                "--student_init", "null",
+                "--output_dir", out, "--max_steps", 2])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "teacher_name_or_path" in err and str(gemma2) in err and str(teacher) in err
+    assert not out.exists()
+
+
+# -- kill -9 and resume (real subprocesses) ------------------------------------------------------
+
+def _command(*args) -> list[str]:
+    return [sys.executable, "-m", "gemma_hf.cli", *map(str, args)]
+
+
+def _env(**more) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **more}
+
+
+def test_distill_cache_killed_after_a_shard_resumes_to_the_same_cache(teacher, tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    done = subprocess.run(_command(*cache_argv(teacher, reference)), capture_output=True, text=True, env=_env(),
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = subprocess.run(_command(*cache_argv(teacher, killed)), capture_output=True, text=True,
+                           env=_env(GEMMA_HF_KILL_AT="cache:shard"), cwd=REPO)
+    assert first.returncode == -9
+    assert not json.loads((killed / "manifest.json").read_text()).get("complete")
+    second = subprocess.run(_command(*cache_argv(teacher, killed)), capture_output=True, text=True, env=_env(),
+                            cwd=REPO)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "shard 0: complete, skipped" in second.stdout
+    shards = sorted(p.name for p in reference.glob("*.safetensors"))
+    assert len(shards) >= 2 and shards == sorted(p.name for p in killed.glob("*.safetensors"))
+    for name in shards:
+        a, b = load_file(reference / name), load_file(killed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    strip = lambda m: {k: v for k, v in m.items() if k not in ("created", "updated", "finished")}  # noqa: E731
+    assert strip(json.loads((killed / "manifest.json").read_text())) == strip(
+        json.loads((reference / "manifest.json").read_text()))

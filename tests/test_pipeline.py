@@ -1,0 +1,159 @@
+"""The pipeline on the tiny recipes: SFT -> reward -> RLHF -> evaluation in one directory.
+
+Killed mid-stage and re-run: the finished stages are skipped, the killed one resumes, the result is
+complete. Editing one stage's recipe re-runs exactly that stage and those after it. A typo in the
+last stage fails before the first one starts; a stage that fails at run time is named with its log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gemma_hf.assets import gemma_tokenizer, llamafactory_data
+from tests.assets import require
+from tests.clirun import run_cli
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "recipes" / "tiny" / "post-training.yaml"
+
+
+def pipeline_file(tmp_path: Path, edit=None) -> Path:
+    """The tiny pipeline, its stage recipes resolved from recipes/tiny (copied next to it)."""
+    data = yaml.safe_load(TINY.read_text())
+    for stage in data["stages"]:
+        if isinstance(stage.get("recipe"), str):
+            stage["recipe"] = str(REPO / "recipes" / "tiny" / stage["recipe"])
+    if edit:
+        edit(data)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run(path: Path, out: Path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gemma_hf.cli", "pipeline", "--config", str(path), "--output_dir",
+                           str(out)], capture_output=True, text=True, timeout=1800, cwd=REPO,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())["stages"]
+
+
+@pytest.fixture(scope="module")
+def killed_then_rerun(tmp_path_factory):
+    require(gemma_tokenizer)
+    require(llamafactory_data)
+    root = tmp_path_factory.mktemp("pipeline")
+    path, out = pipeline_file(root), root / "run"
+    killed = run(path, out, GEMMA_HF_KILL_AT="reward:publish:files")
+    rerun = run(path, out)
+    return path, out, killed, rerun
+
+
+def test_a_pipeline_killed_mid_stage_completes_on_rerun(killed_then_rerun):
+    path, out, killed, rerun = killed_then_rerun
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    stages = manifest(out)
+    assert list(stages) == ["sft", "reward", "rlhf", "eval"]
+    assert all(s["status"] == "finished" for s in stages.values())
+    assert stages["sft"]["attempts"] == 1  # finished before the kill: skipped, not redone
+    assert stages["reward"]["attempts"] == 2  # killed, then resumed
+    assert "stage sft (sft): finished earlier, skipped" in rerun.stdout
+    reward = json.loads((out / "stages" / "reward" / "run.json").read_text())
+    assert reward["resumed_from"] == "checkpoint-4" and reward["global_step"] == 4
+    # The pipeline's model is the final stage's; its record and card cover every stage.
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["method"] == "pipeline" and [s["name"] for s in run_info["stages"]] == list(stages)
+    final = (out / "model.safetensors").read_bytes()
+    assert final == (out / "stages" / "rlhf" / "model.safetensors").read_bytes()
+    results = json.loads((out / "eval.json").read_text())
+    assert "eval/judge_win_rate" in results and "reward/accuracy_after" in results
+    card = (out / "README.md").read_text()
+    assert "a multi-stage pipeline" in card and "judge_win_rate" in card
+    assert (out / "logs" / "reward.log").read_text()
+    assert not any(p.name.startswith(".") for p in out.iterdir())
+
+
+def test_editing_one_stage_reruns_it_and_those_after(killed_then_rerun, tmp_path):
+    path, out, _, _ = killed_then_rerun
+    before = manifest(out)
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    nothing = run(path, copy)
+    assert nothing.returncode == 0 and "nothing to do" in nothing.stdout
+
+    def edit(data):
+        data["stages"][2]["overrides"]["learning_rate"] = 1.0e-3  # the rlhf stage
+
+    edited = pipeline_file(tmp_path, edit)
+    again = run(edited, copy)
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = manifest(copy)
+    assert after["sft"]["hash"] == before["sft"]["hash"] and after["reward"]["hash"] == before["reward"]["hash"]
+    assert after["rlhf"]["hash"] != before["rlhf"]["hash"]
+    assert after["eval"]["hash"] != before["eval"]["hash"]  # it reads the rlhf stage
+    assert "stage sft (sft): finished earlier, skipped" in again.stdout
+    assert "stage reward (reward): finished earlier, skipped" in again.stdout
+    assert "== stage rlhf (rlhf) ->" in again.stdout and "== stage eval (eval) ->" in again.stdout
+    assert json.loads((copy / "run.json").read_text())["method"] == "pipeline"
+
+
+def test_a_typo_in_the_last_stage_fails_before_the_first_starts(tmp_path, capsys):
+    require(gemma_tokenizer)
+
+    def edit(data):
+        data["stages"][3]["overrides"]["max_new_tokenz"] = 8
+
+    started = time.time()
+    code, out, err = run_cli(["pipeline", "--config", str(pipeline_file(tmp_path, edit)), "--output_dir",
+                              str(tmp_path / "run")], capsys)
+    assert code == 2 and "stages[3] (eval).max_new_tokenz" in err and "Did you mean 'max_new_tokens'" in err
+    assert not (tmp_path / "run").exists() and time.time() - started < 120
+
+
+def test_a_failing_stage_is_named_with_its_log(tmp_path, capsys):
+    require(gemma_tokenizer)
+
+    def edit(data):
+        data["stages"][1]["overrides"]["learning_rate"] = 1.0e30  # the reward stage diverges
+        data["stages"][1]["overrides"]["max_grad_norm"] = 0.0
+
+    path = pipeline_file(tmp_path, edit)
+    result = run(path, tmp_path / "run")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "stage 'reward' (reward) failed" in result.stderr and "training diverged" in result.stderr
+    assert str(tmp_path / "run" / "logs" / "reward.log") in result.stderr
+    stages = manifest(tmp_path / "run")
+    assert stages["sft"]["status"] == "finished" and stages["reward"]["status"] == "failed"
+    assert (tmp_path / "run" / "stages" / "sft" / "run.json").is_file()  # earlier results intact
+
+
+def test_nothing_pushed_holds_a_local_path(killed_then_rerun):
+    """The card, recipe.yaml, run.json, eval.json, ... name models and data by identity (asset, Hub id,
+    relative path, local:NAME), never by a local absolute path (the user's directories)."""
+    from gemma_hf import hub
+    from gemma_hf.assets import cache_root
+
+    _, out, _, _ = killed_then_rerun
+    plan = hub.upload_plan(out)
+    texts = [f for f in plan.files if f.endswith((".md", ".yaml", ".json", ".jsonl", ".jinja"))]
+    assert {"README.md", "recipe.yaml", "run.json", "eval.json"} <= set(texts)
+    forbidden = {str(out.parent), str(Path.home()), str(cache_root()), str(REPO), os.getcwd()}
+    for name in texts:
+        text = (out / name).read_text()
+        leaked = [p for p in forbidden if p and p in text]
+        assert not leaked, (name, leaked)
+    card = hub.validate_card(out / "README.md")
+    assert card.data.base_model is None or "/" in card.data.base_model
+    assert card.data.to_dict().get("model-index"), "the card's metadata carries the evaluation results"
