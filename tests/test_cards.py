@@ -138,6 +138,12 @@ def test_card_metadata_is_valid_hub_metadata(run_dir):
         "base_model": "google/gemma-2-2b",
         "base_model_relation": "finetune",
         "datasets": ["tatsu-lab/alpaca"],  # the local JSON file is not a Hub dataset
+        # eval.json's numbers, on the held-out split, datasets named by identity (no local path)
+        "model-index": [{"name": "gemma2-tiny-sft", "results": [{
+            "task": {"type": "text-generation"},
+            "dataset": {"name": "held-out split of tatsu-lab/alpaca, local:alpaca_en_demo.json", "type": "held-out"},
+            "metrics": [{"type": "accuracy", "value": 0.8125, "name": "accuracy"},
+                        {"type": "win_rate", "value": 0.55, "name": "win_rate"}]}]}],
     }
     # huggingface_hub's own parser agrees, and the metadata round-trips unchanged.
     reparsed = ModelCard(text)

@@ -86,11 +86,16 @@ def _kill_and_resume(method, point, tmp_path, reference):
     assert_same_run(run_dir, reference[method]["dir"])
 
 
-# The default suite kills every method during training, and sft/reward at the publish points too:
-# publishing is the run core's, shared by every method, so the other methods' publish kills (and
-# every other named point) are in the long suite (make test-faults), which CI also runs.
+# Every method is killed during training. Publishing, checkpoint saving (full disk) and resume are
+# the run core's, the same code for every method: the default suite kills sft and reward at three
+# publish points, at a random instant and with a full disk; the long suite (make test-faults, which
+# CI also runs) adds sft/reward's other publish points and the random-instant and full-disk cases of
+# distill and rlhf. distill and rlhf are not killed while publishing (that code is finish_publish).
+PUBLISH_METHODS = ("sft", "reward")
+
+
 def _default_points(method: str) -> list[str]:
-    return DEFAULT_POINTS if method in ("sft", "reward") else ["train"]
+    return DEFAULT_POINTS if method in PUBLISH_METHODS else ["train"]
 
 
 @pytest.mark.parametrize(("method", "point"), [(m, p) for m in METHODS for p in _default_points(m)])
@@ -100,7 +105,8 @@ def test_kill_at_a_named_point_then_resume_equals_the_uninterrupted_run(referenc
 
 @pytest.mark.faults
 @pytest.mark.parametrize(("method", "point"),
-                         [(m, p) for m in METHODS for p in KILL_POINTS if p not in _default_points(m)])
+                         [(m, p) for m in METHODS if m in PUBLISH_METHODS for p in KILL_POINTS
+                          if p not in _default_points(m)])
 def test_kill_at_every_named_point(reference, method, point, tmp_path):
     _kill_and_resume(method, point, tmp_path, reference)
 
@@ -123,7 +129,16 @@ def _random_kills(method, count, seed, tmp_path, reference) -> list[float]:
     return instants
 
 
-@pytest.mark.parametrize("method", METHODS)
+# Default suite: the run core's own methods (sft, reward); the long suite: every other method too.
+CORE = [m for m in METHODS if m in PUBLISH_METHODS]
+OTHERS = [m for m in METHODS if m not in PUBLISH_METHODS]
+
+
+def _core_then_long(methods_default, methods_long):
+    return [*methods_default, *[pytest.param(m, marks=pytest.mark.faults) for m in methods_long]]
+
+
+@pytest.mark.parametrize("method", _core_then_long(CORE, OTHERS))
 def test_kill_at_random_instants_then_resume(reference, method, tmp_path):
     _random_kills(method, 1, seed=sum(map(ord, method)), tmp_path=tmp_path, reference=reference)
 
@@ -151,7 +166,7 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     return mounted.returncode == 0
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", _core_then_long(CORE, OTHERS))
 def test_a_full_disk_stops_the_run_resumably(reference, method, tmp_path):
     """The first checkpoint (~200 MB: weights + Adam states of a 16M-parameter embedding) does not fit
     on a 150 MB disk: exit 1 naming the full disk, no traceback, no checkpoint that counts; moved to

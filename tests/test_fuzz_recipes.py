@@ -26,7 +26,7 @@ from gemma_hf import cli
 from gemma_hf.assets import gemma_tokenizer, llamafactory_data
 from gemma_hf.recipes.schema import key_index
 from tests.assets import require
-from tests.faults import ALL_METHODS, METHODS, recipe_of
+from tests.faults import ALL_METHODS, METHODS, extra_args, recipe_of
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -152,6 +152,8 @@ def _fuzz_runs(method: str, tmp_path_factory, capsys, examples: int) -> None:
                 "--save_steps", "2", "--eval_strategy", "no", "--test_split_size", "null"]
         if method == "sft":
             argv += ["--sample_prompts", "null"]
+        if method == "distill":  # the tiny shared teacher, not the recipe's real 270M (tests/faults.py)
+            argv += extra_args(method)
         for key, value in knobs.items():
             argv += [f"--{key}", repr(value) if isinstance(value, float) else str(value)]
         try:

@@ -254,7 +254,8 @@ def test_lora_reward_model_from_an_sft_run_directory(tmp_path):
                        "--datasets", json.dumps([{"path": str(pairs)}]), "--test_split_size", "8",
                        "--max_steps", "4", "--eval_strategy", "no", "--save_steps", "4"]) == 0
     run = json.loads((out / "run.json").read_text())
-    assert run["lora"] and run["base_model"] == str(sft) and run["score_head"].startswith("new")
+    # the base model is recorded by identity (run.json is pushed: no local absolute path)
+    assert run["lora"] and run["base_model"] == "local:sft" and run["score_head"].startswith("new")
     assert (out / "adapter" / "adapter_config.json").is_file()
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["task_type"] == "SEQ_CLS" and "score" in (adapter_config["modules_to_save"] or [])

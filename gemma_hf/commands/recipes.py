@@ -191,9 +191,30 @@ def distill_cache_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_pipeline_file(path: str) -> bool:
+    """A pipeline file (top-level `stages:`), which `validate` checks as `gemma-hf pipeline --check` does."""
+    import re
+
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 20).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    return re.search(r"^stages:", head, re.MULTILINE) is not None
+
+
 def validate_command(args: argparse.Namespace) -> int:
     from gemma_hf.recipes.config import load_recipe
 
+    if args.method is None and _is_pipeline_file(args.recipe):
+        from gemma_hf.recipes.pipeline import check_pipeline, read_pipeline
+
+        pipeline = read_pipeline(args.recipe, args.overrides)
+        check_pipeline(pipeline)
+        if not args.quiet:
+            print(f"ok: {args.recipe} is a valid pipeline: {len(pipeline.stages)} stages ("
+                  + ", ".join(f"{s.name} ({s.method})" for s in pipeline.stages) + f"), output_dir {pipeline.output_dir}")
+        return 0
     method = args.method or method_of_file(args.recipe) or "sft"
     recipe = load_recipe(args.recipe, args.overrides, method=method)
     if args.strict and recipe.environment_problems:

@@ -542,7 +542,10 @@ def _eval_results(run: Run, datasets: list) -> list:
 
     evaluation = run.evaluation or {}
     task = PIPELINE_TAGS[run.head]
-    held_out = "held-out split of " + ", ".join(str(d) for d in dict.fromkeys(datasets)) if datasets else "held-out"
+    from gemma_hf.references import identity
+
+    names = dict.fromkeys(identity(d) if isinstance(d, str) else str(d) for d in datasets)
+    held_out = "held-out split of " + ", ".join(names) if datasets else "held-out"
     out = []
     for key, value in evaluation.items():
         if not _is_number(value) or not math.isfinite(value) or key.endswith("_before") or "num_" in key:

@@ -65,6 +65,8 @@ class Evaluate(Method):
         from gemma_hf.references import BadReference, resolve
 
         args = c.recipe.method_args
+        seed = c.recipe.training.seed
+        c.in_range("seed", seed, isinstance(seed, int) and 0 <= seed < 2**32, "an integer in [0, 2**32)")
         c.in_range("max_new_tokens", args.max_new_tokens, args.max_new_tokens >= 1, "1 or more")
         c.in_range("bootstrap_resamples", args.bootstrap_resamples, args.bootstrap_resamples >= 100, "100 or more")
         c.in_range("per_device_eval_batch_size", c.recipe.training.per_device_eval_batch_size,
