@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Pytest's worker count; the suite is sized for 2 cores.
 PYTEST_ARGS ?=
 
-.PHONY: install test test-faults demo assets bench clean
+.PHONY: install test test-faults demo demo-sft assets bench clean
 
 install: $(STAMP)
 
@@ -28,8 +28,15 @@ test: install
 test-faults: install
 	$(BIN)/python -m pytest -q -m faults $(PYTEST_ARGS)
 
+# The main job: the post-training pipeline (SFT -> reward -> WARP -> evaluation -> card) on the real 270M.
 demo: install
+	$(BIN)/python -m gemma_hf.assets gemma3-270m llamafactory-data
 	$(BIN)/python -m gemma_hf.demo
+
+# The SFT stage alone (the previous demo).
+demo-sft: install
+	$(BIN)/python -m gemma_hf.assets gemma3-270m llamafactory-data
+	$(BIN)/python -m gemma_hf.demo --sft-only
 
 bench: install
 	$(BIN)/python bench/run.py

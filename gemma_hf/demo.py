@@ -1,54 +1,136 @@
-"""`make demo`: turn the real Gemma 3 270M base model into a chat model on this CPU, and show it.
+"""`make demo`: the Gemma post-training pipeline on the real Gemma 3 270M base model, on this CPU.
 
-Runs recipes/gemma3-270m/sft.yaml through the same code as `gemma-hf sft` (LoRA on Alpaca
-records, 24 held out), then prints what changed: the held-out loss before and after, and the
-same three chat prompts answered before and after (greedy, at most 64 new tokens, stopping at
-<end_of_turn>). The base model has never been taught the turn format; after SFT it answers and
-ends its turn. Finally the saved run directory is reloaded and asked the first prompt again.
+Runs recipes/gemma3-270m/post-training.yaml through the same code as `gemma-hf pipeline`: SFT
+(LoRA, Alpaca records) -> reward model (LoRA, LLaMA-Factory preference pairs) -> WARP (M = 2 RLOO
+runs with EMA anchors, SLERP of task vectors, LITI) -> evaluation of the final policy against the
+SFT model on the 24 instructions the SFT stage held out -> model card. Then prints what changed at
+each stage (one line per stage with its wall time, the held-out numbers before/after), the
+evaluation table, the chat-health targets of the final model (on those held-out instructions,
+greedy, 96 new tokens: >= 90% end their turn, <= 5% repeat the prompt, distinct-2 >= 0.7), three
+chat answers from the base, SFT and final models side by side, and the card's path.
 
-    python -m gemma_hf.demo [--output-dir DIR] [--max-steps N]
+`make demo-sft` (`python -m gemma_hf.demo --sft-only`) runs the SFT stage alone, as before.
+
+    python -m gemma_hf.demo [--output-dir DIR] [--sft-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import textwrap
 import time
 from pathlib import Path
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "gemma3-270m" / "sft.yaml"
+RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "gemma3-270m"
+PIPELINE = RECIPES / "post-training.yaml"
+SFT_RECIPE = RECIPES / "sft.yaml"
+PROMPTS = ("Name three primary colors.", "Write a haiku about the ocean.",
+           "What is the capital of France? Answer in one sentence.")
+# The chat-health targets of the demo's final model (issue: "the final model must actually chat").
+TARGETS = (("model_ended_turn_rate", "answers that end their turn", ">=", 0.90),
+           ("model_repeat_prompt_rate", "answers repeating the prompt", "<=", 0.05),
+           ("model_distinct_2", "distinct-2", ">=", 0.70))
 
 
-def _show(reply: dict) -> str:
-    text = reply["text"].replace("\n", "\n       ") if reply["text"] else "(nothing)"
-    how = {"end_of_turn": "ended its turn with <end_of_turn>", "eos": "stopped with <eos>",
-           "length": f"did NOT end its turn within {reply['new_tokens']} tokens"}[reply["stop"]]
-    return f"{text}\n       [{how}]"
+def _show(reply) -> str:
+    text = reply.text.strip().replace("\n", " ") if reply.text else "(nothing)"
+    text = textwrap.shorten(text, 200, placeholder=" ...")
+    how = {"end_of_turn": "ended its turn", "eos": "stopped with <eos>"}.get(
+        reply.stop, f"did NOT end its turn within {reply.new_tokens} tokens")
+    return f"{text}  [{how}]"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gemma_hf.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default=str(RECIPE), help="the recipe to run (default: %(default)s)")
-    parser.add_argument("--output-dir", help="run directory (default: runs/demo-gemma3-270m-sft-<time>)")
-    parser.add_argument("--max-steps", type=int, help="override the recipe's max_steps")
-    args = parser.parse_args(argv)
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything comes from the local asset cache
-    start = time.time()
-    from gemma_hf.recipes.config import RecipeError, load_recipe
-    from gemma_hf.recipes.engine import run_recipe
+def _side_by_side(models: dict[str, str], max_new_tokens: int = 64) -> None:
+    """Three prompts, each answered by every model (greedy), printed one under the other."""
     from gemma_hf.recipes.sampling import chat_reply, load_chat_model
 
-    output_dir = args.output_dir or f"runs/demo-gemma3-270m-sft-{time.strftime('%Y%m%d-%H%M%S')}"
-    overrides = ["--output_dir", output_dir]
-    if args.max_steps:
-        overrides += ["--max_steps", str(args.max_steps)]
-    print(f"== gemma_hf demo: SFT of the real Gemma 3 270M base model on this CPU ==\nrecipe: {args.recipe}\n", flush=True)
+    answers = {}
+    for label, path in models.items():
+        model, tokenizer, family = load_chat_model(path)
+        answers[label] = [chat_reply(model, tokenizer, [{"role": "user", "content": p}], family,
+                                     max_new_tokens=max_new_tokens) for p in PROMPTS]
+        del model
+    width = max(len(label) for label in models)
+    for number, prompt in enumerate(PROMPTS):
+        print(f"\n[{number + 1}] user: {prompt}")
+        for label in models:
+            print(f"  {label:<{width}}  {_show(answers[label][number])}")
+
+
+def run_pipeline_demo(output_dir: str | None) -> int:
+    from gemma_hf.recipes.methods import get_method
+    from gemma_hf.recipes.pipeline import read_pipeline, run_pipeline
+    from gemma_hf.recipes.rundir import RunDir
+
+    start = time.time()
+    out = output_dir or f"runs/demo-gemma3-270m-{time.strftime('%Y%m%d-%H%M%S')}"
+    pipeline = read_pipeline(PIPELINE, ["--output_dir", out])
+    print(f"== gemma_hf demo: the post-training pipeline on the real Gemma 3 270M, on this CPU ==\n"
+          f"pipeline: {PIPELINE}\nstages: " + " -> ".join(f"{s.name} ({s.method})" for s in pipeline.stages)
+          + f"\noutput: {pipeline.output_dir}\n", flush=True)
+    manifest = run_pipeline(pipeline)
+    root = pipeline.output_dir
+
+    print("\n" + "=" * 100 + "\nWhat each stage did (held-out numbers, before -> after):")
+    for stage in pipeline.stages:
+        entry = manifest["stages"][stage.name]
+        print(f"\n{stage.name} ({stage.method}): {entry.get('seconds', 0):.0f} s")
+        results = RunDir(root / "stages" / stage.name).read_eval() or {}
+        if stage.method == "eval":
+            continue
+        for line in get_method(stage.method).summary(results):
+            print(f"  {line}")
+        if stage.method == "warp" and results.get("pareto"):
+            for point in results["pareto"]:
+                reward, kl = point.get("reward"), point.get("kl_to_init")
+                print(f"  pareto {point.get('point', '?'):<10} reward {'-' if reward is None else f'{reward:+.4f}'}  "
+                      f"KL to init {'-' if kl is None else f'{kl:.4f}'}")
+    evaluation = root / "evaluation.md"
+    if evaluation.is_file():
+        print("\nEvaluation of the final model against the SFT model (held-out Alpaca instructions, greedy, 96 "
+              "new tokens):\n")
+        print(evaluation.read_text(encoding="utf-8"))
+    eval_stage = next(s for s in reversed(pipeline.stages) if s.method == "eval")
+    summary = json.loads((root / "stages" / eval_stage.name / "eval.json").read_text())
+    print("Chat-health targets of the final model:")
+    met = True
+    for key, label, op, bound in TARGETS:
+        value = summary.get(key)
+        ok = value is not None and (value >= bound if op == ">=" else value <= bound)
+        met &= ok
+        print(f"  {label:<32} {'-' if value is None else f'{value:.1%}' if 'rate' in key else f'{value:.3f}'}"
+              f"  (target {op} {bound:g})  {'met' if ok else 'NOT met'}")
+
+    print("\nThree chat answers, side by side (greedy, at most 64 new tokens):")
+    _side_by_side({"base": str(_asset_270m()),
+                   "sft": str(root / "stages" / "sft"), "final": str(root)})
+    print(textwrap.dedent(f"""
+        Model card: {root / 'README.md'}
+        Try it:  gemma-hf chat {root}
+        Stage logs: {root / 'logs'};  manifest: {root / 'manifest.json'}
+        Total demo time: {time.time() - start:.0f}s  (targets {'met' if met else 'NOT all met'})"""))
+    return 0
+
+
+def _asset_270m() -> Path:
+    from gemma_hf.assets import gemma3_270m
+
+    return gemma3_270m()
+
+
+def run_sft_demo(output_dir: str | None) -> int:
+    from gemma_hf.recipes.config import RecipeError, load_recipe
+    from gemma_hf.recipes.engine import run_recipe
+
+    start = time.time()
+    out = output_dir or f"runs/demo-gemma3-270m-sft-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"== gemma_hf demo-sft: SFT of the real Gemma 3 270M base model on this CPU ==\nrecipe: {SFT_RECIPE}\n",
+          flush=True)
     try:
-        recipe = load_recipe(args.recipe, overrides)
+        recipe = load_recipe(SFT_RECIPE, ["--output_dir", out])
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -56,38 +138,32 @@ def main(argv: list[str] | None = None) -> int:
         print("error: this machine cannot run the demo:\n" + "\n".join(p.render() for p in recipe.environment_problems),
               file=sys.stderr)
         return 2
-    t = recipe.training
-    print(f"model {recipe.model_path} ({recipe.family}); LoRA r={recipe.model.lora_r} on all linear layers; "
-          f"{t.max_steps} steps x {t.per_device_train_batch_size} examples, lr {t.learning_rate:g}, max_length "
-          f"{t.max_length}\n", flush=True)
-
     result = run_recipe(recipe)
-
     print("\n" + "=" * 100)
     print(f"Run directory: {result.output_dir}  ({result.global_step} steps, {result.wall_time_s:.0f}s)")
     if result.eval_loss_before is not None:
         print(f"Held-out loss (24 Alpaca records, model-turn tokens): {result.eval_loss_before:.3f} before -> "
               f"{result.eval_loss_after:.3f} after")
-    for number, sample in enumerate(result.samples, 1):
-        print(f"\n[{number}] user: {sample['prompt']}")
-        print(f"  before: {_show(sample['before'])}")
-        print(f"  after:  {_show(sample['after'])}")
-
-    # The saved artefact, as a user would load it: `gemma-hf chat <output_dir>` does the same.
-    if result.samples:
-        model, tokenizer, family = load_chat_model(result.output_dir)
-        first = result.samples[0]
-        reply = chat_reply(model, tokenizer, [{"role": "user", "content": first["prompt"]}], family,
-                           max_new_tokens=recipe.method_args.sample_max_new_tokens)
-        same = "the same answer" if reply.text == first["after"]["text"] else "a different answer (merged-weight rounding)"
-        print(f"\nReloaded {result.output_dir} (merged LoRA, {family} chat format): prompt 1 -> {same}; "
-              f"stop: {reply.stop}")
-    print(textwrap.dedent(f"""
-        Try it:  gemma-hf chat {result.output_dir}
-                 gemma-hf generate {result.output_dir} --prompt "Give me a synonym for happy."
-        Artefacts: recipe.yaml, model.safetensors (+ adapter/), metrics.jsonl, plots/loss.png, run.json, eval.json
-        Total demo time: {time.time() - start:.0f}s"""))
+    print("\nThree chat answers, base vs SFT (greedy, at most 64 new tokens):")
+    _side_by_side({"base": str(_asset_270m()), "sft": str(result.output_dir)})
+    print(f"\nTry it:  gemma-hf chat {result.output_dir}\nTotal demo time: {time.time() - start:.0f}s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gemma_hf.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", help="the pipeline (or SFT run) directory (default: runs/demo-...-<time>)")
+    parser.add_argument("--sft-only", action="store_true", help="run the SFT stage alone (make demo-sft)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything comes from the local asset cache
+    from gemma_hf.errors import GemmaHFError
+
+    try:
+        return run_sft_demo(args.output_dir) if args.sft_only else run_pipeline_demo(args.output_dir)
+    except GemmaHFError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
