@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -42,7 +43,14 @@ def reference(tmp_path_factory):
         lock = root / ".run.lock"
         while not lock.exists() and first.poll() is None:
             time.sleep(0.05)
-        second = run(method, run_dir, "--learning_rate", "1e-3")
+        # The first run is frozen while it holds the lock, so that the second meets it running
+        # whatever the machine's load (unfrozen, a short run could finish first).
+        time.sleep(0.5)  # the lock file exists just before it is locked
+        first.send_signal(signal.SIGSTOP)
+        try:
+            second = run(method, run_dir, "--learning_rate", "1e-3")
+        finally:
+            first.send_signal(signal.SIGCONT)
         stdout, stderr = first.communicate(timeout=900)
         out[method] = {"dir": run_dir, "seconds": time.time() - began, "first": (first.returncode, stderr),
                        "second": (second.returncode, second.stderr)}
