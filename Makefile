@@ -24,7 +24,7 @@ assets: install
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# The long fault-injection cases (every kill point, 20 random kill instants, long fuzzing); CI runs them.
+# The long fault-injection cases (every kill point, 10 random kill instants, long fuzzing); CI runs them.
 test-faults: install
 	$(BIN)/python -m pytest -q -m faults $(PYTEST_ARGS)
 

@@ -3,7 +3,7 @@ named points and at random instants, then --resume, gives exactly the uninterrup
 into one output_dir; a full disk; divergence. Runs are real subprocesses, killed with SIGKILL.
 
 The default run covers each method at a few points; `pytest -m faults` (CI runs it, `make
-test-faults`) adds every named point and 20 random instants on the SFT recipe.
+test-faults`) adds every named point and 10 random instants on the SFT recipe.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tests.faults import METHODS, assert_same_run, kill_after, run, start
 KILL_POINTS = ["train", "publish:model", "publish:files", "publish:card", "publish:ready",
                "publish:checkpoints-moved", "publish:old-moved", "publish:swapped"]
 DEFAULT_POINTS = ["train", "publish:files", "publish:old-moved"]
-RANDOM_KILLS = 20
+RANDOM_KILLS = 10
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_kill_at_random_instants_then_resume(reference, method, tmp_path):
 
 
 @pytest.mark.faults
-def test_kill_at_twenty_random_instants_on_the_sft_recipe(reference, tmp_path):
+def test_kill_at_ten_random_instants_on_the_sft_recipe(reference, tmp_path):
     instants = _random_kills("sft", RANDOM_KILLS, seed=20261129, tmp_path=tmp_path, reference=reference)
     assert sum(i > 0 for i in instants) >= RANDOM_KILLS // 2  # most kills land while the run is going
 

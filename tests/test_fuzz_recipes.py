@@ -118,7 +118,7 @@ def test_fuzzed_recipes_exit_0_or_2_naming_a_key(method, tmp_path_factory, capsy
 @pytest.mark.faults
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_fuzzed_recipes_long(method, tmp_path_factory, capsys):
-    _fuzz_validation(method, tmp_path_factory, capsys, examples=400)
+    _fuzz_validation(method, tmp_path_factory, capsys, examples=150)
 
 
 NUMERIC = st.fixed_dictionaries({}, optional={
@@ -188,4 +188,4 @@ def test_fuzzed_training_knobs_never_publish_non_finite_weights(method, tmp_path
 @pytest.mark.faults
 @pytest.mark.parametrize("method", METHODS)
 def test_fuzzed_training_knobs_long(method, tmp_path_factory, capsys):
-    _fuzz_runs(method, tmp_path_factory, capsys, examples=12)
+    _fuzz_runs(method, tmp_path_factory, capsys, examples=8)
