@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from gemma_hf.errors import GemmaHFError
 
@@ -85,6 +86,39 @@ class FiniteGuard(TrainerCallback):
             "learning_rate, set max_grad_norm, check the data, or use float32; then rerun with --resume.")
 
 
+class TokenCount(TrainerCallback, ExportableState):
+    """Saves TRL's running token count (``num_tokens`` in the logs) with every checkpoint.
+
+    TRL's SFT and reward trainers keep it in ``trainer._total_train_tokens``, start it at 0 and do
+    not checkpoint it, so a resumed run would log counts restarting from zero. transformers writes
+    ``state()`` of every ExportableState callback into the checkpoint's ``trainer_state.json``
+    (``stateful_callbacks``); ``restore_token_count`` puts it back before a resume. Relies on the
+    private ``_total_train_tokens`` attribute (TRL 0.2x-1.x); without it this does nothing."""
+
+    def __init__(self, total: float = 0):
+        self.total = total
+        self.trainer = None  # set by the engine once the trainer exists
+
+    def state(self) -> dict:
+        total = getattr(self.trainer, "_total_train_tokens", self.total) if self.trainer is not None else self.total
+        return {"args": {"total": total}, "attributes": {}}
+
+
+def attach_token_count(trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TokenCount):
+            callback.trainer = trainer
+
+
+def restore_token_count(trainer, state) -> None:
+    """Before resuming from a checkpoint whose TrainerState is ``state``: the token count it saved."""
+    saved = (state.stateful_callbacks or {}).get("TokenCount")
+    if isinstance(saved, list):
+        saved = saved[-1] if saved else None
+    if saved and hasattr(trainer, "_total_train_tokens"):
+        trainer._total_train_tokens = saved.get("args", {}).get("total", 0)
+
+
 class SaveAtEnd(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         strategy = getattr(args.save_strategy, "value", args.save_strategy)
@@ -93,4 +127,5 @@ class SaveAtEnd(TrainerCallback):
         return control
 
 
-__all__ = ["MetricsCallback", "FiniteGuard", "SaveAtEnd", "TrainingDiverged"]
+__all__ = ["MetricsCallback", "FiniteGuard", "SaveAtEnd", "TokenCount", "TrainingDiverged", "attach_token_count",
+           "restore_token_count"]

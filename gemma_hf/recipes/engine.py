@@ -133,7 +133,7 @@ class Run:
 
     def trainer_kwargs(self, model, train_set, eval_set) -> dict[str, Any]:
         """The arguments every method's TRL trainer gets from the engine."""
-        from .callbacks import FiniteGuard, MetricsCallback, SaveAtEnd
+        from .callbacks import FiniteGuard, MetricsCallback, SaveAtEnd, TokenCount
 
         args = self.recipe.training
         if "eval_on_start" not in self.recipe.values:
@@ -142,7 +142,7 @@ class Run:
         if "logging_nan_inf_filter" not in self.recipe.values:
             args.logging_nan_inf_filter = False  # log a NaN loss as NaN (FiniteGuard stops the run anyway)
         callbacks = [MetricsCallback(self.rundir.metrics, fresh=self.resume_from is None),
-                     FiniteGuard(lambda: self.rundir.latest_complete_checkpoint()[0]), SaveAtEnd()]
+                     FiniteGuard(lambda: self.rundir.latest_complete_checkpoint()[0]), SaveAtEnd(), TokenCount()]
         return dict(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                     processing_class=self.tokenizer, peft_config=peft_config_for(self), callbacks=callbacks)
 
@@ -426,8 +426,12 @@ def train(trainer, resume_from: Path | None) -> None:
     ``TrainerState.load_from_json`` here, both long-standing.)"""
     from transformers.trainer_callback import TrainerState
 
+    from .callbacks import attach_token_count, restore_token_count
+
+    attach_token_count(trainer)
     if resume_from is not None:
         state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
+        restore_token_count(trainer, state)
         if state.max_steps and state.global_step >= state.max_steps:
             log.warning("%s is the final step (%d): training is complete, nothing to train", resume_from.name,
                         state.global_step)
