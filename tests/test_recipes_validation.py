@@ -232,3 +232,17 @@ def test_help_keys_and_console_script(capsys):
     command = [str(script)] if script.exists() else [sys.executable, "-m", "gemma_hf.cli"]
     result = subprocess.run([*command, "sft", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--resume" in result.stdout and "accelerate launch" in result.stdout
+
+
+def test_split_seed_fixes_the_held_out_split_whatever_the_training_seed():
+    """WARP's runs train with different seeds but must hold out the same records (split_seed)."""
+    import datasets
+
+    from gemma_hf.recipes.data import split_held_out
+    from gemma_hf.recipes.schema import DataArguments
+
+    rows = datasets.Dataset.from_dict({"i": list(range(100))})
+    fixed = DataArguments(test_split_size=10, split_seed=7)
+    held = [sorted(split_held_out(rows, fixed, seed)[1]["i"]) for seed in (0, 1, 2)]
+    assert held[0] == held[1] == held[2] == sorted(split_held_out(rows, DataArguments(test_split_size=10), 7)[1]["i"])
+    assert held[0] != sorted(split_held_out(rows, DataArguments(test_split_size=10), 0)[1]["i"])

@@ -156,6 +156,14 @@ def test_warp_merges_its_runs_and_keeps_every_stage(policy_dir, tmp_path):
         "iter-0/run-0", "iter-0/run-1", "iter-0/slerp", "iter-0/liti"]
     card = (out / "README.md").read_text()
     assert "pareto" in card and "WARP" in card
+    # The runs train with their own seeds but hold out the WARP recipe's records (split_seed), and
+    # leave the init's evaluation to the Pareto view.
+    import yaml
+
+    warp_seed = yaml.safe_load((out / "recipe.yaml").read_text()).get("seed", 0)
+    for m in (0, 1):
+        sub = yaml.safe_load((stages / f"run-{m}" / "recipe.yaml").read_text())
+        assert sub["seed"] == warp_seed + m and sub["split_seed"] == warp_seed and sub["eval_before_training"] is False
 
 
 @pytest.mark.faults

@@ -148,9 +148,11 @@ def load_mixture(parts: list[ReadDataset], data_format: str, seed: int) -> Mixtu
 
 
 def split_held_out(dataset, data: DataArguments, seed: int):
-    """(train, held-out or None): datasets' seeded train_test_split by ``test_split_size``."""
+    """(train, held-out or None): datasets' seeded train_test_split by ``test_split_size``, seeded by
+    ``split_seed`` if set, else ``seed`` (the training seed)."""
     if data.test_split_size is None:
         return dataset, None
+    seed = seed if data.split_seed is None else data.split_seed
     split = dataset.train_test_split(test_size=data.test_split_size, seed=seed, shuffle=True)
     return split["train"], split["test"]
 

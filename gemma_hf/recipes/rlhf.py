@@ -51,9 +51,19 @@ class RLHFArguments(SampleArguments):
         default=512, metadata={"help": "Training prompts longer than this (tokens) are dropped."})
     eval_max_new_tokens: int = field(
         default=64, metadata={"help": "Held-out evaluation: most new tokens per sampled answer."})
+    eval_max_prompts: int | None = field(
+        default=None, metadata={"help": "Held-out evaluation: at most this many of the held-out prompts (the first of "
+                                        "the split; null: all). The rest stay held out (never trained on)."})
     eval_temperature: float = field(
         default=1.0, metadata={"help": "Held-out evaluation: sampling temperature of the answers whose reward and "
                                        "KL to the initial policy are measured."})
+
+
+def evaluation_prompts(eval_set, limit: int | None) -> tuple[list, dict]:
+    """The held-out prompts an RLHF/WARP evaluation answers (the first ``limit``), with their other columns."""
+    rows = len(eval_set) if limit is None else min(limit, len(eval_set))
+    subset = eval_set.select(range(rows))
+    return list(subset["prompt"]), {k: subset[k] for k in subset.column_names if k != "prompt"}
 
 
 class RLHF(Method):
@@ -100,6 +110,8 @@ class RLHF(Method):
                         "PEFT models", "fine-tune fully (use_peft: false) or remove ema_anchor")
         c.in_range("max_prompt_length", args.max_prompt_length, args.max_prompt_length >= 1, "1 or more")
         c.in_range("eval_max_new_tokens", args.eval_max_new_tokens, args.eval_max_new_tokens >= 1, "1 or more")
+        c.in_range("eval_max_prompts", args.eval_max_prompts, args.eval_max_prompts is None or args.eval_max_prompts >= 1,
+                   "1 or more, or null (all held-out prompts)")
         c.in_range("eval_temperature", args.eval_temperature, args.eval_temperature >= 0, "0 (greedy) or more")
         c.in_range("beta", t.beta, t.beta >= 0, "0 (no KL) or more")
         c.in_range("temperature", t.temperature, t.temperature > 0, "a positive number")
@@ -159,9 +171,9 @@ class RLHF(Method):
         from gemma_hf.rl.metrics import policy_metrics
 
         args = run.recipe.method_args
-        columns = {k: eval_set[k] for k in eval_set.column_names if k != "prompt"}
+        prompts, columns = evaluation_prompts(eval_set, args.eval_max_prompts)
         return policy_metrics(model, None if when == "before" else self.init_model(run), run.tokenizer,
-                              list(eval_set["prompt"]), run.family, self.rewards(run),
+                              prompts, run.family, self.rewards(run),
                               max_new_tokens=args.eval_max_new_tokens, temperature=args.eval_temperature,
                               seed=run.recipe.training.seed, batch_size=run.recipe.training.per_device_eval_batch_size,
                               columns=columns) | ({"kl_to_init": 0.0} if when == "before" else {})

@@ -141,6 +141,13 @@ class DataArguments:
             "It is the eval set (held-out results before/after training)."
         },
     )
+    split_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed of the held-out split (default: `seed`). Stages that must hold out the same records "
+            "(e.g. WARP's runs, whose training seeds differ; a pipeline's stages on one dataset) share it."
+        },
+    )
 
 
 # TRL/transformers fields no gemma-hf recipe may set, with the reason (every method).

@@ -82,6 +82,8 @@ def check_recipe(recipe: Recipe, file_label: str, check_environment: bool = True
     if trains:
         _check_peft(c)
         _check_eval(c)
+    split_seed = recipe.data.split_seed
+    c.in_range("split_seed", split_seed, split_seed is None or 0 <= split_seed < 2**32, "an integer in [0, 2**32)")
     _check_datasets(c)
     if trains:
         _check_misc(c)

@@ -181,8 +181,13 @@ class Warp(RLHF):
         values = {k: _plain(v) for k, v in recipe.values.items() if k not in WARP_KEYS}
         for key in ("preset", "preset_overrides"):
             values.pop(key, None)
+        # Every run holds out the same records as the WARP recipe (its training seed differs, not its
+        # split): the runs never train on the prompts of the Pareto view, and their numbers compare.
+        split_seed = recipe.data.split_seed if recipe.data.split_seed is not None else recipe.training.seed
         values.update(output_dir=str(run_dir), seed=seed, model_name_or_path=str(init),
-                      tokenizer_name_or_path=str(init))
+                      tokenizer_name_or_path=str(init), split_seed=split_seed)
+        if recipe.method_args.warp_eval and recipe.data.test_split_size is not None:
+            values["eval_before_training"] = False  # the Pareto view evaluates the init on the same prompts
         if recipe.env:
             values["env"] = dict(recipe.env)
         sub = load_recipe(None, values=values, method="rlhf")
@@ -207,6 +212,7 @@ class Warp(RLHF):
 
         from .engine import Run, _prepare_splits, load_model, load_tokenizer, read_mixture
         from .plots import plot_points
+        from .rlhf import evaluation_prompts
 
         run = Run(recipe, self, rundir, PartialState())
         run.tokenizer = load_tokenizer(recipe)
@@ -217,8 +223,7 @@ class Warp(RLHF):
         args = recipe.method_args
         init_model, _ = load_model(str(init), "causal-lm", dtype=recipe.model.dtype)
         init_model.eval()
-        prompts = list(eval_set["prompt"])
-        columns = {k: eval_set[k] for k in eval_set.column_names if k != "prompt"}
+        prompts, columns = evaluation_prompts(eval_set, args.eval_max_prompts)
         candidates = [("init", init, "init"), *[(f"run-{m}", path, "RL runs") for m, path in enumerate(runs)],
                       ("slerp", merged, "SLERP merge"),
                       *[(f"liti-{eta:g}", path, "LITI") for eta, path in sorted(points.items())]]
