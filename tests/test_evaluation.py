@@ -501,3 +501,23 @@ def test_run_lm_eval_without_the_package_names_the_install(monkeypatch, tmp_path
     assert isinstance(info.value, ImportError) and info.value.exit_code == 1
     with pytest.raises(ValueError, match="at least one task"):
         run_lm_eval(tmp_path, [])
+
+
+def test_rule_rewards_give_an_empty_answer_nothing():
+    """An empty answer ends its turn and repeats nothing: the chat-health reward must still give it
+    nothing, or RL learns to answer with <eos> at once (seen on the real 270M)."""
+    from gemma_hf.rl import rules
+
+    prompts = [[{"role": "user", "content": "Name three colors."}]] * 3
+    completions = [[{"role": "assistant", "content": text}] for text in ("", "  \n", "Red, green and blue.")]
+    ids = [[106], [236743, 106], [5, 6, 7, 106]]
+    rules.STOP_IDS.clear()
+    rules.STOP_IDS.update({1, 106})
+    try:
+        assert rules.no_repetition(prompts, completions) == [0.0, 0.0, 1.0]
+        assert rules.chat_health(prompts, completions, ids) == [0.0, 0.0, 3.0]
+        looping = [[{"role": "assistant", "content": "a b a b a b a b"}]]
+        assert rules.chat_health(prompts[:1], looping, [[5, 106]]) == [1.0 + 2 / 7 + 1.0]
+    finally:
+        rules.STOP_IDS.clear()
+        rules.STOP_IDS.update({1, 107})

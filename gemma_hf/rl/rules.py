@@ -51,9 +51,14 @@ def ends_turn(prompts, completions, completion_ids=None, trainer_state=None, **k
     return [1.0 if ids and ids[-1] in STOP_IDS else 0.0 for ids in (completion_ids or [[] for _ in completions])]
 
 
+def _empty(text: str) -> bool:
+    return not _WORD.search(text)
+
+
 def no_repetition(prompts, completions, **kwargs) -> list[float]:
-    """distinct-2 of the completion (1.0: no repeated word bigram; loops score low)."""
-    return [distinct_2(_text(c)) for c in completions]
+    """distinct-2 of the completion (1.0: no repeated word bigram; loops score low); 0.0 for an answer
+    without a word (else an empty answer would be the surest way to "not repeat")."""
+    return [0.0 if _empty(_text(c)) else distinct_2(_text(c)) for c in completions]
 
 
 def not_echoing(prompts, completions, **kwargs) -> list[float]:
@@ -67,11 +72,13 @@ def not_echoing(prompts, completions, **kwargs) -> list[float]:
 
 
 def chat_health(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
-    """ends_turn + no_repetition + not_echoing, each in [0, 1] (so in [0, 3])."""
+    """ends_turn + no_repetition + not_echoing, each in [0, 1] (so in [0, 3]); 0.0 for an answer without
+    a word. (Measured: with an empty answer worth the full 3, RLOO on the real 270M learnt within 10
+    steps to end its turn at once on half the held-out prompts.)"""
     a = ends_turn(prompts, completions, completion_ids)
     b = no_repetition(prompts, completions)
     c = not_echoing(prompts, completions)
-    return [x + y + z for x, y, z in zip(a, b, c)]
+    return [0.0 if _empty(_text(t)) else x + y + z for t, x, y, z in zip(completions, a, b, c)]
 
 
 def ascii_letters(prompts, completions, **kwargs) -> list[float]:
