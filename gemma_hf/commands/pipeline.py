@@ -39,6 +39,10 @@ def pipeline_command(args: argparse.Namespace) -> int:
               f"output_dir {pipeline.output_dir}")
         return 0
     manifest = run_pipeline(pipeline)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`: the main process reports
+        return 0
     print(f"\npipeline finished: {pipeline.output_dir}")
     for name, entry in manifest["stages"].items():
         print(f"  {name:<10} {entry['method']:<7} {entry.get('seconds', 0):>7.0f} s  {entry['output']}")

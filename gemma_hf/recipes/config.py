@@ -466,10 +466,11 @@ def load_recipe(
         # A multi-process launch (accelerate launch / torchrun) on a machine without CUDA: accelerate
         # only sets up its CPU (gloo) process group when asked for the CPU, else every process trains alone.
         group_values["training"]["use_cpu"] = True
+    launch_problems = _cpu_launch_problems() if "use_cpu" in config_fields else []
     if "lora_task_type" not in typed and "model" in group_values:
         group_values["model"]["lora_task_type"] = spec.lora_task_type
     built: dict[str, Any] = {}
-    machine_problems: list[Problem] = []
+    machine_problems: list[Problem] = list(launch_problems)
     for group, cls in groups(method):
         try:
             try:
@@ -522,6 +523,30 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _cpu_launch_problems() -> list[Problem]:
+    """An FSDP launch (`accelerate launch` with an FSDP config) of several processes on a machine without
+    CUDA: refused, because it would silently train as plain DDP.
+
+    Library behaviour relied on (accelerate 1.15, ``AcceleratorState.__init__``): the FSDP plugin is
+    only taken up when the process group's type is a GPU-like one (MULTI_GPU, MULTI_NPU, MULTI_XPU,
+    ...); CPU processes get MULTI_CPU and the plugin is dropped, so the Trainer wraps the model in
+    DistributedDataParallel -- full replicas, no sharding, no error. (torch's own FSDP2 ``fully_shard``
+    does run on CPU with gloo; the gate is accelerate's.) If accelerate starts honouring FSDP on
+    CPU, this refusal is what to remove (tests/test_fsdp_cpu.py pins the behaviour).
+    """
+    from accelerate.utils import str_to_bool
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _cuda_available():
+        return []
+    if not str_to_bool(os.environ.get("ACCELERATE_USE_FSDP", "false")):
+        return []
+    return [Problem(
+        "accelerate launch", "FSDP on CPU processes: accelerate 1.15 enables FSDP only on GPUs (and other "
+        "accelerators); on CPUs it would silently train unsharded, as DDP",
+        "launch with recipes/accelerate/ddp.yaml on CPUs (same results, full replicas), or use FSDP on GPUs",
+        "the accelerate launch", environment=True)]
 
 
 def _build(cls: type, kwargs: dict[str, Any]):

@@ -1,4 +1,5 @@
-"""Consistency checks of accelerate config files (recipes/accelerate/*.yaml).
+"""Distributed helpers: consistency checks of accelerate config files (recipes/accelerate/*.yaml),
+and :func:`on_main_process` for work that one process does while the others of a launch wait.
 
 accelerate silently ignores unknown keys inside ``fsdp_config`` / ``deepspeed_config`` (they become
 launcher options only if the launcher knows them), so a typo there changes nothing and says
@@ -11,8 +12,52 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
+from typing import Any, Callable
 
 import yaml
+
+from gemma_hf.errors import GemmaHFError
+
+
+class MainProcessFailed(GemmaHFError):
+    """Raised on the other processes of a launch when the main process's share of the work failed."""
+
+
+def on_main_process(state, work: Callable[[], Any], what: str) -> Any:
+    """``work()`` on the main process only, while the other processes wait; its (picklable) result is
+    returned on every process. A failure on the main process raises there as itself and on the
+    others as :class:`MainProcessFailed` naming it, instead of leaving them at a barrier.
+
+    For work that is not worth sharing out (an evaluation, a merge) and that writes files once.
+    Library behaviour relied on: accelerate's ``broadcast_object_list`` is a blocking collective
+    (torch.distributed's), so the waiting processes are held by the process group's timeout --
+    torch's default of 30 minutes, which accelerate does not change unless a script passes
+    ``InitProcessGroupKwargs(timeout=...)``: main-process work longer than that fails the launch.
+    """
+    if state.num_processes == 1:
+        return work()
+    from accelerate.utils import broadcast_object_list
+
+    outcome: list[Any] = [None]
+    error: BaseException | None = None
+    if state.is_main_process:
+        try:
+            outcome = [("ok", work())]
+        except BaseException as err:  # noqa: BLE001 - reported to the others, then re-raised here
+            error = err
+            outcome = [("failed", f"{type(err).__name__}: {err}")]
+    broadcast_object_list(outcome, from_process=0)
+    if error is not None:
+        raise error
+    status, value = outcome[0]
+    if status == "failed":
+        raise MainProcessFailed(f"{what} failed on the main process: {value}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# accelerate config files
+# --------------------------------------------------------------------------------------------
 
 
 def _launch_options() -> set[str]:

@@ -292,14 +292,15 @@ def set_generation_stops(model, tokenizer) -> list[int]:
     return config.eos_token_id
 
 
-def merge_adapter(recipe: Recipe, head: str, model, adapter_dir: Path):
+def merge_adapter(recipe: Recipe, head: str, model, adapter_dir: Path, reload: bool = False):
     """The base model with the LoRA weights merged in.
 
-    In memory when the base is a plain (unquantized) model; otherwise the base is reloaded
-    unquantized in the recipe's dtype and the saved adapter merged into it (QLoRA).
+    In memory when the base is a plain (unquantized) model held whole by this process; otherwise
+    (QLoRA, or ``reload``: a model sharded across processes) the base is reloaded unquantized in
+    the recipe's dtype and the saved adapter merged into it.
     """
     m = recipe.model
-    if not (m.load_in_4bit or m.load_in_8bit):
+    if not (m.load_in_4bit or m.load_in_8bit or reload):
         return model.merge_and_unload()
     import torch
     from peft import PeftModel
@@ -438,7 +439,34 @@ def train(trainer, resume_from: Path | None) -> None:
             trainer._load_from_checkpoint(str(resume_from))
             trainer.state = state
             return
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except RuntimeError as err:
+        _raise_if_sampling_diverged(trainer, err)
+        raise
+
+
+def _raise_if_sampling_diverged(trainer, err: RuntimeError) -> None:
+    """A policy or student whose weights went non-finite in its last update (finite gradients, an
+    absurd learning rate) fails in the next rollout, inside torch.multinomial ("probability tensor
+    contains either `inf`, `nan` or element < 0"), before FiniteGuard sees a gradient. That is a
+    diverged run, not a bug: say so. (The check is this process's own weights: no collective call
+    on an error path.)"""
+    import torch
+
+    from .callbacks import TrainingDiverged
+
+    if "probability tensor contains" not in str(err):
+        return
+    bad = [name for name, p in trainer.model.named_parameters() if not torch.isfinite(p.detach()).all()]
+    if not bad:
+        return
+    listed = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    raise TrainingDiverged(
+        f"training diverged at step {trainer.state.global_step + 1}: the weights are not all finite ({listed}), so "
+        "sampling the next completions failed. The run was not published. Lower learning_rate (or set "
+        "max_grad_norm), then rerun in a new output_dir, or with --resume if its last checkpoint predates the "
+        "divergence.") from None
 
 
 def check_finite_weights(trainer) -> None:
@@ -588,20 +616,52 @@ def _save_final_model(run: Run, trainer, staged: RunDir):
     # The Trainer sets config.use_cache = args.use_cache (False) for training; a published causal LM
     # caches its keys and values by default, as every Gemma checkpoint does.
     trainer.model.config.use_cache = run.method.head == "causal-lm"
-    if not recipe.model.use_peft:
+    if not recipe.model.use_peft and not _sharded(trainer):
         trainer.save_model(str(staged.path))
         return trainer.model, "full fine-tune"
+    if not recipe.model.use_peft:
+        # The trained model is sharded across the processes (FSDP, DeepSpeed). A forward pass on the main
+        # process alone (the held-out evaluation, the sample answers) would wait forever for the others'
+        # shards, and the sharded model's save_pretrained writes the wrapper's class into the checkpoint:
+        # FSDP2 swaps the model's class for a generated FSDP<Class> subclass, so the remote code copied
+        # and auto_map name torch's FSDP files instead of modeling.py, and tied weights are saved twice.
+        # So the gathered weights go to a scratch folder; the main process loads them into a plain
+        # model, which it evaluates and saves.
+        gathered = staged / "gathered"
+        trainer.save_model(str(gathered))  # every process: the shards are gathered here
+        run.state.wait_for_everyone()
+        if not run.is_main:
+            return None, ""
+        final, _ = load_model(str(gathered), run.method.head, dtype=recipe.model.dtype,
+                              attn_implementation=recipe.model.attn_implementation)
+        shutil.rmtree(gathered)
+        final.save_pretrained(str(staged.path))
+        return final.to(run.state.device), "full fine-tune"
     trainer.save_model(str(staged.adapter))  # every process: FSDP/DeepSpeed gather here
     run.state.wait_for_everyone()
     if not run.is_main:
         return None, ""
+    sharded = _sharded(trainer)  # then merged from the saved adapter (see the full fine-tune's note above)
     if recipe.gemma.merge_lora:
-        final = merge_adapter(recipe, run.method.head, trainer.model, staged.adapter)
+        final = merge_adapter(recipe, run.method.head, trainer.model, staged.adapter, reload=sharded)
         final.save_pretrained(str(staged.path))
-        return final, "LoRA merged into the base weights (the adapter is in adapter/)"
+        return final.to(run.state.device) if sharded else final, "LoRA merged into the base weights (the adapter is in adapter/)"
     for item in staged.adapter.iterdir():
         shutil.copy2(item, staged / item.name)
-    return trainer.model, "LoRA adapter only (merge_lora: false); the base model is run.json's base_model"
+    evaluated = merge_adapter(recipe, run.method.head, None, staged.adapter, reload=True).to(run.state.device) \
+        if sharded else trainer.model
+    return evaluated, "LoRA adapter only (merge_lora: false); the base model is run.json's base_model"
+
+
+def _sharded(trainer) -> bool:
+    """The Trainer's model is split across processes (FSDP, DeepSpeed): usable only by all of them at once.
+
+    Library behaviour relied on: accelerate sets ``distributed_type`` to FSDP / DEEPSPEED only when it
+    really wraps the model so (never on CPU processes in accelerate 1.15, see config._cpu_launch_problems).
+    """
+    from accelerate.utils import DistributedType
+
+    return trainer.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def _publish(run: Run, trainer, eval_set, before: dict, losses: dict, num_train: int) -> dict:

@@ -103,20 +103,27 @@ class Evaluate(Method):
                 c.environment("lm_eval_tasks", "lm-evaluation-harness is not installed", "pip install lm-eval")
 
     def run(self, recipe, resume: bool = False):
-        from contextlib import ExitStack
+        from accelerate import PartialState
 
         from gemma_hf.io import exclusive_lock
 
+        from .distributed import on_main_process
         from .engine import RunResult, claim_output_dir
         from .rundir import RunDir
 
         rundir = RunDir(recipe.output_dir.resolve())
         recipe.output_dir = rundir.path
-        with ExitStack() as stack:
-            stack.enter_context(exclusive_lock(rundir.path, "output_dir"))
-            if claim_output_dir(recipe, rundir, resume) == "finished":
-                return RunResult(rundir.path, recipe.method, rundir.read_eval() or {}, 0.0, 0)
-            return self._evaluate(recipe, rundir)
+
+        def evaluate_once():
+            with exclusive_lock(rundir.path, "output_dir"):
+                if claim_output_dir(recipe, rundir, resume) == "finished":
+                    return RunResult(rundir.path, recipe.method, rundir.read_eval() or {}, 0.0, 0)
+                return self._evaluate(recipe, rundir)
+
+        # Under `accelerate launch` (e.g. a pipeline's evaluation stage) the main process evaluates
+        # and writes the directory once; the others wait for its result.
+        state = PartialState()
+        return on_main_process(state, evaluate_once, f"the evaluation into {rundir.path}")
 
     def _evaluate(self, recipe, rundir):
         import torch

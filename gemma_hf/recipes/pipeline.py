@@ -356,7 +356,8 @@ def run_pipeline(pipeline: Pipeline, resume: bool = True) -> dict:
             changed = [s.name for s in pipeline.stages
                        if manifest.get("stages", {}).get(s.name, {}).get("hash") != s.hash]
             if not changed:
-                print(f"{pipeline.output_dir} holds this pipeline, finished: nothing to do", flush=True)
+                if main:
+                    print(f"{pipeline.output_dir} holds this pipeline, finished: nothing to do", flush=True)
                 return manifest
             # A stage's recipe changed: the published model is withdrawn (run.json, the card) until the
             # changed stages and those after them have run again and the new final model is published.
@@ -378,7 +379,8 @@ def run_pipeline(pipeline: Pipeline, resume: bool = True) -> dict:
                     shutil.rmtree(out)
                 entry = {}
             if entry.get("status") == "finished" and RunDir(out).is_finished():
-                print(f"== stage {stage.name} ({stage.method}): finished earlier, skipped ==", flush=True)
+                if main:
+                    print(f"== stage {stage.name} ({stage.method}): finished earlier, skipped ==", flush=True)
                 continue
             entry = {"method": stage.method, "hash": stage.hash, "status": "running", "output": str(out),
                      "log": str(pipeline.log(stage.name)), "recipe": stage.source, "reads": stage.reads,
@@ -387,7 +389,8 @@ def run_pipeline(pipeline: Pipeline, resume: bool = True) -> dict:
             if main:
                 write_manifest(pipeline, manifest)
             started = time.time()
-            print(f"== stage {stage.name} ({stage.method}) -> {out} ==", flush=True)
+            if main:
+                print(f"== stage {stage.name} ({stage.method}) -> {out} ==", flush=True)
             import os
 
             os.environ["GEMMA_HF_STAGE"] = stage.name  # stage-specific fault points (tests)
@@ -413,12 +416,12 @@ def run_pipeline(pipeline: Pipeline, resume: bool = True) -> dict:
             entry.update(status="finished", seconds=round(time.time() - started, 1),
                          summary={k: v for k, v in (result.results or {}).items()
                                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
-            print(f"== stage {stage.name} finished in {entry['seconds']:.0f} s ==", flush=True)
             if main:
+                print(f"== stage {stage.name} finished in {entry['seconds']:.0f} s ==", flush=True)
                 write_manifest(pipeline, manifest)
-        if main:
-            publish_pipeline(pipeline, manifest)
-        state.wait_for_everyone()
+        from .distributed import on_main_process
+
+        on_main_process(state, lambda: publish_pipeline(pipeline, manifest), "publishing the pipeline")
     return manifest
 
 

@@ -91,38 +91,43 @@ class Warp(RLHF):
         from .engine import RunResult, claim_output_dir, recover_publish
         from .rundir import RunDir
 
+        # Under `accelerate launch`, every process takes part in each RL run (an ordinary run_recipe);
+        # the initial model, the merges, the Pareto view and the publish are the main process's alone.
         state = PartialState()
-        if state.num_processes > 1:
-            from gemma_hf.errors import InputError
-
-            raise InputError("gemma-hf warp runs its stages one after another in one process; launch it without "
-                             "accelerate (each RL stage can use the machine's devices)")
         rundir = RunDir(recipe.output_dir.resolve())
         recipe.output_dir = rundir.path
         with ExitStack() as stack:
-            stack.enter_context(exclusive_lock(rundir.path, "output_dir"))
-            recover_publish(rundir)
+            if state.is_main_process:
+                stack.enter_context(exclusive_lock(rundir.path, "output_dir"))
+                recover_publish(rundir)
+            state.wait_for_everyone()
             if claim_output_dir(recipe, rundir, resume) == "finished":
                 info = rundir.read_run()
                 return RunResult(rundir.path, recipe.method, rundir.read_eval() or {}, 0.0, info.get("global_step", 0))
-            return self._run_stages(recipe, rundir)
+            state.wait_for_everyone()  # every process has looked before the main process writes
+            return self._run_stages(recipe, rundir, state)
 
-    def _run_stages(self, recipe, rundir):
+    def _run_stages(self, recipe, rundir, state):
         from gemma_hf.merging import liti, slerp_merge
 
+        from .distributed import on_main_process
         from .engine import fault_point
         from .rundir import STAGES, now_iso, write_json
 
         started, start = now_iso(), time.time()
-        rundir.path.mkdir(parents=True, exist_ok=True)
-        write_json(rundir.marker, {"method": recipe.method, "started": started, "pid": os.getpid()})
         args = recipe.method_args
         stages = rundir / STAGES
-        for leftover in stages.glob("**/.*.tmp-*") if stages.exists() else []:
-            shutil.rmtree(leftover, ignore_errors=True)  # a merge a kill cut short: redone below
         init = stages / "init-0"
-        if not (init / "config.json").is_file():
-            self._save_initial_model(recipe, init)
+
+        def prepare():
+            rundir.path.mkdir(parents=True, exist_ok=True)
+            write_json(rundir.marker, {"method": recipe.method, "started": started, "pid": os.getpid()})
+            for leftover in stages.glob("**/.*.tmp-*") if stages.exists() else []:
+                shutil.rmtree(leftover, ignore_errors=True)  # a merge a kill cut short: redone below
+            if not (init / "config.json").is_file():
+                self._save_initial_model(recipe, init)
+
+        on_main_process(state, prepare, "the WARP run's initial model")
         record: list[dict[str, Any]] = []
         for iteration in range(args.warp_iterations):
             here = stages / f"iter-{iteration}"
@@ -133,25 +138,34 @@ class Warp(RLHF):
                 record.append(self._rl_stage(recipe, init, run_dir, seed, f"iter-{iteration}/run-{m}"))
                 fault_point(f"warp:iter-{iteration}/run-{m}")
             merged = here / "slerp"
-            record.append(self._model_stage(merged, f"iter-{iteration}/slerp", lambda out: slerp_merge(
-                init, runs, out) if len(runs) > 1 else _copy_model(runs[0], out)))
-            fault_point(f"warp:iter-{iteration}/slerp")
             etas = sorted(set([*args.warp_etas, args.warp_eta]))
             points = {eta: here / f"liti-{eta:g}" for eta in etas}
-            missing = [eta for eta, path in points.items() if not (path / "config.json").is_file()]
-            if missing:
-                started_at = time.time()
-                liti(init, merged, [eta for eta in missing], [points[eta] for eta in missing])
-                record.append({"stage": f"iter-{iteration}/liti", "etas": missing,
-                               "seconds": round(time.time() - started_at, 1)})
-            else:
-                record.append({"stage": f"iter-{iteration}/liti", "skipped": True})
-            fault_point(f"warp:iter-{iteration}/liti")
+
+            def merge(init=init, runs=runs, merged=merged, points=points, iteration=iteration) -> list[dict]:
+                done = [self._model_stage(merged, f"iter-{iteration}/slerp", lambda out: slerp_merge(
+                    init, runs, out) if len(runs) > 1 else _copy_model(runs[0], out))]
+                fault_point(f"warp:iter-{iteration}/slerp")
+                missing = [eta for eta, path in points.items() if not (path / "config.json").is_file()]
+                if missing:
+                    started_at = time.time()
+                    liti(init, merged, [eta for eta in missing], [points[eta] for eta in missing])
+                    done.append({"stage": f"iter-{iteration}/liti", "etas": missing,
+                                 "seconds": round(time.time() - started_at, 1)})
+                else:
+                    done.append({"stage": f"iter-{iteration}/liti", "skipped": True})
+                fault_point(f"warp:iter-{iteration}/liti")
+                return done
+
+            record += on_main_process(state, merge, f"the WARP merges of iteration {iteration}")
             last_init, init = init, points[args.warp_eta]
-        results, plots = ({}, {})
-        if args.warp_eval:
-            results, plots = self._pareto(recipe, rundir, last_init, runs, merged, points)
-        return self._publish(recipe, rundir, init, record, results, plots, started, start, runs)
+
+        def finish():
+            results, plots = ({}, {})
+            if args.warp_eval:
+                results, plots = self._pareto(recipe, rundir, last_init, runs, merged, points)
+            return self._publish(recipe, rundir, init, record, results, plots, started, start, runs)
+
+        return on_main_process(state, finish, "the WARP run's Pareto view and publish")
 
     def _save_initial_model(self, recipe, init: Path) -> None:
         """θ_init of the first iteration as a model directory (a preset's seeded random weights, or a copy)."""
@@ -192,7 +206,10 @@ class Warp(RLHF):
             values["env"] = dict(recipe.env)
         sub = load_recipe(None, values=values, method="rlhf")
         started = time.time()
-        print(f"== WARP stage {name}: RLHF from {init.name}, seed {seed} ==", flush=True)
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            print(f"== WARP stage {name}: RLHF from {init.name}, seed {seed} ==", flush=True)
         result = run_recipe(sub, resume=True)
         return {"stage": name, "seconds": round(time.time() - started, 1), "global_step": result.global_step,
                 **_stage_numbers(run_dir)}
