@@ -6,13 +6,20 @@ prints ours / stock ratios. JSON goes to bench/results/<timestamp>.json (and --j
 
     python bench/run.py            # full (~20 min on 2 cores): train steps at seq 512/1024/2048, 270M generation and forward
     python bench/run.py --quick    # under 3 minutes: seq 512 only, fewer tokens and repeats
+    python bench/run.py --only generate --new-tokens 16 --repeats 2   # decoding only (~15 min on a busy 2-core box)
 
 Measurements (CPU):
 - train: one forward+backward with labels, Gemma 2 config (hidden 256, 2 layers, vocab 256000,
   soft-caps 50/30), eager attention, fp32, batch 1.
 - floor: the head's unavoidable cost on this machine: three [T x H] x [H x V] matmuls at the
   measured fp32 rate, plus one tanh and one exp pass over [T, V].
-- generate: tokens/s of greedy decoding with cache, real Gemma 3 270M, fp32 and bf16.
+- generate: tokens/s of greedy decoding with cache, real Gemma 3 270M, fp32 and bf16, batch 1 and a
+  left-padded batch of 8 (ours: GemmaHFForCausalLM; stock: Gemma3ForCausalLM, same weights),
+  ABBA; the run fails if ours and stock generate different tokens. Next to it, the decode limit the
+  machine's memory bandwidth allows (bandwidth: torch.sum over 1 GiB, measured in the same run, over
+  the weight bytes a decoded token reads) and the share of it each side reaches.
+- rollout: the policy's generate calls inside one TRL RLOO step (270M, fp32, 4 completions), ours vs
+  stock model class in the same trainer setup: rollout tokens/s, and the generation's share of the step.
 - forward: latency of one 512-token forward, real Gemma 3 270M, fp32.
   Both run ours, stock, stock, ours (four processes) so that drift in machine speed cancels.
 - kv cache: bytes the cache holds after an 8k-token prefill with Gemma 2's local/global pattern
@@ -122,20 +129,125 @@ def _load_270m(impl: str, dtype_name: str):
     return model
 
 
-def worker_generate(impl: str, dtype: str, new_tokens: int, repeats: int) -> dict:
+def _prompts(batch: int):
+    """<bos> + a short prompt; for batch > 1, prompts of 3..(3 + 3(batch-1)) tokens, left-padded with 0 as TRL pads."""
     import torch
 
-    model = _load_270m(impl, dtype)
-    ids = torch.tensor([[2, 818, 5279, 529, 7001, 563]])  # <bos> + a short prompt
+    text = [2, 818, 5279, 529, 7001, 563, 496, 1535, 3495, 600, 4119, 1401, 529, 506, 1902, 236761, 1030, 580,
+            3207, 528, 3879, 236761, 108, 818, 1855, 7488]
+    if batch == 1:
+        return torch.tensor([text[:6]]), None
+    lengths = [3 + 3 * i for i in range(batch)]
+    ids = torch.zeros(batch, max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, -length:] = torch.tensor(text[:length])
+        mask[row, -length:] = 1
+    return ids, mask
 
-    def run():
+
+def worker_generate(impl: str, dtype: str, new_tokens: int, repeats: int, batch: int = 1) -> dict:
+    """Greedy decoding tokens/s (new tokens x batch / wall time of the generate call, prefill included).
+
+    impl "ours" (GemmaHFForCausalLM) or "stock" (transformers' Gemma3ForCausalLM). The generated ids come
+    back so that the orchestrator checks ours == stock token for token in the same run.
+    """
+    import torch
+
+    model = _load_270m("stock" if impl == "stock" else "ours", dtype)
+    ids, mask = _prompts(batch)
+
+    def run(tokens=new_tokens):
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        assert out.shape[1] == ids.shape[1] + new_tokens
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
+                                 do_sample=False, pad_token_id=0)
+        assert out.shape[1] == ids.shape[1] + tokens
+        return out
 
-    times = _time(run, repeats)
-    return {"time_s": statistics.median(times), "tokens_per_s": new_tokens / statistics.median(times),
-            "times": times, "new_tokens": new_tokens, "peak_rss_mb": _peak_rss_mb()}
+    run(4)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - start)
+    result = {"time_s": statistics.median(times), "tokens_per_s": batch * new_tokens / statistics.median(times),
+              "times": times, "new_tokens": new_tokens * batch, "peak_rss_mb": _peak_rss_mb(),
+              "generated": out[:, ids.shape[1]:].tolist(), "threads": torch.get_num_threads()}
+    return result
+
+
+def worker_bandwidth(repeats: int = 5) -> dict:
+    """Memory read bandwidth (GB/s): the best of `repeats` torch.sum passes over 1 GiB of fp32, on torch's
+    threads (all cores) and on one thread. The decoding limit is this over the weight bytes read per token."""
+    import torch
+
+    buf = torch.ones(1 << 28)  # 1 GiB, far beyond any cache
+    out = {}
+    for label, threads in (("all_threads", torch.get_num_threads()), ("one_thread", 1)):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        best = min(_time(lambda: buf.sum(), repeats))
+        torch.set_num_threads(previous)
+        out[f"{label}_gb_s"] = buf.numel() * 4 / best / 1e9
+    return out
+
+
+def _weight_bytes_270m(dtype: str) -> int:
+    """Bytes of weights one decoded token reads: every parameter once (the tied embedding/lm_head once)."""
+    return 268_098_176 * (4 if dtype == "float32" else 2)
+
+
+def worker_rollout(impl: str, prompts: int, completion: int, steps: int) -> dict:
+    """Generation inside TRL's RLOO step on the real 270M (fp32): tokens/s of the policy's generate calls.
+
+    The same RLOOTrainer setup for both model classes (ours or stock Gemma3ForCausalLM); the policy's
+    `generate` is wrapped to time each call and count the completion positions it produced.
+    """
+    import logging
+
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import RLOOConfig, RLOOTrainer
+
+    from gemma_hf import assets
+
+    logging.disable(logging.WARNING)
+    path = assets.gemma3_270m()
+    model = _load_270m("stock" if impl == "stock" else "ours", "float32")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = ["The capital of France is", "Photosynthesis is the process by which plants",
+             "def add(a, b):\n    return", "A good night's sleep", "The three primary colours are",
+             "Water boils at", "The largest planet in the solar system", "To make tea, first"]
+    data = Dataset.from_dict({"prompt": [texts[i % len(texts)] for i in range(prompts * steps)]})
+    calls = []
+    original = model.generate
+
+    def timed_generate(*args, **kwargs):
+        start = time.perf_counter()
+        out = original(*args, **kwargs)
+        prompt = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        calls.append((time.perf_counter() - start, out.shape[0] * (out.shape[1] - prompt.shape[1])))
+        return out
+
+    model.generate = timed_generate  # TRL calls unwrap_model_for_generation(model).generate: this object on CPU
+    config = RLOOConfig(output_dir="/tmp/gemma_hf_bench_rollout", per_device_train_batch_size=prompts,
+                        num_generations=2, max_completion_length=completion, max_steps=steps, beta=0.0,
+                        report_to="none", save_strategy="no", logging_steps=1, use_cpu=True, seed=0,
+                        learning_rate=1e-7)
+
+    def reward_length(completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    trainer = RLOOTrainer(model=model, args=config, reward_funcs=reward_length, train_dataset=data,
+                          processing_class=tokenizer)
+    start = time.perf_counter()
+    trainer.train()
+    step_time = (time.perf_counter() - start) / steps
+    gen_time, tokens = sum(t for t, _ in calls), sum(n for _, n in calls)
+    return {"time_s": gen_time / max(len(calls), 1), "times": [t for t, _ in calls],
+            "tokens_per_s": tokens / gen_time, "tokens": tokens, "generate_calls": len(calls),
+            "step_s": step_time, "generate_share_of_step": gen_time / (step_time * steps),
+            "peak_rss_mb": _peak_rss_mb()}
 
 
 def worker_forward(impl: str, seq: int, repeats: int) -> dict:
@@ -209,6 +321,7 @@ def worker_gpu_train(impl: str, seq: int, repeats: int) -> dict:
 
 
 WORKERS = {"train": worker_train, "floor": worker_floor, "generate": worker_generate,
+           "bandwidth": worker_bandwidth, "rollout": worker_rollout,
            "forward": worker_forward, "kv_cache": worker_kv_cache, "gpu_train": worker_gpu_train}
 
 
@@ -236,6 +349,14 @@ def run_abba(kind: str, abba: bool = True, **kwargs) -> tuple[dict, dict]:
                         "peak_rss_mb": max(r["peak_rss_mb"] for r in results)}
         if "new_tokens" in results[0]:
             merged[impl]["tokens_per_s"] = results[0]["new_tokens"] / merged[impl]["time_s"]
+            merged[impl]["tokens_per_s_runs"] = [r["tokens_per_s"] for r in results]
+        if "tokens" in results[0]:  # rollout: all generate calls of both runs together
+            merged[impl]["tokens_per_s"] = (sum(r["tokens"] for r in results)
+                                            / sum(sum(r["times"]) for r in results))
+            merged[impl]["step_s"] = statistics.median(r["step_s"] for r in results)
+            merged[impl]["generate_share_of_step"] = statistics.mean(r["generate_share_of_step"] for r in results)
+        if "generated" in results[0]:
+            merged[impl]["generated"] = [r["generated"] for r in results]
     return merged["ours"], merged["stock"]
 
 
@@ -244,8 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="seq 512 only, fewer tokens and repeats (< 3 min)")
     parser.add_argument("--gpu", action="store_true", help="also run the CUDA bf16 train-step benchmark")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--only", default="train,generate,forward,kv_cache",
+    parser.add_argument("--only", default="train,generate,rollout,forward,kv_cache",
                         help="comma-separated sections to run (default: all CPU sections)")
+    parser.add_argument("--new-tokens", type=int, help="tokens generated per call (default 64, --quick 16)")
+    parser.add_argument("--repeats", type=int, help="timed repeats per process (default 3, --quick 2)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -256,8 +379,10 @@ def main(argv: list[str] | None = None) -> int:
 
     seqs = [512] if args.quick else [512, 1024, 2048]
     repeats = 2 if args.quick else 3
-    new_tokens = 32 if args.quick else 128
-    rows, results = [], {"quick": args.quick, "threads": os.cpu_count(), "train": {}, "generate": {}}
+    new_tokens = args.new_tokens or (16 if args.quick else 64)
+    repeats = args.repeats or repeats
+    rows, results = [], {"quick": args.quick, "threads": os.cpu_count(), "train": {}, "generate": {},
+                         "load_at_start": os.getloadavg()}
 
     def ratio_row(name, ours, stock, key, unit, lower_is_better=True):
         r = ours[key] / stock[key]
@@ -267,9 +392,10 @@ def main(argv: list[str] | None = None) -> int:
         return r
 
     sections = set(args.only.split(","))
-    unknown = sections - {"train", "generate", "forward", "kv_cache"}
+    unknown = sections - {"train", "generate", "rollout", "forward", "kv_cache"}
     if unknown:
-        parser.error(f"--only: unknown section(s) {sorted(unknown)}; choose from train, generate, forward, kv_cache")
+        parser.error(f"--only: unknown section(s) {sorted(unknown)}; "
+                     "choose from train, generate, rollout, forward, kv_cache")
 
     for seq in (seqs if "train" in sections else []):
         ours = run_worker("train", impl="ours", seq=seq, repeats=repeats)
@@ -286,10 +412,43 @@ def main(argv: list[str] | None = None) -> int:
                      f"tanh {floor['tanh_s']:.2f}s, exp {floor['exp_s']:.2f}s"))
         print(" | ".join(rows[-1]), flush=True)
 
+    if "generate" in sections:
+        results["load_before_generate"] = os.getloadavg()
+        bandwidth = run_worker("bandwidth")
+        results["bandwidth"] = bandwidth
+        rows.append(("memory read bandwidth (torch.sum, 1 GiB)",
+                     f"{bandwidth['all_threads_gb_s']:.1f} GB/s all threads",
+                     f"{bandwidth['one_thread_gb_s']:.1f} GB/s one thread", "", f"load {os.getloadavg()[0]:.1f}"))
+        print(" | ".join(rows[-1]), flush=True)
     for dtype in (("float32", "bfloat16") if "generate" in sections else ()):
-        ours, stock = run_abba("generate", abba=not args.quick, dtype=dtype, new_tokens=new_tokens, repeats=repeats)
-        results["generate"][dtype] = {"ours": ours, "stock": stock, "ratio": ratio_row(
-            f"generate 270M {dtype}: tokens/s", ours, stock, "tokens_per_s", "tok/s", lower_is_better=False)}
+        for batch in (1, 8):
+            # ours, stock, stock, ours (ABBA); stock is transformers' Gemma3ForCausalLM
+            ours, stock = run_abba("generate", abba=not args.quick, dtype=dtype, new_tokens=new_tokens,
+                                   repeats=repeats, batch=batch)
+            identical = all(g == stock["generated"][0] for g in ours["generated"] + stock["generated"])
+            limit = bandwidth["all_threads_gb_s"] * 1e9 / _weight_bytes_270m(dtype)  # tokens/s per sequence
+            results["generate"][f"{dtype}_batch{batch}"] = {
+                "ours": ours, "stock": stock, "greedy_tokens_identical": identical,
+                "bandwidth_limit_steps_per_s": limit, "ours_of_limit": ours["tokens_per_s"] / batch / limit,
+                "stock_of_limit": stock["tokens_per_s"] / batch / limit,
+                "ratio": ratio_row(f"generate 270M {dtype} batch {batch}: tokens/s", ours, stock, "tokens_per_s",
+                                   "tok/s", lower_is_better=False)}
+            rows.append((f"  decode steps/s vs bandwidth limit {limit:.1f}/s",
+                         f"{ours['tokens_per_s'] / batch / limit:.2f}x",
+                         f"{stock['tokens_per_s'] / batch / limit:.2f}x", "",
+                         f"greedy tokens identical: {identical}; load {os.getloadavg()[0]:.1f}"))
+            print(" | ".join(rows[-1]), flush=True)
+            if not identical:
+                raise SystemExit(f"generate {dtype} batch {batch}: ours and stock generated different tokens")
+
+    if "rollout" in sections:
+        ours, stock = run_abba("rollout", abba=not args.quick, prompts=4, completion=new_tokens // 2, steps=1)
+        results["rollout"] = {"ours": ours, "stock": stock, "ratio": ratio_row(
+            "RLOO step (270M fp32): rollout tokens/s", ours, stock, "tokens_per_s", "tok/s", lower_is_better=False)}
+        for impl, r in (("ours", ours), ("stock", stock)):
+            rows.append((f"  RLOO step, {impl}", f"{r['step_s']:.1f} s/step", "",
+                         f"generate {r['generate_share_of_step']:.0%} of the step", f"load {os.getloadavg()[0]:.1f}"))
+            print(" | ".join(rows[-1]), flush=True)
 
     if "forward" in sections:
         ours, stock = run_abba("forward", abba=not args.quick, seq=512, repeats=repeats)
