@@ -188,4 +188,4 @@ def test_fuzzed_training_knobs_never_publish_non_finite_weights(method, tmp_path
 @pytest.mark.faults
 @pytest.mark.parametrize("method", METHODS)
 def test_fuzzed_training_knobs_long(method, tmp_path_factory, capsys):
-    _fuzz_runs(method, tmp_path_factory, capsys, examples=8)
+    _fuzz_runs(method, tmp_path_factory, capsys, examples=5)
