@@ -147,15 +147,19 @@ def load_mixture(parts: list[ReadDataset], data_format: str, seed: int) -> Mixtu
     return Mixture(datasets.Dataset.from_list(flat), parts, [len(r) for r in all_records])
 
 
+def held_out_seed(data: DataArguments, seed: int) -> int:
+    """The seed of the held-out split: ``split_seed`` if set, else the training ``seed``."""
+    return seed if data.split_seed is None else data.split_seed
+
+
 def split_held_out(dataset, data: DataArguments, seed: int):
     """(train, held-out or None): datasets' seeded train_test_split by ``test_split_size``, seeded by
     ``split_seed`` if set, else ``seed`` (the training seed)."""
     if data.test_split_size is None:
         return dataset, None
-    seed = seed if data.split_seed is None else data.split_seed
-    split = dataset.train_test_split(test_size=data.test_split_size, seed=seed, shuffle=True)
+    split = dataset.train_test_split(test_size=data.test_split_size, seed=held_out_seed(data, seed), shuffle=True)
     return split["train"], split["test"]
 
 
-__all__ = ["DatasetProblem", "ReadDataset", "Mixture", "read_dataset", "load_mixture", "split_held_out",
+__all__ = ["DatasetProblem", "ReadDataset", "Mixture", "read_dataset", "load_mixture", "held_out_seed", "split_held_out",
            "MAX_PROBLEMS_PER_DATASET"]

@@ -446,19 +446,24 @@ def train(trainer, resume_from: Path | None) -> None:
         raise
 
 
+def _non_finite_parameters(model) -> list[str]:
+    """Names of this process's parameters holding a NaN or an infinity."""
+    import torch
+
+    return [name for name, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
+
+
 def _raise_if_sampling_diverged(trainer, err: RuntimeError) -> None:
     """A policy or student whose weights went non-finite in its last update (finite gradients, an
     absurd learning rate) fails in the next rollout, inside torch.multinomial ("probability tensor
     contains either `inf`, `nan` or element < 0"), before FiniteGuard sees a gradient. That is a
     diverged run, not a bug: say so. (The check is this process's own weights: no collective call
     on an error path.)"""
-    import torch
-
     from .callbacks import TrainingDiverged
 
     if "probability tensor contains" not in str(err):
         return
-    bad = [name for name, p in trainer.model.named_parameters() if not torch.isfinite(p.detach()).all()]
+    bad = _non_finite_parameters(trainer.model)
     if not bad:
         return
     listed = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
@@ -475,7 +480,7 @@ def check_finite_weights(trainer) -> None:
 
     from .callbacks import TrainingDiverged
 
-    bad = [name for name, p in trainer.model.named_parameters() if not torch.isfinite(p.detach()).all()]
+    bad = _non_finite_parameters(trainer.model)
     flag = torch.tensor([float(len(bad))], device=trainer.accelerator.device)
     if trainer.accelerator.gather(flag).sum().item() > 0:
         listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

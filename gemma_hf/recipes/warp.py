@@ -197,9 +197,10 @@ class Warp(RLHF):
             values.pop(key, None)
         # Every run holds out the same records as the WARP recipe (its training seed differs, not its
         # split): the runs never train on the prompts of the Pareto view, and their numbers compare.
-        split_seed = recipe.data.split_seed if recipe.data.split_seed is not None else recipe.training.seed
+        from .data import held_out_seed
+
         values.update(output_dir=str(run_dir), seed=seed, model_name_or_path=str(init),
-                      tokenizer_name_or_path=str(init), split_seed=split_seed)
+                      tokenizer_name_or_path=str(init), split_seed=held_out_seed(recipe.data, recipe.training.seed))
         if recipe.method_args.warp_eval and recipe.data.test_split_size is not None:
             values["eval_before_training"] = False  # the Pareto view evaluates the init on the same prompts
         if recipe.env:
