@@ -27,13 +27,16 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(torch.cuda.is_available(), reason="about CPU processes; this machine has CUDA")]
 
+# Each process writes its own file: two processes printing to one pipe interleave their lines.
 PROBE = """
+from pathlib import Path
 from accelerate import Accelerator
 import torch
 accelerator = Accelerator(cpu=True)  # what the Trainer builds on a CPU launch (TrainingArguments.use_cpu)
 model = accelerator.prepare(torch.nn.Linear(4, 4))
-print(accelerator.process_index, accelerator.distributed_type, getattr(accelerator.state, "fsdp_plugin", None) is None,
-      type(model).__name__, flush=True)
+Path(f"probe-{accelerator.process_index}.txt").write_text(" ".join(map(str, (
+    accelerator.process_index, accelerator.distributed_type,
+    getattr(accelerator.state, "fsdp_plugin", None) is None, type(model).__name__))))
 """
 
 
@@ -48,9 +51,9 @@ def test_accelerate_trains_an_fsdp_launch_on_cpus_as_ddp(tmp_path):
     script.write_text(PROBE)
     result = launch(tmp_path, "29538", str(script))
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = sorted(line for line in result.stdout.splitlines() if line[:1] in "01")
+    lines = [(tmp_path / f"probe-{rank}.txt").read_text() for rank in (0, 1)]
     assert lines == ["0 DistributedType.MULTI_CPU True DistributedDataParallel",
-                     "1 DistributedType.MULTI_CPU True DistributedDataParallel"], result.stdout
+                     "1 DistributedType.MULTI_CPU True DistributedDataParallel"], result.stdout[-3000:]
 
 
 def test_gemma_hf_refuses_fsdp_on_cpu_processes(tmp_path):
