@@ -192,6 +192,7 @@ def make_distillation_trainer(run, teacher, **kwargs):
             return loss.detach(), None, None
 
         def log(self, logs, start_time=None):
+            run.info["generations"] = dict(self.generations)  # also after a resume that trains nothing
             if "loss" in logs:
                 logs = {**logs, **{f"generated_by_{k}": v for k, v in self.generations.items()}}
             super().log(logs, start_time)

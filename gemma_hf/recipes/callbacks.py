@@ -87,21 +87,30 @@ class FiniteGuard(TrainerCallback):
 
 
 class TokenCount(TrainerCallback, ExportableState):
-    """Saves TRL's running token count (``num_tokens`` in the logs) with every checkpoint.
+    """Saves a trainer's running counts that its logs report cumulatively with every checkpoint.
 
-    TRL's SFT and reward trainers keep it in ``trainer._total_train_tokens``, start it at 0 and do
-    not checkpoint it, so a resumed run would log counts restarting from zero. transformers writes
-    ``state()`` of every ExportableState callback into the checkpoint's ``trainer_state.json``
-    (``stateful_callbacks``); ``restore_token_count`` puts it back before a resume. Relies on the
-    private ``_total_train_tokens`` attribute (TRL 0.2x-1.x); without it this does nothing."""
+    - TRL's SFT and reward trainers keep the token count (``num_tokens`` in the logs) in
+      ``trainer._total_train_tokens``, start it at 0 and do not checkpoint it;
+    - our distillation trainer counts whose completions it trained on in ``trainer.generations``
+      (``generated_by_student`` / ``_teacher`` / ``_data`` in the logs).
 
-    def __init__(self, total: float = 0):
+    Without this a resumed run would log counts restarting from zero. transformers writes ``state()``
+    of every ExportableState callback into the checkpoint's ``trainer_state.json``
+    (``stateful_callbacks``); ``restore_token_count`` puts the counts back before a resume. Relies
+    on the private ``_total_train_tokens`` attribute (TRL 0.2x-1.x); without it the token count is
+    not kept. (The RL trainers' ``num_tokens`` lives in TrainerState and is checkpointed already.)"""
+
+    def __init__(self, total: float = 0, generations: dict | None = None):
         self.total = total
+        self.generations = generations
         self.trainer = None  # set by the engine once the trainer exists
 
     def state(self) -> dict:
         total = getattr(self.trainer, "_total_train_tokens", self.total) if self.trainer is not None else self.total
-        return {"args": {"total": total}, "attributes": {}}
+        generations = getattr(self.trainer, "generations", self.generations) if self.trainer is not None \
+            else self.generations
+        return {"args": {"total": total, "generations": dict(generations) if isinstance(generations, dict) else None},
+                "attributes": {}}
 
 
 def attach_token_count(trainer) -> None:
@@ -111,12 +120,29 @@ def attach_token_count(trainer) -> None:
 
 
 def restore_token_count(trainer, state) -> None:
-    """Before resuming from a checkpoint whose TrainerState is ``state``: the token count it saved."""
+    """Before resuming from a checkpoint whose TrainerState is ``state``: the counts it saved."""
     saved = (state.stateful_callbacks or {}).get("TokenCount")
     if isinstance(saved, list):
         saved = saved[-1] if saved else None
-    if saved and hasattr(trainer, "_total_train_tokens"):
-        trainer._total_train_tokens = saved.get("args", {}).get("total", 0)
+    if not saved:
+        return
+    args = saved.get("args", {})
+    if hasattr(trainer, "_total_train_tokens"):
+        trainer._total_train_tokens = args.get("total", 0)
+    generations = args.get("generations")
+    if isinstance(generations, dict) and isinstance(getattr(trainer, "generations", None), dict):
+        trainer.generations.update({k: int(v) for k, v in generations.items()})
+
+
+class SavedFaultPoint(TrainerCallback):
+    """Fault injection (tests): GEMMA_HF_KILL_AT=saved:checkpoint-N kills the run right after
+    checkpoint N is complete (transformers calls on_save once the checkpoint is written)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        from .engine import fault_point
+
+        fault_point(f"saved:checkpoint-{state.global_step}")
+        return control
 
 
 class SaveAtEnd(TrainerCallback):
@@ -127,5 +153,5 @@ class SaveAtEnd(TrainerCallback):
         return control
 
 
-__all__ = ["MetricsCallback", "FiniteGuard", "SaveAtEnd", "TokenCount", "TrainingDiverged", "attach_token_count",
+__all__ = ["MetricsCallback", "FiniteGuard", "SaveAtEnd", "SavedFaultPoint", "TokenCount", "TrainingDiverged", "attach_token_count",
            "restore_token_count"]

@@ -133,7 +133,7 @@ class Run:
 
     def trainer_kwargs(self, model, train_set, eval_set) -> dict[str, Any]:
         """The arguments every method's TRL trainer gets from the engine."""
-        from .callbacks import FiniteGuard, MetricsCallback, SaveAtEnd, TokenCount
+        from .callbacks import FiniteGuard, MetricsCallback, SaveAtEnd, SavedFaultPoint, TokenCount
 
         args = self.recipe.training
         if "eval_on_start" not in self.recipe.values:
@@ -142,7 +142,7 @@ class Run:
         if "logging_nan_inf_filter" not in self.recipe.values:
             args.logging_nan_inf_filter = False  # log a NaN loss as NaN (FiniteGuard stops the run anyway)
         callbacks = [MetricsCallback(self.rundir.metrics, fresh=self.resume_from is None),
-                     FiniteGuard(lambda: self.rundir.latest_complete_checkpoint()[0]), SaveAtEnd(), TokenCount()]
+                     FiniteGuard(lambda: self.rundir.latest_complete_checkpoint()[0]), SaveAtEnd(), TokenCount(), SavedFaultPoint()]
         return dict(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                     processing_class=self.tokenizer, peft_config=peft_config_for(self), callbacks=callbacks)
 
