@@ -36,7 +36,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration import SLIDING, GemmaHFConfig
-from .layers import GemmaRMSNorm, apply_rotary
+from .layers import GemmaLinear, GemmaRMSNorm, apply_rotary
 
 
 class SoftcapUnsupportedError(ValueError):
@@ -133,10 +133,10 @@ class GemmaAttention(nn.Module):
         self.softcap = config.attn_logit_softcapping
 
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = GemmaLinear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = GemmaLinear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = GemmaLinear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = GemmaLinear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         if config.use_qk_norm:
             self.q_norm = GemmaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = GemmaRMSNorm(self.head_dim, eps=config.rms_norm_eps)

@@ -59,7 +59,7 @@ from .attention import GemmaAttention, softcap_error
 from .configuration import FULL, SLIDING, GemmaHFConfig
 from .loss import chunked_causal_lm_loss
 from .safety import guarded_from_pretrained
-from .layers import GemmaMLP, GemmaRMSNorm, GemmaRotaryEmbedding, GemmaScaledEmbedding
+from .layers import GemmaLinear, GemmaMLP, GemmaRMSNorm, GemmaRotaryEmbedding, GemmaScaledEmbedding
 
 
 def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -289,7 +289,7 @@ class GemmaHFForCausalLM(GemmaHFPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = GemmaHFModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = GemmaLinear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self):
