@@ -518,6 +518,11 @@ def test_rule_rewards_give_an_empty_answer_nothing():
         assert rules.chat_health(prompts, completions, ids) == [0.0, 0.0, 3.0]
         looping = [[{"role": "assistant", "content": "a b a b a b a b"}]]
         assert rules.chat_health(prompts[:1], looping, [[5, 106]]) == [1.0 + 2 / 7 + 1.0]
+        # "0000..." is one word: only its tokens show the loop (digits are single tokens)
+        zeros = [[{"role": "assistant", "content": "The answer is " + "0" * 40}]]
+        zero_ids = [[818, 3890, 563] + [236771] * 40]
+        assert rules.no_repetition(prompts[:1], zeros) == [1.0]
+        assert rules.no_repetition(prompts[:1], zeros, zero_ids) == [pytest.approx(4 / 42)]
     finally:
         rules.STOP_IDS.clear()
         rules.STOP_IDS.update({1, 107})

@@ -55,10 +55,30 @@ def _empty(text: str) -> bool:
     return not _WORD.search(text)
 
 
-def no_repetition(prompts, completions, **kwargs) -> list[float]:
-    """distinct-2 of the completion (1.0: no repeated word bigram; loops score low); 0.0 for an answer
-    without a word (else an empty answer would be the surest way to "not repeat")."""
-    return [0.0 if _empty(_text(c)) else distinct_2(_text(c)) for c in completions]
+def token_distinct_2(ids) -> float:
+    """Unique token bigrams / token bigrams of a completion (stop tokens left out; 1.0 for fewer than
+    two tokens). Catches the loops words miss: "0000..." or "```" repeated is one word, or few."""
+    ids = [int(i) for i in ids if int(i) not in STOP_IDS]
+    bigrams = list(zip(ids, ids[1:]))
+    return len(set(bigrams)) / len(bigrams) if bigrams else 1.0
+
+
+def no_repetition(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+    """The smaller of the completion's word distinct-2 and (given completion_ids) token distinct-2:
+    1.0 without a repeated bigram, low for loops; 0.0 for an answer without a word (else an empty
+    answer would be the surest way to "not repeat")."""
+    ids = completion_ids if completion_ids is not None else [None] * len(completions)
+    out = []
+    for completion, tokens in zip(completions, ids):
+        text = _text(completion)
+        if _empty(text):
+            out.append(0.0)
+            continue
+        score = distinct_2(text)
+        if tokens is not None:
+            score = min(score, token_distinct_2(tokens))
+        out.append(score)
+    return out
 
 
 def not_echoing(prompts, completions, **kwargs) -> list[float]:
@@ -76,7 +96,7 @@ def chat_health(prompts, completions, completion_ids=None, **kwargs) -> list[flo
     a word. (Measured: with an empty answer worth the full 3, RLOO on the real 270M learnt within 10
     steps to end its turn at once on half the held-out prompts.)"""
     a = ends_turn(prompts, completions, completion_ids)
-    b = no_repetition(prompts, completions)
+    b = no_repetition(prompts, completions, completion_ids)
     c = not_echoing(prompts, completions)
     return [0.0 if _empty(_text(t)) else x + y + z for t, x, y, z in zip(completions, a, b, c)]
 
@@ -96,4 +116,5 @@ def short(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
     return [1.0 / (1 + len(ids)) for ids in (completion_ids or [[]] * len(completions))]
 
 
-__all__ = ["ends_turn", "no_repetition", "not_echoing", "chat_health", "ascii_letters", "short", "distinct_2"]
+__all__ = ["ends_turn", "no_repetition", "not_echoing", "chat_health", "ascii_letters", "short", "distinct_2",
+           "token_distinct_2"]
