@@ -164,7 +164,6 @@ def make_distillation_trainer(run, teacher, **kwargs):
                     if was_training:
                         unwrapped.train()
             self.generations[source] += 1
-            run.info["generations"] = dict(self.generations)
             return super().training_step(model, inputs, num_items_in_batch)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -192,7 +191,8 @@ def make_distillation_trainer(run, teacher, **kwargs):
             return loss.detach(), None, None
 
         def log(self, logs, start_time=None):
-            run.info["generations"] = dict(self.generations)  # also after a resume that trains nothing
+            # run.json's counts; log() also runs at the end of training (and of a resume that trains nothing)
+            run.info["generations"] = dict(self.generations)
             if "loss" in logs:
                 logs = {**logs, **{f"generated_by_{k}": v for k, v in self.generations.items()}}
             super().log(logs, start_time)
