@@ -122,6 +122,13 @@ def test_kill_at_every_named_point(reference, method, point, tmp_path):
     _kill_and_resume(method, point, tmp_path, reference)
 
 
+@pytest.mark.faults
+def test_rlhf_killed_after_saving_its_initial_policy_resumes(reference, tmp_path):
+    # rlhf's configure_model writes .init/ into output_dir; a kill there once left a directory
+    # without the run marker, which the resume then refused as "not a gemma-hf run directory".
+    _kill_and_resume("rlhf", "rlhf:init", tmp_path, reference)
+
+
 def _random_kills(method, count, seed, tmp_path, reference) -> list[float]:
     rng = random.Random(seed)
     span = reference[method]["seconds"]

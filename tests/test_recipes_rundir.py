@@ -51,6 +51,12 @@ def test_output_dir_states(tmp_path):
     assert out.state() == "absent"
     out.path.mkdir()
     assert out.state() == "absent"  # empty
+    (out / f".{rundir.MARKER}.tmp-4242").write_text('{"meth')  # killed while writing the marker
+    assert out.state() == "unfinished"
+    (out / f".{rundir.MARKER}.tmp-4242").unlink()
+    (out / ".init").mkdir()  # anything else without the marker is not provably ours
+    assert out.state() == "foreign"
+    (out / ".init").rmdir()
     (out / "notes.txt").write_text("mine")
     assert out.state() == "foreign"
     out.marker.write_text("{}")

@@ -366,9 +366,11 @@ def _run_locked(recipe: Recipe, rundir: RunDir, state, resume: bool) -> RunResul
         set_generation_stops(model, run.tokenizer)
     else:
         model.config.pad_token_id = run.tokenizer.pad_token_id
-    method.configure_model(run, model)
 
     if state.is_main_process:
+        # The marker comes first, before any method hook may write into output_dir (rlhf's
+        # configure_model saves .init/ there): a kill at any later instant leaves a directory that
+        # state() recognises as an unfinished run of ours, which --resume continues.
         rundir.path.mkdir(parents=True, exist_ok=True)
         write_json(rundir.marker, {"method": recipe.method, "started": run.started, "pid": os.getpid(),
                                    "recipe": recipe.source.name if recipe.source else None,
@@ -382,6 +384,7 @@ def _run_locked(recipe: Recipe, rundir: RunDir, state, resume: bool) -> RunResul
     state.wait_for_everyone()
 
     try:
+        method.configure_model(run, model)
         before = _before(run, model, eval_set)
         trainer = method.make_trainer(run, model, train_set, eval_set)
         fault_point("train")

@@ -155,6 +155,9 @@ class RLHF(Method):
             run.rundir.path.mkdir(parents=True, exist_ok=True)
             with atomic_directory(init, overwrite=True) as tmp:
                 model.save_pretrained(tmp)
+            from .engine import fault_point
+
+            fault_point("rlhf:init")  # output_dir holds the marker and .init/ only (a CI kill once fell here)
         run.state.wait_for_everyone()
         model.config._name_or_path = str(init)
         model.name_or_path = str(init)

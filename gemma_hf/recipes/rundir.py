@@ -183,8 +183,11 @@ class RunDir:
             return "finished"
         if self.marker.is_file():
             return "unfinished"
-        if not any(self.path.iterdir()):
+        entries = list(self.path.iterdir())
+        if not entries:
             return "absent"  # an empty directory is as good as none
+        if all(e.name.startswith(f".{MARKER}.tmp-") for e in entries):
+            return "unfinished"  # killed while writing the marker itself (write_json's temporary sibling)
         return "foreign"
 
     def recover_publish(self) -> bool:
