@@ -150,6 +150,10 @@ def test_warp_merges_its_runs_and_keeps_every_stage(policy_dir, tmp_path):
     init, merged = load_file(out / "stages" / "init-0" / "model.safetensors"), load_file(stages / "slerp" / "model.safetensors")
     liti = load_file(stages / "liti-0.3" / "model.safetensors")
     assert max((liti[k] - (0.7 * init[k] + 0.3 * merged[k])).abs().max().item() for k in liti) < 1e-6
+    # eta = 1 is the SLERP merge itself, byte for byte: the Pareto view measures it once.
+    assert (stages / "liti-1" / "model.safetensors").read_bytes() == (stages / "slerp" / "model.safetensors").read_bytes()
+    assert points["liti-1"]["reward"] == points["slerp"]["reward"]
+    assert points["liti-1"]["kl_to_init"] == points["slerp"]["kl_to_init"]
     assert (out / "plots" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     run = json.loads((out / "run.json").read_text())
     assert run["method"] == "warp" and [s["stage"] for s in run["stages"]] == [

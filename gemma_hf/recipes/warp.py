@@ -246,12 +246,18 @@ class Warp(RLHF):
                       ("slerp", merged, "SLERP merge"),
                       *[(f"liti-{eta:g}", path, "LITI") for eta, path in sorted(points.items())]]
         table = []
+        measured: dict[str, dict] = {}  # weights' digest -> numbers: LITI at eta = 1 is the SLERP merge, byte for byte
         for label, path, group in candidates:
-            model = init_model if label == "init" else load_model(str(path), "causal-lm", dtype=recipe.model.dtype)[0].eval()
-            numbers = policy_metrics(model, init_model, run.tokenizer, prompts, recipe.family, self.rewards(run),
-                                     max_new_tokens=args.eval_max_new_tokens, temperature=args.eval_temperature,
-                                     seed=recipe.training.seed, batch_size=recipe.training.per_device_eval_batch_size,
-                                     columns=columns)
+            digest = _weights_digest(path)
+            if digest in measured:
+                numbers = measured[digest]
+            else:
+                model = init_model if label == "init" else load_model(str(path), "causal-lm", dtype=recipe.model.dtype)[0].eval()
+                numbers = policy_metrics(model, init_model, run.tokenizer, prompts, recipe.family, self.rewards(run),
+                                         max_new_tokens=args.eval_max_new_tokens, temperature=args.eval_temperature,
+                                         seed=recipe.training.seed, batch_size=recipe.training.per_device_eval_batch_size,
+                                         columns=columns)
+                measured[digest] = numbers
             table.append({"point": label, "group": group, **{k: v for k, v in numbers.items() if not k.startswith("_")}})
             print(f"  pareto {label}: reward {numbers.get('reward')}, KL to init {numbers.get('kl_to_init'):.4f}",
                   flush=True)
@@ -358,3 +364,21 @@ def _copy_model(src: Path, dst: Path, into_existing: bool = False) -> None:
 METHOD = Warp()
 
 __all__ = ["Warp", "WarpArguments", "METHOD"]
+
+
+def _weights_digest(directory: Path) -> str:
+    """sha256 over a model directory's weight files (names and bytes), streamed."""
+    import hashlib
+
+    from .rundir import weight_files
+
+    names = weight_files(Path(directory))
+    if not names:  # nothing to compare: never taken for another point
+        return f"path:{Path(directory).resolve()}"
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode() + b"\0")
+        with open(Path(directory) / name, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
