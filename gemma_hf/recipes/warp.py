@@ -361,11 +361,6 @@ def _copy_model(src: Path, dst: Path, into_existing: bool = False) -> None:
         copy(tmp)
 
 
-METHOD = Warp()
-
-__all__ = ["Warp", "WarpArguments", "METHOD"]
-
-
 def _weights_digest(directory: Path) -> str:
     """sha256 over a model directory's weight files (names and bytes), streamed."""
     import hashlib
@@ -382,3 +377,8 @@ def _weights_digest(directory: Path) -> str:
             while chunk := f.read(1 << 24):
                 h.update(chunk)
     return h.hexdigest()
+
+
+METHOD = Warp()
+
+__all__ = ["Warp", "WarpArguments", "METHOD"]
