@@ -246,3 +246,23 @@ def test_split_seed_fixes_the_held_out_split_whatever_the_training_seed():
     held = [sorted(split_held_out(rows, fixed, seed)[1]["i"]) for seed in (0, 1, 2)]
     assert held[0] == held[1] == held[2] == sorted(split_held_out(rows, DataArguments(test_split_size=10), 7)[1]["i"])
     assert held[0] != sorted(split_held_out(rows, DataArguments(test_split_size=10), 0)[1]["i"])
+
+
+@pytest.mark.parametrize("setting", [None, True, False])
+def test_gradient_checkpointing_is_honoured_without_a_deprecation_warning(tmp_path, setting):
+    """TRL's configs default gradient_checkpointing=True, which transformers 5 deprecates in favour of
+    activation_checkpointing with a FutureWarning: a recipe must not print it, and the value must hold."""
+    import warnings
+
+    recipe = base_recipe(tmp_path)
+    recipe.pop("gradient_checkpointing", None)
+    if setting is not None:
+        recipe["gradient_checkpointing"] = setting
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*checkpointing.*deprecated", category=FutureWarning)
+        loaded = load_recipe(write(tmp_path, recipe))
+    from trl import SFTConfig
+
+    expected = SFTConfig.__dataclass_fields__["gradient_checkpointing"].default if setting is None else setting
+    assert loaded.training.gradient_checkpointing is expected
+    assert loaded.training.activation_checkpointing is expected

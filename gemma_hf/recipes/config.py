@@ -555,6 +555,18 @@ def _build(cls: type, kwargs: dict[str, Any]):
         return cls(**kwargs)
     from trl import TrlParser
 
+    # transformers 5 renamed `gradient_checkpointing*` to `activation_checkpointing*` and warns (FutureWarning)
+    # whenever only the old name is set, while TRL's configs still default `gradient_checkpointing=True`: every
+    # recipe would print the warning, whatever it says. The recipe key stays `gradient_checkpointing` (TRL's
+    # name, used by every recipe and TRL's docs); it is handed over under the new name as well, which
+    # TrainingArguments.__post_init__ then mirrors back to the old one.
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if old in names and new in names and kwargs.get(new) is None:
+            value = kwargs.get(old, names[old].default)
+            if value is not None and value is not dataclasses.MISSING:
+                kwargs = {**kwargs, new: value}
     (obj,) = TrlParser(cls).parse_dict(kwargs, allow_extra_keys=False)
     return obj
 
