@@ -206,6 +206,7 @@ def worker_rollout(impl: str, prompts: int, completion: int, steps: int) -> dict
     """
     import logging
 
+    import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import RLOOConfig, RLOOTrainer
@@ -224,6 +225,7 @@ def worker_rollout(impl: str, prompts: int, completion: int, steps: int) -> dict
     original = model.generate
 
     def timed_generate(*args, **kwargs):
+        assert not torch.is_autocast_enabled("cpu"), "rollout bench must decode in fp32, not under autocast"
         start = time.perf_counter()
         out = original(*args, **kwargs)
         prompt = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
@@ -234,7 +236,7 @@ def worker_rollout(impl: str, prompts: int, completion: int, steps: int) -> dict
     config = RLOOConfig(output_dir="/tmp/gemma_hf_bench_rollout", per_device_train_batch_size=prompts,
                         num_generations=2, max_completion_length=completion, max_steps=steps, beta=0.0,
                         report_to="none", save_strategy="no", logging_steps=1, use_cpu=True, seed=0,
-                        learning_rate=1e-7)
+                        learning_rate=1e-7, bf16=False)  # TRL defaults bf16=True: CPU autocast, not fp32
 
     def reward_length(completions, **kwargs):
         return [float(len(c)) for c in completions]
