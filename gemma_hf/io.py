@@ -4,6 +4,7 @@ exclusive lock of a directory, and the streamed sha256 of a file."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -41,11 +42,8 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
         raise
 
 
-
 def sha256_file(path: str | os.PathLike) -> str:
     """The sha256 of a file's bytes (hex), read in 1 MiB blocks: memory does not grow with the file."""
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
