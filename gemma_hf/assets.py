@@ -106,8 +106,8 @@ def cache_root() -> Path:
 _DIR_NAMES = {
     "gemma-tokenizer": "gemma-tokenizer-3.7.2",
     "gemma3-tokenizer": "gemma3-tokenizer-3.7.2",
-    "gemma-tokenizer-tiny": "gemma-tokenizer-tiny-4096-3.7.2",
-    "gemma3-tokenizer-tiny": "gemma3-tokenizer-tiny-4096-3.7.2",
+    "gemma-tokenizer-tiny": "gemma-tokenizer-tiny-3.7.2",
+    "gemma3-tokenizer-tiny": "gemma3-tokenizer-tiny-3.7.2",
     "gemma3-270m-gguf": "gemma3-270m-gguf-1.0.0",
     "gemma3-270m": "gemma3-270m-1.0.0",
     "llamafactory-data": "llamafactory-data-0.9.5",

@@ -16,6 +16,8 @@ from gemma_hf import assets
 FETCHERS = [
     assets.gemma_tokenizer,
     assets.gemma3_tokenizer,
+    assets.gemma_tokenizer_tiny,
+    assets.gemma3_tokenizer_tiny,
     assets.gemma3_270m_gguf,
     assets.gemma3_270m,
     assets.llamafactory_data,
@@ -122,6 +124,47 @@ def test_gemma3_tokenizer():
     # Shipped as the instruction-tuned release has it: eos is <end_of_turn>, not <eos>.
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<bos>", "<end_of_turn>", "<pad>")
     assert "first_user_prefix" in tok.chat_template  # the Gemma 3 template (system folding)
+
+
+@pytest.mark.parametrize("real, tiny, turns", [
+    (assets.gemma_tokenizer, assets.gemma_tokenizer_tiny, (106, 107)),
+    (assets.gemma3_tokenizer, assets.gemma3_tokenizer_tiny, (105, 106)),
+], ids=["gemma", "gemma3"])
+def test_tiny_tokenizer_is_a_cut_of_the_real_one(real, tiny, turns):
+    """4,096 entries; every control token under its real name at its real id; the real settings and
+    chat template; text encodes into the real tokenizer's pieces split finer, and decodes exactly."""
+    big, small = tokenizer(real), tokenizer(tiny)
+    assert small.vocab_size == len(small) == assets.TINY_TOKENIZER_SIZE == 4096
+    for token in ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>", "<0x00>", "<0xFF>"):
+        assert small.convert_tokens_to_ids(token) == big.convert_tokens_to_ids(token), token
+    assert (small.convert_tokens_to_ids("<start_of_turn>"), small.convert_tokens_to_ids("<end_of_turn>")) == turns
+    assert set(big.all_special_tokens) == set(small.all_special_tokens)  # Gemma 3's image tokens too
+    assert (small.bos_token, small.eos_token, small.pad_token) == (big.bos_token, big.eos_token, big.pad_token)
+    assert small.chat_template == big.chat_template
+    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
+    assert small.apply_chat_template(messages, tokenize=False) == big.apply_chat_template(messages, tokenize=False)
+    records = json.loads((require(assets.llamafactory_data) / "alpaca_en_demo.json").read_text())[:50]
+    texts = [r["instruction"] + "\n\n" + r["output"] for r in records] + ["Héllo  wörld\t日本語 🙂 <b>x</b>"]
+    lengths = [0, 0]
+    for text in texts:
+        a, b = big(text)["input_ids"], small(text)["input_ids"]
+        assert a[0] == b[0] == 2 and b.count(2) == 1  # one <bos>, as the real one adds it
+        assert small.decode(b, skip_special_tokens=True) == big.decode(a, skip_special_tokens=True) == text
+        assert "".join(small.convert_ids_to_tokens(b)) == "".join(big.convert_ids_to_tokens(a)) or "<0x" in "".join(
+            small.convert_ids_to_tokens(b))  # the same pieces, cut finer (rare characters: bytes)
+        lengths[0], lengths[1] = lengths[0] + len(a), lengths[1] + len(b)
+    assert 1.0 < lengths[1] / lengths[0] < 2.0, lengths
+
+
+def test_tiny_tokenizer_cut_is_deterministic(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    source = require(assets.gemma_tokenizer)
+    assets._cut_tokenizer(source, first, 4096)
+    assets._cut_tokenizer(source, second, 4096)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes()
+        assert (first / name).read_bytes() == (require(assets.gemma_tokenizer_tiny) / name).read_bytes()
 
 
 # ---------------------------------------------------------------- data
