@@ -46,6 +46,25 @@ def recipe_of(method: str) -> Path:
     return REPO / "recipes" / "tiny" / f"{method}.yaml"
 
 
+def tiny_recipe(method: str) -> dict:
+    """The method's tiny recipe as a dict, with the tiny teacher (tests/tiny.py: shared_teacher) in place
+    of the real 270M that the distill and eval recipes name: validating those loads the teacher's
+    262k-entry tokenizer, seconds per call, in tests about something else (bad values, bad records)."""
+    import yaml
+
+    recipe = yaml.safe_load(recipe_of(method).read_text())
+    if method in ("distill", "eval"):
+        from tests.tiny import shared_teacher
+
+        teacher = str(shared_teacher())
+        for key in ("teacher_name_or_path", "model_name_or_path", "baseline_name_or_path", "judge_name_or_path"):
+            if recipe.get(key) == "asset:gemma3-270m":
+                recipe[key] = teacher
+        if method == "distill":
+            recipe["student_init"] = {"keep_layers": [0, 3]}
+    return recipe
+
+
 def command(method: str, output_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "gemma_hf.cli", method, "--config", str(recipe_of(method)),
             "--output_dir", str(output_dir), *FAST, *extra_args(method), *extra]
@@ -56,8 +75,25 @@ def env(**more: str) -> dict:
 
 
 def run(method: str, output_dir: Path, *extra: str, timeout: int = 600, **environment: str):
+    """The run in a real process: for kills (GEMMA_HF_KILL_AT) and whatever must be another process."""
     return subprocess.run(command(method, output_dir, *extra), capture_output=True, text=True, timeout=timeout,
                           env=env(**environment), cwd=REPO)
+
+
+def run_here(method: str, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The same run as `run`, in this process (tests.clirun: same argv, exit code and messages), for
+    what needs no process of its own: a resume, a refusal, a divergence, a full disk. Output is
+    captured here (capsys is function-scoped; module fixtures use this too)."""
+    import contextlib
+    import io
+
+    from tests.clirun import cli
+
+    argv = command(method, output_dir, *extra)[3:]  # without `python -m gemma_hf.cli`
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli(argv)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def start(method: str, output_dir: Path, *extra: str, **environment: str) -> subprocess.Popen:

@@ -321,8 +321,8 @@ def test_gemma_hf_card_command_writes_readme(run_dir, capsys):
     hub.validate_card(readme)
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".README")]  # no temp file left
     (run_dir / "run.json").unlink()
-    from gemma_hf import cli
+    from tests.clirun import cli
 
-    assert cli.main(["card", str(run_dir)]) == 2
+    assert cli(["card", str(run_dir)]) == 2
     assert "run.json is missing" in capsys.readouterr().err
     assert "my-org/x" in readme.read_text()  # the failed render left the old card alone

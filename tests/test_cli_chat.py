@@ -1,5 +1,5 @@
 """`gemma-hf generate` / `gemma-hf chat` on a tiny checkpoint whose greedy answer is known: it
-answers "Hello" and then <end_of_turn>, so the stop at <end_of_turn> and the turn format are checked."""
+answers "Good" and then <end_of_turn>, so the stop at <end_of_turn> and the turn format are checked."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gemma_hf import GemmaHFForCausalLM
-from gemma_hf.assets import gemma_tokenizer
+from gemma_hf.assets import gemma_tokenizer_tiny
 from gemma_hf.recipes.sampling import chat_reply, load_chat_model
 from tests.assets import tokenizer as load_tokenizer
 from tests.clirun import run_cli
@@ -19,12 +19,12 @@ from tests.tiny import tiny_config
 @pytest.fixture(scope="module")
 def scripted_model(tmp_path_factory):
     """1 layer with zeroed outputs: the next token depends only on the current one. Every token maps
-    to direction u1, except "Hello" (u2); lm_head row "Hello" = u1, row <end_of_turn> = u2. So after
-    any prompt the model says "Hello", then ends its turn."""
-    tok = load_tokenizer(gemma_tokenizer)
-    hello = tok("Hello", add_special_tokens=False)["input_ids"][0]
+    to direction u1, except "Good" (u2); lm_head row "Good" = u1, row <end_of_turn> = u2. So after
+    any prompt the model says "Good", then ends its turn. The tiny tokenizer, where "Good" is one token."""
+    tok = load_tokenizer(gemma_tokenizer_tiny)
+    good = tok("Good", add_special_tokens=False)["input_ids"][0]
     eot = tok.convert_tokens_to_ids("<end_of_turn>")
-    config = tiny_config("gemma2", vocab_size=256000, num_hidden_layers=1, layer_types=["full_attention"],
+    config = tiny_config("gemma2", vocab_size=4096, num_hidden_layers=1, layer_types=["full_attention"],
                          hidden_size=8, head_dim=8, num_attention_heads=1, num_key_value_heads=1,
                          intermediate_size=8, query_pre_attn_scalar=8, tie_word_embeddings=False,
                          final_logit_softcapping=None)
@@ -34,10 +34,10 @@ def scripted_model(tmp_path_factory):
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 param.zero_()
         u1, u2 = torch.eye(8)[0], torch.eye(8)[1]
-        model.model.embed_tokens.weight.copy_(u1.expand(256000, 8))
-        model.model.embed_tokens.weight[hello] = u2
+        model.model.embed_tokens.weight.copy_(u1.expand(4096, 8))
+        model.model.embed_tokens.weight[good] = u2
         model.lm_head.weight.zero_()
-        model.lm_head.weight[hello] = 10 * u1
+        model.lm_head.weight[good] = 10 * u1
         model.lm_head.weight[eot] = 10 * u2
     path = tmp_path_factory.mktemp("scripted")
     model.generation_config.eos_token_id = [1, eot]
@@ -50,10 +50,10 @@ def test_generate_stops_at_end_of_turn(scripted_model, capsys):
     code, out, _ = run_cli(["generate", str(scripted_model), "--prompt", "Hi there", "--prompt", "Again", "--json"], capsys)
     assert code == 0
     replies = [json.loads(line) for line in out.splitlines()]
-    assert [r["text"] for r in replies] == ["Hello", "Hello"]
+    assert [r["text"] for r in replies] == ["Good", "Good"]
     assert all(r["stop"] == "end_of_turn" and r["new_tokens"] == 2 for r in replies)
     code, out, _ = run_cli(["generate", str(scripted_model), "--prompt", "Hi"], capsys)
-    assert code == 0 and out == "Hello\n"
+    assert code == 0 and out == "Good\n"
 
 
 def test_generate_uses_the_chat_format(scripted_model):
@@ -78,14 +78,14 @@ def test_generate_uses_the_chat_format(scripted_model):
 def test_max_new_tokens_reports_unfinished_turn(scripted_model, capsys):
     code, out, err = run_cli(["generate", str(scripted_model), "--prompt", "Hi", "--max-new-tokens", "1", "--json"], capsys)
     reply = json.loads(out)
-    assert code == 0 and reply["stop"] == "length" and reply["text"] == "Hello"
+    assert code == 0 and reply["stop"] == "length" and reply["text"] == "Good"
 
 
 def test_chat_repl_multi_turn_reset_exit(scripted_model, capsys, monkeypatch):
     code, out, _ = run_cli(["chat", str(scripted_model)], capsys, stdin="Hi\nHow are you?\n/reset\nHey\n/exit\nnever read\n",
                        monkeypatch=monkeypatch)
     assert code == 0
-    assert out.count("model> Hello") == 3 and "(conversation reset)" in out
+    assert out.count("model> Good") == 3 and "(conversation reset)" in out
 
 
 def test_chat_bad_model_dir(tmp_path, capsys):

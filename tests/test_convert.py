@@ -30,10 +30,10 @@ def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def run_cli(*argv: str) -> int:
-    """The real `gemma-hf` entry point (its one error handler included)."""
-    from gemma_hf import cli
+    """The real `gemma-hf` entry point (its one error handler included), in this process."""
+    from tests.clirun import cli
 
-    return cli.main(list(argv))
+    return cli(argv)
 
 
 # --------------------------------------------------------------------------------------------

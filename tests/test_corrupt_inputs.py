@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gemma_hf.assets import gemma_tokenizer, llamafactory_data
+from gemma_hf.assets import gemma_tokenizer_tiny, llamafactory_data
 from tests.assets import require
 from tests.clirun import run_cli
-from tests.faults import ALL_METHODS, recipe_of
+from tests.faults import ALL_METHODS, recipe_of, tiny_recipe
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True)
 def assets():
-    require(gemma_tokenizer)
+    require(gemma_tokenizer_tiny)
     require(llamafactory_data)
 
 
@@ -72,7 +72,7 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
 ])
 def test_corrupt_recipes(tmp_path, capsys, method, name, text, key, message):
     if isinstance(text, str) and name not in ("truncated", "alias-bomb", "a-list"):
-        recipe = yaml.safe_load(recipe_of(method).read_text())  # a valid recipe, with this one value changed
+        recipe = tiny_recipe(method)  # a valid recipe, with this one value changed
         recipe["output_dir"] = str(tmp_path / "out")
         recipe.update(yaml.safe_load(text))
         text = yaml.safe_dump(recipe)
@@ -136,7 +136,7 @@ BAD_RECORDS = {
 def _data_recipe(tmp_path: Path, method: str, lines: list[bytes], fmt: str = "auto") -> Path:
     data = tmp_path / "data.jsonl"
     data.write_bytes(b"\n".join(lines) + b"\n")
-    recipe = yaml.safe_load(recipe_of(method).read_text())
+    recipe = tiny_recipe(method)
     recipe.update(datasets=[{"path": str(data), "format": fmt}], output_dir=str(tmp_path / "out"),
                   test_split_size=None)
     if _accepts(method, "eval_strategy"):  # methods that train
@@ -182,8 +182,8 @@ def checkpoint(tmp_path_factory):
     from tests.tiny import tiny_config
 
     path = tmp_path_factory.mktemp("ckpt") / "model"
-    GemmaHFForCausalLM(tiny_config("gemma2", vocab_size=256000, max_position_embeddings=64)).save_pretrained(path)
-    AutoTokenizer.from_pretrained(require(gemma_tokenizer)).save_pretrained(path)
+    GemmaHFForCausalLM(tiny_config("gemma2", vocab_size=4096, max_position_embeddings=64)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(require(gemma_tokenizer_tiny)).save_pretrained(path)
     return path
 
 

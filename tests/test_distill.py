@@ -1,5 +1,5 @@
-"""gemma-hf distill and distill-cache end to end on CPU: a tiny Gemma 3 teacher with the real Gemma 3
-tokenizer, a student built from two of its layers, real Alpaca records.
+"""gemma-hf distill and distill-cache end to end on CPU: a tiny Gemma 3 teacher with a 4,096-entry
+cut of the Gemma 3 tokenizer, a student built from two of its layers, real Alpaca records.
 
 The loss functions themselves are checked against dense computations in test_distill_losses.py,
 the cache format in test_distill_cache.py, the student construction in test_distill_student.py.
@@ -18,8 +18,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from gemma_hf.assets import gemma3_tokenizer, gemma_tokenizer
-from tests.tiny import make_teacher
+from gemma_hf.assets import gemma3_tokenizer_tiny, gemma_tokenizer_tiny
+from tests.clirun import cli
+from tests.tiny import make_teacher, shared_teacher
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "recipes" / "tiny" / "distill.yaml"
@@ -27,18 +28,11 @@ TINY_OFFLINE = REPO / "recipes" / "tiny" / "distill-offline.yaml"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def cli(argv) -> int:
-    from gemma_hf import cli as gemma_cli
-
-    try:
-        return gemma_cli.main([str(a) for a in argv])
-    finally:
-        torch.use_deterministic_algorithms(False)
-
-
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    return make_teacher(tmp_path_factory.mktemp("teacher") / "teacher", gemma3_tokenizer, "gemma3", seed=0)
+def teacher() -> Path:
+    """make_teacher(seed 0, the tiny Gemma 3 tokenizer), built once per machine (shared with the
+    fault suite's subprocess runs)."""
+    return shared_teacher()
 
 
 def argv(recipe: Path, teacher: Path, out: Path, *extra) -> list:
@@ -146,7 +140,7 @@ def test_offline_distillation_from_the_cache(teacher, tmp_path):
 def test_a_cache_of_another_teacher_is_refused_before_training(teacher, tmp_path, capsys):
     cache = tmp_path / "cache"
     assert cli(cache_argv(teacher, cache)) == 0
-    other = make_teacher(tmp_path / "other", gemma3_tokenizer, "gemma3", seed=1)
+    other = make_teacher(tmp_path / "other", gemma3_tokenizer_tiny, "gemma3", seed=1)
     out = tmp_path / "run"
     code = cli(["distill", "--config", TINY_OFFLINE, "--teacher_name_or_path", other, "--cache_dir", cache,
                 "--student_init", "{keep_layers: [0, 3]}", "--output_dir", out, "--max_steps", 2])
@@ -157,7 +151,7 @@ def test_a_cache_of_another_teacher_is_refused_before_training(teacher, tmp_path
 
 
 def test_a_teacher_of_another_tokenizer_is_refused_naming_both(teacher, tmp_path, capsys):
-    gemma2 = make_teacher(tmp_path / "gemma2-teacher", gemma_tokenizer, "gemma2", seed=0)
+    gemma2 = make_teacher(tmp_path / "gemma2-teacher", gemma_tokenizer_tiny, "gemma2", seed=0)
     out = tmp_path / "run"
     code = cli(["distill", "--config", TINY, "--teacher_name_or_path", gemma2, "--model_name_or_path", teacher,
                 "--student_init", "null",

@@ -1,6 +1,8 @@
 """Fault injection, for every method of the method table (each method's tiny recipe): kill -9 at
 named points and at random instants, then --resume, gives exactly the uninterrupted run; two runs
-into one output_dir; a full disk; divergence. Runs are real subprocesses, killed with SIGKILL.
+into one output_dir; a full disk; divergence. The runs that are killed (SIGKILL) or hold a lock
+another run meets are real subprocesses; resumes, refusals, divergence and the full disk run in the
+test process (tests/faults.py: run_here).
 
 The default run covers each method at a few points; `pytest -m faults` (CI runs it, `make
 test-faults`) adds every named point and 10 random instants on the SFT recipe.
@@ -18,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from gemma_hf.assets import gemma_tokenizer, llamafactory_data
+from gemma_hf.assets import gemma_tokenizer_tiny, llamafactory_data
 from gemma_hf.recipes.rundir import RunDir
 from tests.assets import require
-from tests.faults import METHODS, assert_same_run, kill_after, run, start
+from tests.faults import METHODS, assert_same_run, kill_after, run, run_here, start
 
 KILL_POINTS = ["train", "publish:model", "publish:files", "publish:card", "publish:ready",
                "publish:checkpoints-moved", "publish:old-moved", "publish:swapped"]
@@ -32,7 +34,7 @@ RANDOM_KILLS = 10
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Per method: an uninterrupted run, during which a second run into the same output_dir is tried."""
-    require(gemma_tokenizer)
+    require(gemma_tokenizer_tiny)
     require(llamafactory_data)
     out = {}
     for method in METHODS:
@@ -43,17 +45,22 @@ def reference(tmp_path_factory):
         lock = root / ".run.lock"
         while not lock.exists() and first.poll() is None:
             time.sleep(0.05)
+        locked = time.time() - began
         # The first run is frozen while it holds the lock, so that the second meets it running
         # whatever the machine's load (unfrozen, a short run could finish first).
         time.sleep(0.5)  # the lock file exists just before it is locked
         first.send_signal(signal.SIGSTOP)
-        try:
-            second = run(method, run_dir, "--learning_rate", "1e-3")
+        frozen = time.time()
+        try:  # another process than the first: this one, in-process
+            second = run_here(method, run_dir, "--learning_rate", "1e-3")
         finally:
             first.send_signal(signal.SIGCONT)
+        thawed = time.time()
         stdout, stderr = first.communicate(timeout=900)
-        out[method] = {"dir": run_dir, "seconds": time.time() - began, "first": (first.returncode, stderr),
-                       "second": (second.returncode, second.stderr)}
+        # "locked": seconds from the start until the run holds its directory; "seconds": the whole
+        # run, without the time it was frozen (the random kills draw their instants in between).
+        out[method] = {"dir": run_dir, "locked": locked, "seconds": time.time() - began - (thawed - frozen),
+                       "first": (first.returncode, stderr), "second": (second.returncode, second.stderr)}
     return out
 
 
@@ -76,9 +83,9 @@ def test_a_finished_run_is_kept_and_resuming_it_is_a_no_op(reference, method, tm
     copy = tmp_path / "run"
     shutil.copytree(ref, copy)
     before = (copy / "run.json").read_text()
-    again = run(method, copy)
+    again = run_here(method, copy)
     assert again.returncode == 2 and "already holds a finished run" in again.stderr
-    resumed = run(method, copy, "--resume")
+    resumed = run_here(method, copy, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (copy / "run.json").read_text() == before
     assert_same_run(copy, ref)
@@ -90,7 +97,7 @@ def _kill_and_resume(method, point, tmp_path, reference):
     killed = run(method, run_dir, GEMMA_HF_KILL_AT=point)
     assert killed.returncode == -9, (point, killed.returncode, killed.stderr[-2000:])
     assert not RunDir(run_dir).is_finished() or point == "publish:swapped"
-    resumed = run(method, run_dir, "--resume")
+    resumed = run_here(method, run_dir, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(run_dir, reference[method]["dir"])
 
@@ -131,15 +138,17 @@ def test_rlhf_killed_after_saving_its_initial_policy_resumes(reference, tmp_path
 
 def _random_kills(method, count, seed, tmp_path, reference) -> list[float]:
     rng = random.Random(seed)
-    span = reference[method]["seconds"]
+    # Between the moment the reference run held its directory and its end: the run is then loading,
+    # training, checkpointing or publishing (before it, the process is still importing its libraries).
+    locked, span = reference[method]["locked"], reference[method]["seconds"]
     instants = []
     for index in range(count):
         run_dir = tmp_path / f"run-{index}"
-        at = rng.uniform(1.0, span)
+        at = rng.uniform(locked, span)
         process = start(method, run_dir)
         was_killed = kill_after(process, at)
         instants.append(round(at, 2) if was_killed else -1)
-        resumed = run(method, run_dir, "--resume")
+        resumed = run_here(method, run_dir, "--resume")
         assert resumed.returncode == 0, (at, resumed.stderr[-3000:])
         assert_same_run(run_dir, reference[method]["dir"])
         shutil.rmtree(run_dir)
@@ -169,9 +178,9 @@ def test_kill_at_ten_random_instants_on_the_sft_recipe(reference, tmp_path):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_divergence_stops_the_run_unpublished(method, tmp_path):
-    require(gemma_tokenizer)
+    require(gemma_tokenizer_tiny)
     run_dir = tmp_path / "run"
-    result = run(method, run_dir, "--learning_rate", "1e30", "--max_grad_norm", "0")
+    result = run_here(method, run_dir, "--learning_rate", "1e30", "--max_grad_norm", "0")
     assert result.returncode == 1, result.stderr[-3000:]
     assert "training diverged at step" in result.stderr and "Traceback" not in result.stderr
     assert not (run_dir / "run.json").exists()
@@ -186,14 +195,14 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
 
 @pytest.mark.parametrize("method", _core_then_long(CORE, OTHERS))
 def test_a_full_disk_stops_the_run_resumably(reference, method, tmp_path):
-    """The first checkpoint (~200 MB: weights + Adam states of a 16M-parameter embedding) does not fit
-    on a 150 MB disk: exit 1 naming the full disk, no traceback, no checkpoint that counts; moved to
-    a roomy disk, --resume finishes it and equals the uninterrupted run."""
+    """The first checkpoint (~4.6 MB: weights + Adam states of the tiny model) does not fit on a 3 MB
+    disk: exit 1 naming the full disk, no traceback, no checkpoint that counts; moved to a roomy disk,
+    --resume finishes it and equals the uninterrupted run."""
     small = tmp_path / "small"
-    if not _mount_tmpfs(small, "150m"):
+    if not _mount_tmpfs(small, "3m"):
         pytest.skip("cannot mount a small tmpfs here (needs root); the full-disk path is not exercised")
     try:
-        result = run(method, small / "run")
+        result = run_here(method, small / "run")
         assert result.returncode == 1, result.stderr[-3000:]
         assert "no space left on the device" in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert RunDir(small / "run").latest_complete_checkpoint()[0] is None
@@ -202,6 +211,6 @@ def test_a_full_disk_stops_the_run_resumably(reference, method, tmp_path):
         shutil.copytree(small / "run", moved)
     finally:
         subprocess.run(["umount", str(small)], capture_output=True)
-    resumed = run(method, moved, "--resume")
+    resumed = run_here(method, moved, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(moved, reference[method]["dir"])

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma_hf.assets import gemma_tokenizer, llamafactory_data
+from gemma_hf.assets import gemma_tokenizer_tiny, llamafactory_data
 from tests.assets import require
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,7 +57,7 @@ def test_accelerate_trains_an_fsdp_launch_on_cpus_as_ddp(tmp_path):
 
 
 def test_gemma_hf_refuses_fsdp_on_cpu_processes(tmp_path):
-    require(gemma_tokenizer)
+    require(gemma_tokenizer_tiny)
     require(llamafactory_data)
     out = tmp_path / "run"
     result = launch(tmp_path, "29539", "-m", "gemma_hf.cli", "sft", "--config", str(REPO / "recipes/tiny/sft.yaml"),

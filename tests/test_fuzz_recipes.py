@@ -22,11 +22,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gemma_hf import cli
-from gemma_hf.assets import gemma_tokenizer, llamafactory_data
+from gemma_hf.assets import gemma_tokenizer_tiny, llamafactory_data
 from gemma_hf.recipes.schema import key_index
 from tests.assets import require
-from tests.faults import ALL_METHODS, METHODS, extra_args, recipe_of
+from tests.clirun import cli
+from tests.faults import ALL_METHODS, METHODS, extra_args, recipe_of, tiny_recipe
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -73,12 +73,12 @@ def validate(method: str, recipe: dict, tmp: Path, capsys) -> tuple[int, str]:
     except yaml.YAMLError:
         text = json.dumps(recipe)
     path.write_text(text, encoding="utf-8")
-    code = cli.main(["validate", str(path), "--method", method])
+    code = cli(["validate", str(path), "--method", method])
     return code, capsys.readouterr().err
 
 
 def base(method: str, tmp: Path) -> dict:
-    recipe = yaml.safe_load(recipe_of(method).read_text())
+    recipe = tiny_recipe(method)
     recipe["output_dir"] = str(tmp / "out")
     return recipe
 
@@ -87,7 +87,7 @@ TALLY: dict[str, collections.Counter] = collections.defaultdict(collections.Coun
 
 
 def _fuzz_validation(method: str, tmp_path_factory, capsys, examples: int) -> None:
-    require(gemma_tokenizer)
+    require(gemma_tokenizer_tiny)
     require(llamafactory_data)
     tmp = tmp_path_factory.mktemp(f"fuzz-{method}")
     recipe = base(method, tmp)
@@ -138,7 +138,7 @@ NUMERIC = st.fixed_dictionaries({}, optional={
 def _fuzz_runs(method: str, tmp_path_factory, capsys, examples: int) -> None:
     from safetensors.torch import load_file
 
-    require(gemma_tokenizer)
+    require(gemma_tokenizer_tiny)
     require(llamafactory_data)
     tmp = tmp_path_factory.mktemp(f"fuzz-run-{method}")
     tally = TALLY[f"run-{method}"]
@@ -156,10 +156,7 @@ def _fuzz_runs(method: str, tmp_path_factory, capsys, examples: int) -> None:
             argv += extra_args(method)
         for key, value in knobs.items():
             argv += [f"--{key}", repr(value) if isinstance(value, float) else str(value)]
-        try:
-            code = cli.main(argv)
-        finally:
-            torch.use_deterministic_algorithms(False)
+        code = cli(argv)
         err = capsys.readouterr().err
         tally["recipes"] += 1
         tally[f"exit {code}"] += 1

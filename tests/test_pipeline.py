@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gemma_hf.assets import gemma_tokenizer, llamafactory_data
+from gemma_hf.assets import gemma_tokenizer_tiny, llamafactory_data
 from tests.assets import require
-from tests.clirun import run_cli
+from tests.clirun import cli, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "recipes" / "tiny" / "post-training.yaml"
@@ -40,9 +40,21 @@ def pipeline_file(tmp_path: Path, edit=None) -> Path:
 
 
 def run(path: Path, out: Path, **env) -> subprocess.CompletedProcess:
+    """The pipeline in a real process: for a kill (GEMMA_HF_KILL_AT)."""
     return subprocess.run([sys.executable, "-m", "gemma_hf.cli", "pipeline", "--config", str(path), "--output_dir",
                            str(out)], capture_output=True, text=True, timeout=1800, cwd=REPO,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+
+
+def run_here(path: Path, out: Path) -> subprocess.CompletedProcess:
+    """The pipeline in this process (tests.clirun), output captured: everything but the kill."""
+    import contextlib
+    import io
+
+    outs, errs = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(outs), contextlib.redirect_stderr(errs):
+        code = cli(["pipeline", "--config", path, "--output_dir", out])
+    return subprocess.CompletedProcess([], code, outs.getvalue(), errs.getvalue())
 
 
 def manifest(out: Path) -> dict:
@@ -51,12 +63,12 @@ def manifest(out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def killed_then_rerun(tmp_path_factory):
-    require(gemma_tokenizer)
+    require(gemma_tokenizer_tiny)
     require(llamafactory_data)
     root = tmp_path_factory.mktemp("pipeline")
     path, out = pipeline_file(root), root / "run"
     killed = run(path, out, GEMMA_HF_KILL_AT="reward:publish:files")
-    rerun = run(path, out)
+    rerun = run_here(path, out)
     return path, out, killed, rerun
 
 
@@ -90,14 +102,14 @@ def test_editing_one_stage_reruns_it_and_those_after(killed_then_rerun, tmp_path
     before = manifest(out)
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
-    nothing = run(path, copy)
+    nothing = run_here(path, copy)
     assert nothing.returncode == 0 and "nothing to do" in nothing.stdout
 
     def edit(data):
         data["stages"][2]["overrides"]["learning_rate"] = 1.0e-3  # the rlhf stage
 
     edited = pipeline_file(tmp_path, edit)
-    again = run(edited, copy)
+    again = run_here(edited, copy)
     assert again.returncode == 0, again.stderr[-3000:]
     after = manifest(copy)
     assert after["sft"]["hash"] == before["sft"]["hash"] and after["reward"]["hash"] == before["reward"]["hash"]
@@ -110,7 +122,7 @@ def test_editing_one_stage_reruns_it_and_those_after(killed_then_rerun, tmp_path
 
 
 def test_a_typo_in_the_last_stage_fails_before_the_first_starts(tmp_path, capsys):
-    require(gemma_tokenizer)
+    require(gemma_tokenizer_tiny)
 
     def edit(data):
         data["stages"][3]["overrides"]["max_new_tokenz"] = 8
@@ -123,14 +135,14 @@ def test_a_typo_in_the_last_stage_fails_before_the_first_starts(tmp_path, capsys
 
 
 def test_a_failing_stage_is_named_with_its_log(tmp_path, capsys):
-    require(gemma_tokenizer)
+    require(gemma_tokenizer_tiny)
 
     def edit(data):
         data["stages"][1]["overrides"]["learning_rate"] = 1.0e30  # the reward stage diverges
         data["stages"][1]["overrides"]["max_grad_norm"] = 0.0
 
     path = pipeline_file(tmp_path, edit)
-    result = run(path, tmp_path / "run")
+    result = run_here(path, tmp_path / "run")
     assert result.returncode == 1, result.stderr[-3000:]
     assert "stage 'reward' (reward) failed" in result.stderr and "training diverged" in result.stderr
     assert str(tmp_path / "run" / "logs" / "reward.log") in result.stderr

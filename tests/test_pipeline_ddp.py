@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from gemma_hf.assets import gemma_tokenizer, llamafactory_data
+from gemma_hf.assets import gemma_tokenizer_tiny, llamafactory_data
 from gemma_hf.recipes.rundir import RunDir
 from tests.assets import require
 from tests.test_pipeline import pipeline_file
@@ -57,7 +57,7 @@ def one_step_per_stage(data: dict) -> None:
 
 @pytest.mark.faults
 def test_the_tiny_pipeline_under_two_ddp_processes(tmp_path):
-    require(gemma_tokenizer)
+    require(gemma_tokenizer_tiny)
     require(llamafactory_data)
     path, out = pipeline_file(tmp_path, one_step_per_stage), tmp_path / "run"
     result = launch(tmp_path, "29537", "pipeline", "--config", str(path), "--output_dir", str(out))
@@ -91,7 +91,7 @@ def test_the_tiny_pipeline_under_two_ddp_processes(tmp_path):
 
 @pytest.mark.faults
 def test_warp_under_two_ddp_processes(tmp_path):
-    require(gemma_tokenizer)
+    require(gemma_tokenizer_tiny)
     require(llamafactory_data)
     out = tmp_path / "warp"
     result = launch(tmp_path, "29536", "warp", "--config", str(REPO / "recipes/tiny/warp.yaml"), "--output_dir",

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from gemma_hf import cli
-from gemma_hf.assets import gemma_tokenizer, llamafactory_data
+from gemma_hf.assets import gemma_tokenizer_tiny, llamafactory_data
 from gemma_hf.recipes.config import load_recipe
 from gemma_hf.recipes.distributed import check_accelerate_config
 from gemma_hf.references import identity
@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="module", autouse=True)
 def assets_present():
-    require(gemma_tokenizer)
+    require(gemma_tokenizer_tiny)
     require(llamafactory_data)
 
 

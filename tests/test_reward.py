@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-from gemma_hf.assets import gemma_tokenizer, llamafactory_data
+from gemma_hf.assets import gemma_tokenizer_tiny, llamafactory_data
 from tests.assets import require
-from tests.clirun import run_cli
+from tests.clirun import cli, run_cli
 from tests.tiny import BLOCK_GEMMA_HF_IMPORTS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,23 +42,13 @@ def rigged_pairs(path: Path, count: int = 300, seed: int = 0) -> Path:
     return path
 
 
-def reward_cli(argv, capsys=None):
-    from gemma_hf import cli
-
-    try:
-        code = cli.main(argv)
-    finally:
-        torch.use_deterministic_algorithms(False)  # the recipe's full_determinism is process-wide
-    return code
-
-
 @pytest.fixture(scope="module")
 def rigged_run(tmp_path_factory):
-    require(gemma_tokenizer)
+    require(gemma_tokenizer_tiny)
     root = tmp_path_factory.mktemp("rigged")
     pairs = rigged_pairs(root / "pairs.jsonl")
     out = root / "run"
-    code = reward_cli(["reward", "--config", str(TINY_REWARD), "--output_dir", str(out),
+    code = cli(["reward", "--config", str(TINY_REWARD), "--output_dir", str(out),
                        "--datasets", json.dumps([{"path": str(pairs)}]), "--test_split_size", "40",
                        "--max_steps", "30", "--per_device_train_batch_size", "8", "--eval_strategy", "no",
                        "--save_steps", "15"])
@@ -198,7 +188,7 @@ BAD_RECORDS = [
 
 @pytest.mark.parametrize("name,bad,where,text", BAD_RECORDS, ids=[b[0] for b in BAD_RECORDS])
 def test_bad_preference_records_exit_2_naming_record_and_key(tmp_path, capsys, name, bad, where, text):
-    require(gemma_tokenizer)
+    require(gemma_tokenizer_tiny)
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in [GOOD, {**GOOD, "chosen": "Hello!"}, bad, GOOD]))
     recipe = yaml.safe_load(TINY_REWARD.read_text())
@@ -214,7 +204,7 @@ def test_bad_preference_records_exit_2_naming_record_and_key(tmp_path, capsys, n
 
 
 def test_wrong_format_dataset_names_the_formats(tmp_path, capsys):
-    require(gemma_tokenizer)
+    require(gemma_tokenizer_tiny)
     data = tmp_path / "sft.jsonl"
     data.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
     recipe = yaml.safe_load(TINY_REWARD.read_text())
@@ -242,13 +232,13 @@ def test_an_sft_key_in_a_reward_recipe_names_its_method(tmp_path, capsys):
 def test_lora_reward_model_from_an_sft_run_directory(tmp_path):
     from safetensors.torch import load_file
 
-    require(gemma_tokenizer)
+    require(gemma_tokenizer_tiny)
     sft = tmp_path / "sft"
-    assert reward_cli(["sft", "--config", str(TINY_SFT), "--output_dir", str(sft), "--max_steps", "2",
+    assert cli(["sft", "--config", str(TINY_SFT), "--output_dir", str(sft), "--max_steps", "2",
                        "--eval_strategy", "no", "--save_steps", "2", "--sample_prompts", "null"]) == 0
     pairs = rigged_pairs(tmp_path / "pairs.jsonl", count=60)
     out = tmp_path / "reward"
-    assert reward_cli(["reward", "--config", str(TINY_REWARD), "--output_dir", str(out),
+    assert cli(["reward", "--config", str(TINY_REWARD), "--output_dir", str(out),
                        "--model_name_or_path", str(sft), "--preset", "null", "--preset_overrides", "null",
                        "--tokenizer_name_or_path", "null", "--use_peft", "--lora_r", "4", "--lora_alpha", "8",
                        "--datasets", json.dumps([{"path": str(pairs)}]), "--test_split_size", "8",

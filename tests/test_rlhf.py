@@ -1,9 +1,9 @@
 """RLHF and WARP on CPU with a verifiable toy task.
 
 The policy is a tiny Gemma 2 whose embedding gives every "ASCII-letters-only" token of the real
-Gemma tokenizer a shared direction u: the reward (gemma_hf.rl.rules:ascii_letters, the share of
+Gemma tokenizer (its 4,096-entry cut) a shared direction u: the reward (gemma_hf.rl.rules:ascii_letters, the share of
 ASCII letters in the answer) can then be raised by moving the hidden state along u -- learnable in
-a few RL steps, unlike a uniform random policy over 256k tokens.
+a few RL steps, unlike a uniform random policy.
 """
 
 from __future__ import annotations
@@ -16,23 +16,15 @@ import pytest
 import torch
 import yaml
 
-from gemma_hf.assets import gemma_tokenizer, llamafactory_data
+from gemma_hf.assets import gemma_tokenizer_tiny, llamafactory_data
 from tests.assets import require
 from tests.assets import tokenizer as load_tokenizer
+from tests.clirun import cli
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_RLHF = REPO / "recipes" / "tiny" / "rlhf.yaml"
 TINY_WARP = REPO / "recipes" / "tiny" / "warp.yaml"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def cli(argv):
-    from gemma_hf import cli as gemma_cli
-
-    try:
-        return gemma_cli.main(argv)
-    finally:
-        torch.use_deterministic_algorithms(False)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +35,7 @@ def policy_dir(tmp_path_factory):
     from gemma_hf.recipes.engine import set_generation_stops
 
     require(llamafactory_data)
-    tok = load_tokenizer(gemma_tokenizer)
+    tok = load_tokenizer(gemma_tokenizer_tiny)
     recipe = yaml.safe_load(TINY_RLHF.read_text())
     torch.manual_seed(0)
     model = GemmaHFForCausalLM(preset_config("gemma2-2b", **recipe["preset_overrides"]))

@@ -10,14 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gemma_hf.assets import gemma_tokenizer, llamafactory_data
+from gemma_hf.assets import gemma_tokenizer_tiny, llamafactory_data
 from tests.assets import require
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_two_process_ddp_on_cpu(tmp_path):
-    require(gemma_tokenizer)
+    require(gemma_tokenizer_tiny)
     require(llamafactory_data)
     out = tmp_path / "ddp"
     accelerate = Path(sys.executable).parent / "accelerate"

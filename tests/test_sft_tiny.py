@@ -11,35 +11,23 @@ import pytest
 import torch
 import yaml
 
-from gemma_hf import cli
-from gemma_hf.assets import gemma_tokenizer, llamafactory_data
+from gemma_hf.assets import gemma_tokenizer_tiny, llamafactory_data
 from gemma_hf.recipes.config import load_recipe
 from gemma_hf.references import identity
 from tests.assets import require
+from tests.clirun import cli
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "recipes" / "tiny" / "sft.yaml"
 
 
-def run_cli(argv, capsys=None):
-    try:
-        code = cli.main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    return code
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    require(gemma_tokenizer)
+    require(gemma_tokenizer_tiny)
     require(llamafactory_data)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = tmp_path_factory.mktemp("tiny") / "run"
-    try:
-        code = run_cli(["sft", "--config", str(TINY), "--output_dir", str(out)])
-    finally:
-        torch.use_deterministic_algorithms(False)  # the recipe's full_determinism is process-wide
-    assert code == 0
+    assert cli(["sft", "--config", str(TINY), "--output_dir", str(out)]) == 0
     return out
 
 
@@ -99,13 +87,13 @@ def test_reloads_with_automodel_and_chats(tiny_run, capsys):
     assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
     reply = chat_reply(model, tok, [{"role": "user", "content": "Hi"}], "gemma2", max_new_tokens=8)
     assert reply.stop in ("end_of_turn", "eos", "length") and 1 <= reply.new_tokens <= 8
-    assert run_cli(["generate", str(tiny_run), "--prompt", "Hi", "--max-new-tokens", "4", "--json"]) == 0
+    assert cli(["generate", str(tiny_run), "--prompt", "Hi", "--max-new-tokens", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["prompt"] == "Hi"
 
 
 def test_finished_run_is_never_overwritten(tiny_run, capsys):
     before = (tiny_run / "run.json").read_text()
-    code = run_cli(["sft", "--config", str(TINY), "--output_dir", str(tiny_run)])
+    code = cli(["sft", "--config", str(TINY), "--output_dir", str(tiny_run)])
     err = capsys.readouterr().err
     assert code == 2 and "already holds a finished run" in err and "output_dir" in err
     assert (tiny_run / "run.json").read_text() == before

@@ -172,10 +172,11 @@ def test_chunked_distillation_divergence_equals_unfused_jsd(beta, temperature):
 
 # ----------------------------------------------------------------------------- the trainers themselves
 def _tiny_real_vocab_model():
-    """One small layer over the real Gemma 1/2 vocabulary, so the real tokenizer drives it."""
+    """Two small layers over the tiny Gemma 1/2 tokenizer's vocabulary (asset:gemma-tokenizer-tiny),
+    so a Gemma tokenizer with the real control tokens drives it."""
     from gemma_hf import GemmaHFConfig, GemmaHFForCausalLM
 
-    config = GemmaHFConfig(family="gemma2", vocab_size=256000, hidden_size=32, intermediate_size=64,
+    config = GemmaHFConfig(family="gemma2", vocab_size=4096, hidden_size=32, intermediate_size=64,
                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                            query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"],
                            sliding_window=16, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
@@ -211,10 +212,10 @@ def test_dpo_trainer_trains_our_model_through_trls_chunked_head(tmp_path):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
-    from gemma_hf.assets import gemma_tokenizer
+    from gemma_hf.assets import gemma_tokenizer_tiny
     from tests.assets import tokenizer
 
-    tok = tokenizer(gemma_tokenizer)
+    tok = tokenizer(gemma_tokenizer_tiny)
     model, ref = _tiny_real_vocab_model(), _tiny_real_vocab_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = trl.DPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=1, learning_rate=1e-2,
@@ -234,10 +235,10 @@ def test_grpo_trainer_generates_and_trains_our_model(tmp_path):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
-    from gemma_hf.assets import gemma_tokenizer
+    from gemma_hf.assets import gemma_tokenizer_tiny
     from tests.assets import tokenizer
 
-    tok = tokenizer(gemma_tokenizer)
+    tok = tokenizer(gemma_tokenizer_tiny)
     model = _tiny_real_vocab_model()
     prompts = [row["prompt"] for row in _preference_records(tok, 2)]
 

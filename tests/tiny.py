@@ -138,7 +138,8 @@ TEACHER_SHAPE = dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
 
 
 def make_teacher(path: Path, tokenizer_asset, family: str, seed: int) -> Path:
-    """A random tiny Gemma 3 (or Gemma 2) checkpoint with the real tokenizer and chat template."""
+    """A random tiny Gemma 3 (or Gemma 2) checkpoint with the given tokenizer asset (a tiny cut of the
+    real one, in tests that are not about the tokenizer) and its family's chat template."""
     from gemma_hf import GemmaHFForCausalLM, preset_config
     from gemma_hf.chat import install_chat_template
     from gemma_hf.recipes.engine import set_generation_stops
@@ -149,7 +150,7 @@ def make_teacher(path: Path, tokenizer_asset, family: str, seed: int) -> Path:
     torch.manual_seed(seed)
     preset = "gemma3-270m" if family == "gemma3" else "gemma2-2b"
     shape = TEACHER_SHAPE if family == "gemma3" else {**TEACHER_SHAPE, "num_key_value_heads": 2}
-    model = GemmaHFForCausalLM(preset_config(preset, **shape, vocab_size=len(tok)))  # npm Gemma 3: 262145
+    model = GemmaHFForCausalLM(preset_config(preset, **shape, vocab_size=len(tok)))  # tiny cut: 4096; npm Gemma 3: 262145
     with torch.no_grad():
         # Norms off their identity init. Then a teacher the student can learn to imitate from a few
         # batches: its layers 1 and 2 (which the student built from layers [0, 3] lacks) add one
@@ -190,12 +191,13 @@ def shared_teacher() -> "Path":
     import tempfile
     from pathlib import Path
 
-    from gemma_hf.assets import gemma3_tokenizer
+    from gemma_hf.assets import gemma3_tokenizer_tiny
 
-    path = Path(tempfile.gettempdir()) / "gemma_hf-tests-teacher-v1"
+    # v2: on the 4,096-entry tokenizer (v1 had the real 262k one)
+    path = Path(tempfile.gettempdir()) / "gemma_hf-tests-teacher-v2"
     if not (path / "model.safetensors").is_file():
         scratch = Path(tempfile.mkdtemp(prefix="gemma_hf-tests-teacher-"))
-        make_teacher(scratch / "teacher", gemma3_tokenizer, "gemma3", seed=0)
+        make_teacher(scratch / "teacher", gemma3_tokenizer_tiny, "gemma3", seed=0)
         try:
             os.rename(scratch / "teacher", path)
         except OSError:  # another process built it first
