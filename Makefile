@@ -3,8 +3,11 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Pytest's worker count; the suite is sized for 2 cores.
+# Two pytest-xdist workers, one per core (tests/README.md); a module's tests stay in one worker, so its
+# shared trained runs are made once. `make test WORKERS=0` runs in one process.
+WORKERS ?= 2
 PYTEST_ARGS ?=
+XDIST = $(if $(filter 0,$(WORKERS)),-p no:xdist,-n $(WORKERS) --dist loadscope)
 
 .PHONY: install test test-faults demo demo-sft assets bench clean
 
@@ -22,11 +25,11 @@ assets: install
 	$(BIN)/python -m gemma_hf.assets all
 
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 # The long fault-injection cases (every kill point, 10 random kill instants, long fuzzing); CI runs them.
 test-faults: install
-	$(BIN)/python -m pytest -q -m faults $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m faults $(XDIST) $(PYTEST_ARGS)
 
 # The main job: the post-training pipeline (SFT -> reward -> WARP -> evaluation -> card) on the real 270M.
 demo: install
