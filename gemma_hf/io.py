@@ -21,12 +21,14 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
     The temporary directory lives in the same parent, so the final `os.replace` is a rename on
     one filesystem: a process killed mid-write leaves only a `.tmp-*` directory, never a
     `final` that looks complete. With `overwrite=True` an existing `final` is replaced (moved
-    aside first, deleted after the rename); otherwise an existing `final` is an error.
+    aside first, deleted after the rename) if it is one this package may replace (see
+    :func:`existing_output_refusal`); otherwise an existing `final` is an error.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists; pass overwrite=True to replace it.")
+    refusal = existing_output_refusal(final, overwrite, "overwrite=True")
+    if refusal:
+        raise FileExistsError(refusal)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
@@ -40,6 +42,49 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# The files that make a directory a model directory (what save_pretrained, a merge or an export writes).
+_MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+# Files that make a directory a gemma-hf run (recipes/rundir.py): never replaced by an overwrite.
+_RUN_FILES = ("run.json", ".gemma-hf-run.json")
+
+
+def replace_refusal(path: str | os.PathLike) -> str | None:
+    """Why the existing ``path`` must not be replaced by an overwrite, or None when it may be.
+
+    An overwrite only ever replaces what this package writes as an output: an empty directory or a
+    model directory (``config.json`` and safetensors weights). A file, a directory holding anything
+    else (the user's own files) and a training run directory are refused: deleting them would lose
+    data that no command of this package can give back.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return f"{path} exists and is not a directory"
+    names = sorted(p.name for p in path.iterdir())
+    if any(name in names for name in _RUN_FILES):
+        return (f"{path} is a gemma-hf run directory (it holds {'run.json' if 'run.json' in names else 'a run marker'}); "
+                "a run is never replaced")
+    if not names or ("config.json" in names and any(name in names for name in _MODEL_WEIGHTS)):
+        return None
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f"{path} holds files that are not a model directory ({shown})"
+
+
+def existing_output_refusal(path: str | os.PathLike, overwrite: bool, flag: str = "--overwrite") -> str | None:
+    """The message refusing to write the output ``path``, or None when it may be written.
+
+    A missing ``path`` may always be written. An existing one only with ``overwrite`` and only when
+    :func:`replace_refusal` allows it; the hint to pass ``flag`` is given only where it would work.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return None
+    reason = replace_refusal(path)
+    if reason is None:
+        return None if overwrite else f"{path} already exists; pass {flag} to replace it."
+    return (f"{reason}: {'even with ' + flag + ', ' if overwrite else ''}it is not replaced (only an empty "
+            "directory or a model directory is). Choose another output, or move what is there yourself.")
 
 
 def sha256_file(path: str | os.PathLike) -> str:

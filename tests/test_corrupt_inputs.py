@@ -248,6 +248,15 @@ def test_export_onto_its_source_or_a_run_is_refused(checkpoint, tmp_path, capsys
     expect_refusal(["export", "--to", "transformers", str(src), str(run), "--overwrite"], capsys,
                    "never replaces a run")
     assert sorted(p.name for p in src.iterdir()) == before and (run / "run.json").is_file()
+    # A directory of the user's own files is not replaced either, and no --overwrite hint is given.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    for verb in (["export", "--to", "transformers"], ["export", "--to", "gemma_hf"]):
+        for flags in ([], ["--overwrite"]):
+            code, _, err = run_cli([*verb, str(src), str(mine), *flags], capsys)
+            assert code == 2 and "not a model directory (notes.txt)" in err and "pass overwrite" not in err, err
+    assert (mine / "notes.txt").read_text() == "my notes" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
 @pytest.mark.parametrize("flags,message", [

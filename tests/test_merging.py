@@ -658,13 +658,13 @@ def test_a_failure_mid_merge_leaves_no_output(tiny_runs, tmp_path, monkeypatch, 
     with pytest.raises(OSError, match="No space left"):
         slerp_merge(root / "init", [root / "a", root / "b"], tmp_path / "out")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
-    # replacing an existing output: a failure keeps the old one untouched
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "old.txt").write_text("old")
+    # replacing an existing output (an earlier model): a failure keeps the old one untouched
+    shutil.copytree(root / "c", tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     calls["n"] = 0
     with pytest.raises(OSError):
         slerp_merge(root / "init", [root / "a", root / "b"], tmp_path / "out", overwrite=True)
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"] and leftovers(tmp_path) == []
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before and leftovers(tmp_path) == []
     # the command line: a failure while writing exits 1, with the reason and no traceback
     calls["n"] = 0
     code, _, err = run_cli(["merge", "--method", "linear", "--models", str(root / "a"), str(root / "b"),
@@ -808,3 +808,32 @@ def test_cli_errors_exit_2_with_one_line(tiny_runs, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     code, _, err = run_cli(["merge", "--method", "linear", "--models", a, b, "--output", out], capsys)
     assert code == 2 and "already exists; pass --overwrite" in err
+
+
+def test_overwrite_never_deletes_what_is_not_a_model(tiny_runs, tmp_path, capsys):
+    """--overwrite replaces an empty or a model directory only: a directory of the user's own files or
+    a training run is refused (exit 2, the files named, no --overwrite hint), and nothing is touched."""
+    root, _ = tiny_runs
+    a, b = str(root / "a"), str(root / "b")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    (mine / "data").mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "model.safetensors").write_bytes(b"x")
+    (run / "run.json").write_text("{}")
+    for out, named in ((mine, "not a model directory (data, notes.txt)"), (run, "is a gemma-hf run directory")):
+        for flags in ([], ["--overwrite"]):
+            code, _, err = run_cli(["merge", "--method", "linear", "--models", a, b, "--output", str(out), *flags],
+                                   capsys)
+            assert code == 2 and named in err and "pass --overwrite" not in err and "Traceback" not in err, err
+            assert ("even with --overwrite" in err) == bool(flags)
+    assert (mine / "notes.txt").read_text() == "my notes" and (mine / "data").is_dir()
+    assert (run / "run.json").is_file() and (run / "model.safetensors").read_bytes() == b"x"
+    # A model directory (an earlier merge) is replaced, as before.
+    assert run_cli(["merge", "--method", "linear", "--models", a, b, "--output", str(tmp_path / "m")], capsys)[0] == 0
+    assert run_cli(["merge", "--method", "linear", "--models", a, b, "--output", str(tmp_path / "m"),
+                    "--overwrite"], capsys)[0] == 0
+    assert leftovers(tmp_path) == []

@@ -19,7 +19,8 @@ def register(subparsers) -> None:
     export.add_argument("src", metavar="SRC", help="checkpoint directory, or a .gguf file (with --to gemma_hf)")
     export.add_argument("dst", metavar="DST", help="output directory (must not exist unless --overwrite)")
     export.add_argument("--to", required=True, choices=("transformers", "gemma_hf"), help="target format")
-    export.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace DST if it is an empty or a model directory (never other files or a run)")
     export.add_argument("--max-shard-size", default=None, help="shard the weights, e.g. 2GB (default: transformers')")
     export.add_argument("--gguf-file", default=None, help="with --to gemma_hf: the .gguf file inside SRC")
     export.add_argument(

@@ -55,7 +55,8 @@ def register(subparsers) -> None:
     merge.add_argument("--allow-extrapolation", action="store_true",
                        help="allow negative linear weights and liti eta > 1")
     merge.add_argument("--output", required=True, metavar="OUT", help="the merged model directory (must not exist)")
-    merge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace OUT if it is an empty or a model directory (never other files or a run)")
     merge.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                        help="output dtype (default auto: as stored in the inputs, which must then agree)")
     merge.add_argument("--max-shard-size", default=None, metavar="SIZE",

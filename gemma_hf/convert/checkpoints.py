@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io import atomic_directory
+from ..io import atomic_directory, existing_output_refusal
 from ..model import GemmaHFConfig, GemmaHFForCausalLM, GemmaHFForSequenceClassification
 from ..model.configuration import STOCK_MODEL_TYPES, gemma_family
 from .errors import ConversionError
@@ -202,8 +202,9 @@ def export_to_transformers(
         raise ConversionError(f"{src} is already a stock {model_type!r} checkpoint; nothing to export.")
     if model_type != GemmaHFConfig.model_type:
         raise ConversionError(f"{src} has model_type={model_type!r}; expected a gemma_hf checkpoint ('gemma_hf').")
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it.")
+    refusal = existing_output_refusal(dst, overwrite, "overwrite=True (--overwrite)")
+    if refusal:  # before any loading: an overwrite replaces only an empty or a model directory
+        raise FileExistsError(refusal)
     check_complete_weights(src)
     model_class = head_class(config)
     ours = _load(model_class, src, dtype="auto", attn_implementation="eager")
@@ -242,8 +243,9 @@ def import_checkpoint(
     if head not in ("causal-lm", "sequence-classification"):
         raise ValueError(f"head must be 'causal-lm' or 'sequence-classification', got {head!r}.")
     model_class = GemmaHFForCausalLM if head == "causal-lm" else GemmaHFForSequenceClassification
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it.")
+    refusal = existing_output_refusal(dst, overwrite, "overwrite=True (--overwrite)")
+    if refusal:  # before any loading: an overwrite replaces only an empty or a model directory
+        raise FileExistsError(refusal)
     is_gguf = gguf_file is not None or src.suffix == ".gguf" or (src.is_dir() and not (src / "config.json").exists()
                                                                   and any(src.glob("*.gguf")))
     tokenizer = None

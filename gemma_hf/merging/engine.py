@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_directory
+from ..io import atomic_directory, existing_output_refusal
 from . import interpolation
 from .kernels import FLOAT64_BELOW_NUMEL, Kernel, NonFiniteOutput, Slerp, WeightedSum, Workspace, all_finite, pieces
 from .safetensors_stream import DTYPE_CODES, FLOAT_DTYPES, ShardWriter, TensorInfo, TensorSpec, parse_size, plan_shards
@@ -262,10 +262,9 @@ class _Job:
                 if self.overwrite and out in source.path.parents:
                     raise MergeError(
                         f"--overwrite would delete the input {source.path}, which is inside the output {out}.")
-            if out.exists() and not self.overwrite:
-                raise MergeError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it.")
-            if out.exists() and not out.is_dir():
-                raise MergeError(f"{out} exists and is not a directory.")
+            refusal = existing_output_refusal(out, self.overwrite, "--overwrite (overwrite=True)")
+            if refusal:  # an overwrite replaces only an empty or a model directory, never the user's files
+                raise MergeError(refusal)
         return resolved
 
     def _check_disk(self) -> None:
