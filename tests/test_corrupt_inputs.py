@@ -284,3 +284,25 @@ def test_a_tokenizer_that_is_not_one_is_refused(checkpoint, tmp_path, capsys):
     path = write_recipe(tmp_path, "sft", yaml.safe_dump(recipe))
     expect_refusal(["validate", str(path)], capsys, "- tokenizer_name_or_path", "cannot load the tokenizer",
                    tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("method, change, key, message", [
+    ("distill", {"teacher_name_or_path": None}, "model_name_or_path", "missing"),
+    ("eval", {"model_name_or_path": None}, "model_name_or_path", "missing: the recipe names no model"),
+    ("sft", {"tokenizer_name_or_path": None}, "tokenizer_name_or_path", "training from a preset needs a tokenizer"),
+    ("distill", {"student_init": {"keep_layers": [99]}}, "student_init", "outside the teacher's 4 layers"),
+    ("distill", {"student_init": {"every_kth": 0}}, "student_init", "every_kth must be a positive integer"),
+], ids=["no-teacher", "no-model", "no-tokenizer", "layer-out-of-range", "every-kth-0"])
+def test_a_missing_model_or_tokenizer_or_bad_student_is_named(tmp_path, capsys, method, change, key, message):
+    """The references a recipe needs are checked before anything loads (the fuzzer meets these by chance;
+    here each is pinned)."""
+    recipe = tiny_recipe(method)
+    recipe["output_dir"] = str(tmp_path / "out")
+    for name, value in change.items():
+        if value is None:
+            recipe.pop(name)
+        else:
+            recipe[name] = value
+    path = write_recipe(tmp_path, method, yaml.safe_dump(recipe))
+    for argv in (["validate", str(path), "--method", method], [method, "--config", str(path)]):
+        expect_refusal(argv, capsys, f"- {key}", message, tmp_path=tmp_path)

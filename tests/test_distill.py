@@ -193,3 +193,15 @@ def test_distill_cache_killed_after_a_shard_resumes_to_the_same_cache(teacher, t
     strip = lambda m: {k: v for k, v in m.items() if k not in ("created", "updated", "finished")}  # noqa: E731
     assert strip(json.loads((killed / "manifest.json").read_text())) == strip(
         json.loads((reference / "manifest.json").read_text()))
+
+
+def test_a_student_diverged_before_sampling_stops_the_run_unpublished(teacher, tmp_path, capsys):
+    """On-policy: after a step to non-finite weights, sampling the next completions fails inside torch;
+    that is reported as the divergence it is (step, the tensors), not as a sampling error."""
+    from tests.clirun import run_cli
+
+    out = tmp_path / "run"
+    code, _, err = run_cli(argv(TINY, teacher, out, "--lmbda", "1.0", "--learning_rate", "3e38", "--max_grad_norm", "0",
+                                "--eval_strategy", "no", "--test_split_size", "null", "--max_steps", "4"), capsys)
+    assert code == 1 and "training diverged at step 2" in err and "sampling the next completions failed" in err, err
+    assert "Traceback" not in err and not (out / "run.json").exists()

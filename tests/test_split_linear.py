@@ -77,3 +77,10 @@ def test_generation_with_split_products_matches_stock(two_threads, variant):
     assert any(key[1] == 2048 for key in layers._SPLIT_EXACT), layers._SPLIT_EXACT
     assert torch.equal(a.sequences, b.sequences)
     assert all(torch.equal(x, y) for x, y in zip(a.scores, b.scores))
+
+
+def test_split_blocks_divide_the_rows_into_blocks_of_64_or_more(two_threads):
+    """P blocks only when P divides the rows and each block keeps >= 64 rows; else fewer (1: not split)."""
+    assert layers._split_parts(128) == 2 and layers._split_parts(262144) == 2
+    assert layers._split_parts(129) == 1  # odd: no two equal blocks
+    assert layers._split_parts(100) == 1  # two blocks of 50 rows are too small
