@@ -66,6 +66,8 @@ __all__ = [
     "gemma3_tokenizer",
     "gemma_tokenizer_tiny",
     "gemma3_tokenizer_tiny",
+    "cut_tokenizer",
+    "TINY_TOKENIZER_SIZE",
     "gemma3_270m_gguf",
     "gemma3_270m",
     "llamafactory_data",
@@ -431,14 +433,14 @@ def gemma3_tokenizer() -> Path:
 # --------------------------------------------------------------------------------------------
 
 TINY_TOKENIZER_SIZE = 4096
-# The real vocabularies' layout, which the cut relies on (checked in _cut_tokenizer): the control
+# The real vocabularies' layout, which the cut relies on (checked in cut_tokenizer): the control
 # tokens, <unusedN> slots, runs of newlines, HTML tags and the 256 byte-fallback pieces come first,
 # then the merged pieces in the order SentencePiece created them (most useful first), then the
 # single characters, also most frequent first.
 _UNUSED = re.compile(r"<unused\d+>")
 
 
-def _cut_tokenizer(source: Path, out: Path, size: int) -> dict:
+def cut_tokenizer(source: Path, out: Path, size: int) -> dict:
     """Write into ``out`` a ``size``-entry tokenizer cut from the real Gemma tokenizer in ``source``.
 
     Kept, with their real ids: every entry up to the last byte-fallback piece (``<pad>``, ``<eos>``,
@@ -508,11 +510,11 @@ def _cut_tokenizer(source: Path, out: Path, size: int) -> dict:
 def _build_tiny_tokenizer(real: Callable[[], Path], real_name: str, expected_ids: Mapping[str, int]):
     def build(out: Path, work: Path) -> dict:
         source = real()
-        report = _cut_tokenizer(source, out, TINY_TOKENIZER_SIZE)
+        report = cut_tokenizer(source, out, TINY_TOKENIZER_SIZE)
         tokenizer = _load_tokenizer(out, f"the tiny cut of {real_name}")
         _verify_tokenizer(tokenizer, f"the tiny cut of {real_name}", TINY_TOKENIZER_SIZE, expected_ids)
         return {"source": f"cut from asset {real_name} ({IDENTITY[real_name]['source']}) by "
-                          "gemma_hf.assets._cut_tokenizer", "license": "as the asset it is cut from",
+                          "gemma_hf.assets.cut_tokenizer", "license": "as the asset it is cut from",
                 "special_token_ids": dict(expected_ids), **report}
 
     return build

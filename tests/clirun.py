@@ -7,7 +7,9 @@ another process, signals, ``accelerate launch``, loading without gemma_hf import
 
 from __future__ import annotations
 
+import contextlib
 import io
+import subprocess
 
 import torch
 
@@ -32,3 +34,14 @@ def run_cli(argv, capsys, stdin: str | None = None, monkeypatch=None):
     code = cli(argv)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def run_captured(argv) -> subprocess.CompletedProcess:
+    """`gemma-hf ARGV` in this process, its output captured here and returned the way `subprocess.run`
+    returns it: for module-scoped fixtures (capsys is function-scoped) and tests that swap a subprocess
+    for an in-process run."""
+    argv = [str(a) for a in argv]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli(argv)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())

@@ -12,9 +12,12 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from gemma_hf.recipes.methods import Method, get_method, method_names
+from tests.clirun import run_captured
+from tests.tiny import shared_teacher
 
 REPO = Path(__file__).resolve().parent.parent
 ALL_METHODS = method_names()
@@ -30,8 +33,6 @@ EXTRA = {"sft": ["--sample_max_new_tokens", "4"], "reward": []}
 def extra_args(method: str) -> list[str]:
     """EXTRA, and for distill a tiny teacher instead of the recipe's real 270M (tests/tiny.py)."""
     if method == "distill":
-        from tests.tiny import shared_teacher
-
         return ["--teacher_name_or_path", str(shared_teacher()), "--student_init", "{keep_layers: [0, 3]}",
                 "--max_new_tokens", "4"]
     return EXTRA.get(method, [])
@@ -50,12 +51,8 @@ def tiny_recipe(method: str) -> dict:
     """The method's tiny recipe as a dict, with the tiny teacher (tests/tiny.py: shared_teacher) in place
     of the real 270M that the distill and eval recipes name: validating those loads the teacher's
     262k-entry tokenizer, seconds per call, in tests about something else (bad values, bad records)."""
-    import yaml
-
     recipe = yaml.safe_load(recipe_of(method).read_text())
     if method in ("distill", "eval"):
-        from tests.tiny import shared_teacher
-
         teacher = str(shared_teacher())
         for key in ("teacher_name_or_path", "model_name_or_path", "baseline_name_or_path", "judge_name_or_path"):
             if recipe.get(key) == "asset:gemma3-270m":
@@ -82,18 +79,8 @@ def run(method: str, output_dir: Path, *extra: str, timeout: int = 600, **enviro
 
 def run_here(method: str, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     """The same run as `run`, in this process (tests.clirun: same argv, exit code and messages), for
-    what needs no process of its own: a resume, a refusal, a divergence, a full disk. Output is
-    captured here (capsys is function-scoped; module fixtures use this too)."""
-    import contextlib
-    import io
-
-    from tests.clirun import cli
-
-    argv = command(method, output_dir, *extra)[3:]  # without `python -m gemma_hf.cli`
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli(argv)
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+    what needs no process of its own: a resume, a refusal, a divergence, a full disk."""
+    return run_captured(command(method, output_dir, *extra)[3:])  # without `python -m gemma_hf.cli`
 
 
 def start(method: str, output_dir: Path, *extra: str, **environment: str) -> subprocess.Popen:

@@ -160,8 +160,8 @@ def test_tiny_tokenizer_cut_is_deterministic(tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir(), second.mkdir()
     source = require(assets.gemma_tokenizer)
-    assets._cut_tokenizer(source, first, 4096)
-    assets._cut_tokenizer(source, second, 4096)
+    assets.cut_tokenizer(source, first, 4096)
+    assets.cut_tokenizer(source, second, 4096)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (first / name).read_bytes() == (second / name).read_bytes()
         assert (first / name).read_bytes() == (require(assets.gemma_tokenizer_tiny) / name).read_bytes()

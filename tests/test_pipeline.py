@@ -20,7 +20,7 @@ import yaml
 
 from gemma_hf.assets import gemma_tokenizer_tiny, llamafactory_data
 from tests.assets import require
-from tests.clirun import cli, run_cli
+from tests.clirun import run_captured, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "recipes" / "tiny" / "post-training.yaml"
@@ -48,13 +48,7 @@ def run(path: Path, out: Path, **env) -> subprocess.CompletedProcess:
 
 def run_here(path: Path, out: Path) -> subprocess.CompletedProcess:
     """The pipeline in this process (tests.clirun), output captured: everything but the kill."""
-    import contextlib
-    import io
-
-    outs, errs = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(outs), contextlib.redirect_stderr(errs):
-        code = cli(["pipeline", "--config", path, "--output_dir", out])
-    return subprocess.CompletedProcess([], code, outs.getvalue(), errs.getvalue())
+    return run_captured(["pipeline", "--config", path, "--output_dir", out])
 
 
 def manifest(out: Path) -> dict:
