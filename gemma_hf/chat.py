@@ -62,6 +62,8 @@ BOS = "<bos>"
 EOS = "<eos>"
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
+CONTROL_TOKENS = (BOS, EOS, START_OF_TURN, END_OF_TURN)  # never inside a message's text
+MODEL_ROLES = ("assistant", "model")  # the roles of a model turn in a record
 
 # Message roles we accept, mapped to the role names Gemma's turn headers use.
 _ROLE_NAMES = {"user": "user", "assistant": "model", "model": "model"}

@@ -45,7 +45,7 @@ def _show(reply) -> str:
 
 def _side_by_side(models: dict[str, str], max_new_tokens: int = 64) -> None:
     """Three prompts, each answered by every model (greedy), printed one under the other."""
-    from gemma_hf.recipes.sampling import chat_reply, load_chat_model
+    from gemma_hf.sampling import chat_reply, load_chat_model
 
     answers = {}
     for label, path in models.items():
@@ -63,7 +63,7 @@ def _side_by_side(models: dict[str, str], max_new_tokens: int = 64) -> None:
 def run_pipeline_demo(output_dir: str | None) -> int:
     from gemma_hf.recipes.methods import get_method
     from gemma_hf.recipes.pipeline import read_pipeline, run_pipeline
-    from gemma_hf.recipes.rundir import RunDir
+    from gemma_hf.rundir import RunDir
 
     start = time.time()
     out = output_dir or f"runs/demo-gemma3-270m-{time.strftime('%Y%m%d-%H%M%S')}"

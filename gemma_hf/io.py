@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import InputError
+from .rundir import MARKER, RUN_JSON
 
 
 @contextlib.contextmanager
@@ -46,8 +47,8 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
 
 # The files that make a directory a model directory (what save_pretrained, a merge or an export writes).
 _MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-# Files that make a directory a gemma-hf run (recipes/rundir.py): never replaced by an overwrite.
-_RUN_FILES = ("run.json", ".gemma-hf-run.json")
+# Files that make a directory a gemma-hf run: never replaced by an overwrite.
+_RUN_FILES = (RUN_JSON, MARKER)
 
 
 def replace_refusal(path: str | os.PathLike) -> str | None:
@@ -63,7 +64,7 @@ def replace_refusal(path: str | os.PathLike) -> str | None:
         return f"{path} exists and is not a directory"
     names = sorted(p.name for p in path.iterdir())
     if any(name in names for name in _RUN_FILES):
-        return (f"{path} is a gemma-hf run directory (it holds {'run.json' if 'run.json' in names else 'a run marker'}); "
+        return (f"{path} is a gemma-hf run directory (it holds {RUN_JSON if RUN_JSON in names else 'a run marker'}); "
                 "a run is never replaced")
     if not names or ("config.json" in names and any(name in names for name in _MODEL_WEIGHTS)):
         return None

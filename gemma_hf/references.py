@@ -28,7 +28,7 @@ from .errors import InputError, suggestion
 
 ASSET_SCHEME = "asset:"
 STAGE_SCHEME = "stage:"  # a pipeline stage's output, written `{from: NAME}` in a pipeline
-RUN_MARKER_FILE = "run.json"  # written last by a finished run (gemma_hf.recipes.rundir)
+RUN_MARKER_FILE = "run.json"  # written last by a finished run (gemma_hf.rundir)
 _FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".yaml", ".yml", ".gguf", ".safetensors", ".txt", ".arrow")
 
 

@@ -10,7 +10,7 @@ import torch
 
 from gemma_hf import GemmaHFForCausalLM
 from gemma_hf.assets import gemma_tokenizer_tiny
-from gemma_hf.recipes.sampling import chat_reply, load_chat_model
+from gemma_hf.sampling import chat_reply, load_chat_model
 from tests.assets import tokenizer as load_tokenizer
 from tests.clirun import run_cli
 from tests.tiny import tiny_config

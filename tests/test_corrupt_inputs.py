@@ -86,7 +86,7 @@ def test_corrupt_recipes(tmp_path, capsys, method, name, text, key, message):
 
 
 def _accepts(method: str, key: str) -> bool:
-    from gemma_hf.recipes.schema import key_index
+    from gemma_hf.recipes.methods import key_index
 
     return key in key_index(method)
 

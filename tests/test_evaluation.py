@@ -41,7 +41,7 @@ from gemma_hf.evaluation import (
     win_rate,
 )
 from gemma_hf.model.configuration import alternating_layer_types
-from gemma_hf.recipes.tokenization import encode_with_assistant_mask
+from gemma_hf.tokenization import encode_with_assistant_mask
 from tests.assets import tokenizer as load_tokenizer
 from tests.tiny import make_ours, tiny_config
 

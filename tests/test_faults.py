@@ -15,15 +15,19 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gemma_hf.assets import gemma_tokenizer_tiny, llamafactory_data
-from gemma_hf.recipes.rundir import RunDir
+from gemma_hf.rundir import RunDir
 from tests.assets import require
-from tests.faults import METHODS, assert_same_run, kill_after, run, run_here, start
+from tests.clirun import run_captured
+from tests.faults import METHODS, REPO, assert_same_run, kill_after, run, run_here, start, tiny_recipe
+from tests.faults import env as fault_env
 
 KILL_POINTS = ["train", "publish:model", "publish:files", "publish:card", "publish:ready",
                "publish:checkpoints-moved", "publish:old-moved", "publish:swapped"]
@@ -174,6 +178,65 @@ def test_kill_at_random_instants_then_resume(reference, method, tmp_path):
 def test_kill_at_ten_random_instants_on_the_sft_recipe(reference, tmp_path):
     instants = _random_kills("sft", RANDOM_KILLS, seed=20261129, tmp_path=tmp_path, reference=reference)
     assert sum(i > 0 for i in instants) >= RANDOM_KILLS // 2  # most kills land while the run is going
+
+
+# `gemma-hf eval` opens and publishes its directory through the same protocol as a training run
+# (engine.open_run, recipes/publish.py): killed at any publish point, rerun with --resume, it ends
+# as the uninterrupted evaluation; a kill before the ready marker leaves nothing to resume.
+EVAL_POINTS = ["publish:files", "publish:card", "publish:ready", "publish:checkpoints-moved", "publish:old-moved",
+               "publish:swapped"]
+EVAL_DEFAULT = ["publish:card", "publish:old-moved"]
+
+
+@pytest.fixture(scope="module")
+def eval_reference(tmp_path_factory):
+    require(llamafactory_data)
+    root = tmp_path_factory.mktemp("eval-reference")
+    recipe = root / "eval.yaml"
+    recipe.write_text(yaml.safe_dump({**tiny_recipe("eval"), "bootstrap_resamples": 100, "max_new_tokens": 4}))
+    done = run_captured(["eval", "--config", str(recipe), "--output_dir", str(root / "run")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return recipe, root / "run"
+
+
+def _eval_process(recipe: Path, out: Path, **environment: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gemma_hf.cli", "eval", "--config", str(recipe), "--output_dir",
+                           str(out)], capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env=fault_env(**environment))
+
+
+def _assert_same_evaluation(out: Path, reference: Path) -> None:
+    assert json.loads((out / "eval.json").read_text()) == json.loads((reference / "eval.json").read_text())
+    assert (out / "evaluation.md").read_text() == (reference / "evaluation.md").read_text()
+    assert json.loads((out / "run.json").read_text())["method"] == "eval"
+    card = (out / "README.md").read_text()
+    assert card.startswith("---") and "## Results" in card and "held-out loss" in card
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+@pytest.mark.parametrize("point", [p if p in EVAL_DEFAULT else pytest.param(p, marks=pytest.mark.faults)
+                                   for p in EVAL_POINTS])
+def test_eval_killed_while_publishing_then_rerun_equals_the_uninterrupted_evaluation(eval_reference, point,
+                                                                                      tmp_path):
+    recipe, reference = eval_reference
+    out = tmp_path / "run"
+    killed = _eval_process(recipe, out, GEMMA_HF_KILL_AT=point)
+    assert killed.returncode == -9, (point, killed.returncode, killed.stderr[-2000:])
+    assert not RunDir(out).is_finished() or point == "publish:swapped"
+    staged_ready = (tmp_path / ".run.publish" / ".publish-ready").is_file()
+    assert staged_ready == (EVAL_POINTS.index(point) >= EVAL_POINTS.index("publish:ready") and point != "publish:swapped")
+    again = run_captured(["eval", "--config", str(recipe), "--output_dir", str(out), "--resume"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    _assert_same_evaluation(out, reference)
+
+
+def test_a_finished_evaluation_is_kept(eval_reference, tmp_path):
+    recipe, reference = eval_reference
+    copy = tmp_path / "run"
+    shutil.copytree(reference, copy)
+    again = run_captured(["eval", "--config", str(recipe), "--output_dir", str(copy)])
+    assert again.returncode == 2 and "already holds a finished run" in again.stderr
+    _assert_same_evaluation(copy, reference)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gemma_hf.assets import gemma_tokenizer_tiny, llamafactory_data
-from gemma_hf.recipes.schema import key_index
+from gemma_hf.recipes.methods import key_index
 from tests.assets import require
 from tests.clirun import cli
 from tests.faults import ALL_METHODS, METHODS, extra_args, recipe_of, tiny_recipe

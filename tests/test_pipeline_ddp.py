@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from gemma_hf.assets import gemma_tokenizer_tiny, llamafactory_data
-from gemma_hf.recipes.rundir import RunDir
+from gemma_hf.rundir import RunDir
 from tests.assets import require
 from tests.test_pipeline import pipeline_file
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gemma_hf.recipes import rundir
+from gemma_hf import rundir
 from gemma_hf.recipes.callbacks import MetricsCallback
-from gemma_hf.recipes.engine import PUBLISH_READY, recover_publish
-from gemma_hf.recipes.rundir import RunDir, RunDirError
+from gemma_hf.recipes.publish import PUBLISH_READY
+from gemma_hf.recipes.publish import recover as recover_publish
+from gemma_hf.rundir import RunDir, RunDirError
 
 
 def make_checkpoint(root, step, complete=True):

@@ -93,7 +93,7 @@ def _score_with_engine(run_dir, conversations):
 
     from gemma_hf import GemmaHFForSequenceClassification
     from gemma_hf.recipes.reward import score_pairs
-    from gemma_hf.recipes.tokenization import encode_conversation
+    from gemma_hf.tokenization import encode_conversation
 
     tok = AutoTokenizer.from_pretrained(run_dir)
     model = GemmaHFForSequenceClassification.from_pretrained(run_dir).eval()
@@ -153,7 +153,7 @@ def test_reward_is_read_at_the_last_real_token_with_either_padding(rigged_run, s
     from transformers import AutoTokenizer
 
     from gemma_hf import GemmaHFForSequenceClassification
-    from gemma_hf.recipes.tokenization import encode_conversation
+    from gemma_hf.tokenization import encode_conversation
 
     tok = AutoTokenizer.from_pretrained(rigged_run)
     model = GemmaHFForSequenceClassification.from_pretrained(rigged_run).eval()

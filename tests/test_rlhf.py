@@ -32,7 +32,7 @@ def policy_dir(tmp_path_factory):
     """The toy policy: ASCII-letter tokens share a direction of the (tied) embedding."""
     from gemma_hf import GemmaHFForCausalLM, preset_config
     from gemma_hf.chat import install_chat_template
-    from gemma_hf.recipes.engine import set_generation_stops
+    from gemma_hf.recipes.runtime import set_generation_stops
 
     require(llamafactory_data)
     tok = load_tokenizer(gemma_tokenizer_tiny)
@@ -83,9 +83,9 @@ def test_the_ema_anchor_is_the_closed_form_of_the_policy_trajectory(policy_dir, 
     from transformers import TrainerCallback
 
     from gemma_hf.recipes.config import load_recipe
-    from gemma_hf.recipes.engine import Run, _prepare_splits, build_model, load_tokenizer, read_mixture
+    from gemma_hf.recipes.runtime import Run, build_model, load_tokenizer, prepare_splits, read_mixture
     from gemma_hf.recipes.methods import get_method
-    from gemma_hf.recipes.rundir import RunDir
+    from gemma_hf.rundir import RunDir
 
     mu = 0.3
     argv = rl_argv(TINY_RLHF, policy_dir, tmp_path / "run", "--ema_anchor", str(mu), "--max_steps", "3",
@@ -94,7 +94,7 @@ def test_the_ema_anchor_is_the_closed_form_of_the_policy_trajectory(policy_dir, 
     method = get_method("rlhf")
     run = Run(recipe, method, RunDir(recipe.output_dir), PartialState())
     run.tokenizer = load_tokenizer(recipe)
-    train_set, eval_set = _prepare_splits(run, read_mixture(recipe, method))
+    train_set, eval_set = prepare_splits(run, read_mixture(recipe, method))
     model, _ = build_model(recipe, "causal-lm")
     method.configure_model(run, model)
     trajectory = [{k: v.detach().clone() for k, v in model.named_parameters()}]
@@ -172,7 +172,7 @@ def test_warp_killed_between_stages_resumes_without_redoing_them(policy_dir, tmp
 
     from safetensors.torch import load_file
 
-    from gemma_hf.recipes.rundir import RunDir
+    from gemma_hf.rundir import RunDir
 
     argv = ["--max_steps", "2", "--save_steps", "2", "--learning_rate", "2e-2"]
 

@@ -6,7 +6,7 @@ import pytest
 
 from gemma_hf.assets import gemma_tokenizer
 from gemma_hf.chat import encode_chat
-from gemma_hf.recipes.tokenization import encode_with_assistant_mask
+from gemma_hf.tokenization import encode_with_assistant_mask
 from tests.assets import tokenizer as load_tokenizer
 
 CONVERSATION = [
@@ -94,8 +94,8 @@ def test_prepared_dataset_labels_follow_the_mask(tok):
 
     from gemma_hf import GemmaHFForCausalLM
     from gemma_hf.recipes.config import load_recipe
-    from gemma_hf.recipes.engine import Run
-    from gemma_hf.recipes.rundir import RunDir
+    from gemma_hf.recipes.runtime import Run
+    from gemma_hf.rundir import RunDir
     from gemma_hf.recipes.sft import METHOD, _trainer_class
     from tests.tiny import tiny_config
 

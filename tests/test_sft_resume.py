@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from gemma_hf.assets import gemma_tokenizer_tiny, llamafactory_data
-from gemma_hf.recipes.rundir import RunDir, checkpoint_is_complete
+from gemma_hf.rundir import RunDir, checkpoint_is_complete
 from tests.assets import require
 from tests.clirun import cli
 

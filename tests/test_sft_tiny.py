@@ -72,7 +72,7 @@ def test_reloads_with_automodel_and_chats(tiny_run, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from gemma_hf import GemmaHFForCausalLM
-    from gemma_hf.recipes.sampling import chat_reply
+    from gemma_hf.sampling import chat_reply
 
     model = AutoModelForCausalLM.from_pretrained(tiny_run)
     assert isinstance(model, GemmaHFForCausalLM)

@@ -142,7 +142,7 @@ def make_teacher(path: Path, tokenizer_asset, family: str, seed: int) -> Path:
     real one, in tests that are not about the tokenizer) and its family's chat template."""
     from gemma_hf import GemmaHFForCausalLM, preset_config
     from gemma_hf.chat import install_chat_template
-    from gemma_hf.recipes.engine import set_generation_stops
+    from gemma_hf.recipes.runtime import set_generation_stops
 
     from tests.assets import tokenizer as load_tokenizer
 

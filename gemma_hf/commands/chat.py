@@ -46,7 +46,7 @@ def register(subparsers) -> None:
 def _load(args):
     import torch
 
-    from gemma_hf.recipes.sampling import load_chat_model
+    from gemma_hf.sampling import load_chat_model
 
     torch.manual_seed(args.seed)
     model, tokenizer, family = load_chat_model(args.model_dir, dtype=args.dtype, tokenizer_dir=args.tokenizer)
@@ -88,7 +88,7 @@ def _checked_load(args: argparse.Namespace):
 
 def generate_command(args: argparse.Namespace) -> int:
     loaded = _checked_load(args)
-    from gemma_hf.recipes.sampling import chat_reply
+    from gemma_hf.sampling import chat_reply
 
     model, tokenizer, family = loaded
     for prompt in args.prompt:
@@ -111,7 +111,7 @@ def chat_command(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     from gemma_hf.errors import InputError
-    from gemma_hf.recipes.sampling import chat_reply
+    from gemma_hf.sampling import chat_reply
 
     model, tokenizer, family = loaded
     interactive = sys.stdin.isatty()

@@ -13,6 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from gemma_hf.errors import InputError
+
 COMMON_DESCRIPTION = """\
 Any recipe key can be overridden on the command line, after the recipe:
   gemma-hf {name} --config R.yaml --learning_rate 1e-4 --max_steps 50
@@ -120,7 +122,8 @@ def _environment_error(recipe):
 
 def print_keys(method: str) -> None:
     from gemma_hf.recipes.coercion import type_name
-    from gemma_hf.recipes.schema import groups, help_text, key_index
+    from gemma_hf.recipes.methods import groups, key_index
+    from gemma_hf.recipes.schema import help_text
 
     index = key_index(method)
     titles = {"gemma": "gemma_hf recipe fields (every method)", "method": f"{method} fields",
@@ -143,8 +146,6 @@ def print_keys(method: str) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from gemma_hf.errors import InputError
-
     name = args.method
     if args.help_keys:
         print_keys(name)
@@ -154,6 +155,7 @@ def run_command(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from gemma_hf.recipes.config import load_recipe
+    from gemma_hf.recipes.engine import run_recipe
     from gemma_hf.recipes.methods import get_method
 
     recipe = load_recipe(args.config, args.overrides, method=name)
@@ -163,7 +165,7 @@ def run_command(args: argparse.Namespace) -> int:
     if main:
         for note in recipe.notes:
             print(f"note: {note}", file=sys.stderr)
-    result = get_method(name).run(recipe, resume=args.resume)
+    result = run_recipe(recipe, resume=args.resume)
     if main:
         print(f"\nrun finished: {result.output_dir} ({result.global_step} steps, {result.wall_time_s:.0f}s)")
         for line in get_method(name).summary(result.results):
@@ -172,7 +174,6 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def distill_cache_command(args: argparse.Namespace) -> int:
-    from gemma_hf.errors import InputError
     from gemma_hf.recipes.config import load_recipe
     from gemma_hf.recipes.distill import write_cache
 
@@ -203,9 +204,33 @@ def _is_pipeline_file(path: str) -> bool:
     return re.search(r"^stages:", head, re.MULTILINE) is not None
 
 
+def _is_accelerate_config(path: str) -> bool:
+    """An accelerate config file (`accelerate config` writes `compute_environment:` at the top level)."""
+    import re
+
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 20).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    return re.search(r"^compute_environment:", head, re.MULTILINE) is not None
+
+
 def validate_command(args: argparse.Namespace) -> int:
     from gemma_hf.recipes.config import load_recipe
 
+    if args.method is None and _is_accelerate_config(args.recipe):
+        from gemma_hf.recipes.distributed import check_accelerate_config
+
+        problems = check_accelerate_config(args.recipe)
+        if problems:
+            raise InputError(f"{args.recipe} is not a valid accelerate config for gemma_hf "
+                             f"({len(problems)} problem{'s' if len(problems) != 1 else ''}):\n"
+                             + "\n".join(f"  - {p}" for p in problems))
+        if not args.quiet:
+            print(f"ok: {args.recipe} is a valid accelerate config for gemma_hf "
+                  f"(use it with `accelerate launch --config_file {args.recipe} -m gemma_hf.cli ...`)")
+        return 0
     if args.method is None and _is_pipeline_file(args.recipe):
         from gemma_hf.recipes.pipeline import check_pipeline, read_pipeline
 

@@ -168,7 +168,7 @@ def check_paths(src: Path, dst: Path) -> None:
 
 def check_complete_weights(src: Path) -> None:
     """Every safetensors file of a checkpoint directory is whole (not cut by a kill or a full disk)."""
-    from ..recipes.rundir import safetensors_complete, weight_files
+    from ..rundir import safetensors_complete, weight_files
 
     files = [f for f in weight_files(src) if f.endswith(".safetensors")]
     broken = [f for f in files if not (src / f).is_file() or not safetensors_complete(src / f)]

@@ -78,7 +78,7 @@ class Contestant:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, name: str | None = None, dtype: str = "float32",
                         device=None, tokenizer_dir: str | Path | None = None) -> Contestant:
-        from gemma_hf.recipes.sampling import load_chat_model
+        from gemma_hf.sampling import load_chat_model
 
         model, tokenizer, family = load_chat_model(model_dir, dtype=dtype, tokenizer_dir=tokenizer_dir)
         if device is not None:

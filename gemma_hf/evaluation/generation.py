@@ -1,6 +1,6 @@
 """Answers to held-out prompts, batched: greedy by default, stopping at <end_of_turn> / <eos>.
 
-Each prompt is formatted exactly as :func:`gemma_hf.recipes.sampling.chat_reply` formats it
+Each prompt is formatted exactly as :func:`gemma_hf.sampling.chat_reply` formats it
 (:func:`gemma_hf.chat.encode_chat` with the generation prompt: one ``<bos>``, checked), and answers
 end at the same stop tokens (:func:`gemma_hf.chat.stop_token_ids`). Batches are padded on the
 *left*, with an attention mask, so every row's new tokens start at the same column; transformers'

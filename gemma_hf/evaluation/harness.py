@@ -3,7 +3,7 @@
 ``lm_eval`` is not a dependency of gemma_hf: it is imported only when :func:`run_lm_eval` runs,
 and a missing package raises :class:`LMEvalUnavailable` naming ``pip install lm-eval``.
 
-The model is loaded by gemma_hf (:func:`gemma_hf.recipes.sampling.load_chat_model`: a whole Gemma
+The model is loaded by gemma_hf (:func:`gemma_hf.sampling.load_chat_model`: a whole Gemma
 causal-LM directory, safetensors checked) and handed to lm_eval's ``HFLM`` as a model object, so
 lm_eval never has to resolve our ``gemma_hf`` model type itself. Gemma needs exactly one ``<bos>``:
 without a chat template the harness's own tokenization adds it (``add_bos_token=True``); with
@@ -69,7 +69,7 @@ def run_lm_eval(
         raise ValueError("run_lm_eval needs at least one task name")
     lm_eval, HFLM = _import_lm_eval()
 
-    from gemma_hf.recipes.sampling import load_chat_model
+    from gemma_hf.sampling import load_chat_model
 
     model, tokenizer, _family = load_chat_model(model_dir, dtype=dtype, tokenizer_dir=tokenizer_dir)
     if device is not None:

@@ -219,7 +219,7 @@ class LMJudge:
     def from_pretrained(cls, model_dir: str | Path, dtype: str = "float32", tokenizer_dir: str | Path | None = None,
                         device=None, **kwargs) -> LMJudge:
         """A judge from a Gemma causal-LM directory (a run directory, the 270M asset, ...)."""
-        from gemma_hf.recipes.sampling import load_chat_model
+        from gemma_hf.sampling import load_chat_model
 
         model, tokenizer, family = load_chat_model(model_dir, dtype=dtype, tokenizer_dir=tokenizer_dir)
         if device is not None:

@@ -3,7 +3,7 @@
 Held-out loss
     The token-weighted mean negative log-likelihood of the model-turn tokens of held-out
     conversations (prompt + reference answer): the tokens the SFT loss trains, chosen by
-    :func:`gemma_hf.recipes.tokenization.encode_with_assistant_mask` (each model turn's text, its
+    :func:`gemma_hf.tokenization.encode_with_assistant_mask` (each model turn's text, its
     ``<end_of_turn>``, and for Gemma 2/3 the final ``<eos>``). Token-weighted: the sum of the NLL of
     every such token over all conversations, divided by their number (a long answer weighs more than
     a short one, as in training). Perplexity = exp(loss). Batches are padded on the right (exact for
@@ -55,7 +55,7 @@ def heldout_loss(model, tokenizer, conversations: Sequence, family: str, batch_s
 
     import torch
 
-    from gemma_hf.recipes.tokenization import encode_with_assistant_mask
+    from gemma_hf.tokenization import encode_with_assistant_mask
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -204,7 +204,7 @@ def _ended(answer) -> bool | None:
         return None
     ended = getattr(answer, "ended_turn", None)
     if ended is None and getattr(answer, "stop", None) is not None:
-        ended = answer.stop != "length"  # gemma_hf.recipes.sampling.Reply
+        ended = answer.stop != "length"  # gemma_hf.sampling.Reply
     return ended
 
 

@@ -24,10 +24,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from gemma_hf.chat import BOS, END_OF_TURN, EOS, START_OF_TURN
+from gemma_hf.chat import CONTROL_TOKENS, MODEL_ROLES
 
-MODEL_ROLES = ("assistant", "model")
-CONTROL_TOKENS = (BOS, EOS, START_OF_TURN, END_OF_TURN)
 
 Messages = list[dict]
 

@@ -5,7 +5,7 @@ conversation: prompt + answer), so tests and other reward sources plug in.
 :class:`RewardModelScorer` is the one for a Bradley-Terry reward model trained by ``gemma-hf
 reward`` (a GemmaHFForSequenceClassification with one output): each conversation is rendered in
 the reward model's family chat format exactly as in reward training (the answer a completed final
-model turn, one ``<bos>``; :func:`gemma_hf.recipes.tokenization.encode_conversation`'s format) and
+model turn, one ``<bos>``; :func:`gemma_hf.tokenization.encode_conversation`'s format) and
 its reward is ``logits[i, 0]``, read at the last token. Batches are padded on the right with an
 attention mask (the head reads each row's last real token), so a batched reward equals the reward
 of the conversation alone.
@@ -51,7 +51,7 @@ class RewardModelScorer:
         from transformers import AutoTokenizer
 
         from gemma_hf import GemmaHFForSequenceClassification
-        from gemma_hf.recipes.sampling import model_family
+        from gemma_hf.sampling import model_family
 
         family = model_family(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or model_dir))

@@ -1,4 +1,4 @@
-"""Model cards rendered from a run directory (read through gemma_hf.recipes.rundir.RunDir, the
+"""Model cards rendered from a run directory (read through gemma_hf.rundir.RunDir, the
 same object that writes it).
 
 :func:`render_card` / :func:`write_card` build the card from ``model_cards/gemma_hf_card.md`` (a
@@ -20,7 +20,8 @@ from urllib.parse import quote
 import yaml
 
 from gemma_hf.model.configuration import GEMMA_FAMILIES
-from gemma_hf.recipes.rundir import RunDir, RunDirError
+from gemma_hf.references import hub_id_of, identity, is_hub_id
+from gemma_hf.rundir import RunDir, RunDirError
 
 from .checks import PIPELINE_TAGS, CardError, validate_card
 
@@ -40,19 +41,6 @@ def card_template() -> Path:
 
 
 CARD_TEMPLATE = card_template()
-_METHOD_NAMES = {
-    "sft": "supervised fine-tuning (SFT)",
-    "distill": "knowledge distillation",
-    "distillation": "knowledge distillation",
-    "gkd": "on-policy distillation (GKD)",
-    "reward": "reward modelling (Bradley-Terry)",
-    "rlhf": "reinforcement learning from human feedback",
-    "rloo": "RLHF with RLOO",
-    "grpo": "RLHF with GRPO",
-    "dpo": "direct preference optimisation (DPO)",
-    "warp": "WARP (weight-averaged rewarded policies)",
-    "pipeline": "a multi-stage pipeline",
-}
 
 # Recipe keys shown in the hyperparameter table (matched on the last component of a nested key);
 # the full recipe is always on the card as well.
@@ -63,7 +51,7 @@ HYPERPARAMETER_KEYS = (
     "bf16", "fp16", "gradient_checkpointing", "max_length", "max_seq_length", "max_prompt_length",
     "max_completion_length", "packing", "completion_only_loss", "assistant_only_loss", "beta", "loss_type",
     "temperature", "alpha", "lmbda", "num_generations", "center_rewards_coefficient", "use_peft", "lora_r",
-    "lora_alpha", "lora_dropout", "lora_target_modules", "ema_decay", "ema_update_rate", "slerp_t", "liti_eta",
+    "lora_alpha", "lora_dropout", "lora_target_modules", "ema_anchor", "warp_runs", "warp_iterations", "warp_eta",
 )
 
 _RUN_REQUIRED = ("method", "base_model", "family", "datasets")
@@ -74,7 +62,9 @@ _DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow", ".tsv
 
 
 @dataclass
-class Run:
+class CardInputs:
+    """Everything a card is rendered from, read from a finished run directory through RunDir."""
+
     path: Path
     recipe_text: str
     recipe: dict
@@ -91,7 +81,7 @@ class Run:
         return "sequence-classification" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal-lm"
 
 
-def _weight_files(run_dir: Path) -> list[str]:
+def published_weight_files(run_dir: Path) -> list[str]:
     try:
         names = RunDir(run_dir).weight_files()
     except RunDirError as err:
@@ -109,7 +99,7 @@ def _weight_files(run_dir: Path) -> list[str]:
     return names
 
 
-def _refuse_adapter_only(run_dir: Path) -> None:
+def refuse_adapter_only(run_dir: Path) -> None:
     if (run_dir / "adapter_config.json").is_file() and not (run_dir / "config.json").is_file():
         raise CardError(
             f"{run_dir} holds a LoRA adapter only (adapter_config.json, no config.json). Cards and pushes of "
@@ -122,7 +112,7 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def read_run(run_dir: str | os.PathLike) -> Run:
+def read_run(run_dir: str | os.PathLike) -> CardInputs:
     """Read and check everything the card needs from a run directory (CardError names what is wrong)."""
     rundir = RunDir(run_dir)
     path = rundir.path
@@ -144,14 +134,14 @@ def read_run(run_dir: str | os.PathLike) -> Run:
             raise CardError(f"{rundir.run_json} lacks {missing}.")
         if not isinstance(run["datasets"], list):
             raise CardError(f"{rundir.run_json}: 'datasets' must be a list.")
-        _refuse_adapter_only(path)
+        refuse_adapter_only(path)
         config = rundir.read_json(path / "config.json", "the model config")
-        weights = _weight_files(path)
+        weights = published_weight_files(path)
         evaluation = rundir.read_eval()
         metrics = rundir.read_metrics()
     except RunDirError as err:
         raise CardError(str(err)) from None
-    return Run(path, recipe_text, recipe, run, config, metrics, evaluation, rundir.plot_files(), weights)
+    return CardInputs(path, recipe_text, recipe, run, config, metrics, evaluation, rundir.plot_files(), weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +183,7 @@ def match_preset(config):
     return None
 
 
-def _count_parameters(run: Run) -> tuple[int, int, str]:
+def _count_parameters(run: CardInputs) -> tuple[int, int, str]:
     """(total, embedding, dtype) from the safetensors headers (tied copies are stored once)."""
     from safetensors import safe_open
 
@@ -253,17 +243,10 @@ def _fenced(text: str, language: str) -> str:
 
 
 def _looks_like_hub_id(name, *, dataset: bool = False) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if not isinstance(name, str) or name.count("/") != 1 or Path(name).expanduser().exists():
+    """``org/name`` of a Hub repository (references.is_hub_id), not a data file's name."""
+    if not isinstance(name, str) or name.count("/") != 1 or (dataset and name.lower().endswith(_DATA_SUFFIXES)):
         return False
-    if dataset and name.lower().endswith(_DATA_SUFFIXES):
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
+    return is_hub_id(name)
 
 
 def _link(name: str, *, dataset: bool = False) -> str:
@@ -295,7 +278,7 @@ def _flatten(mapping: dict, prefix: str = "") -> dict:
 # Card sections
 
 
-def _architecture_section(run: Run, config) -> tuple[str, str, int, str]:
+def _architecture_section(run: CardInputs, config) -> tuple[str, str, int, str]:
     total, embedding, dtype = _count_parameters(run)
     n_global = sum(t == "full_attention" for t in config.layer_types)
     n_local = len(config.layer_types) - n_global
@@ -504,13 +487,11 @@ print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_to
 # Rendering
 
 
-def card_data(run: Run, title: str | None = None):
+def card_data(run: CardInputs, title: str | None = None):
     """The card's Hub metadata (YAML front matter) as a huggingface_hub ModelCardData: license,
     tags, the base model and datasets where a Hub repository is known (assets name the one they
     reproduce), and ``model-index`` with the held-out results of eval.json."""
     from huggingface_hub import ModelCardData
-
-    from gemma_hf.references import hub_id_of
 
     base = run.run.get("base_model")
     base_id = hub_id_of(base) if isinstance(base, str) else None
@@ -535,15 +516,13 @@ def card_data(run: Run, title: str | None = None):
     return ModelCardData(**kwargs)
 
 
-def _eval_results(run: Run, datasets: list) -> list:
+def _eval_results(run: CardInputs, datasets: list) -> list:
     """model-index entries: eval.json's numbers measured after training (names without the _before
     ones, which describe the starting point), on the run's held-out split."""
     from huggingface_hub import EvalResult
 
     evaluation = run.evaluation or {}
     task = PIPELINE_TAGS[run.head]
-    from gemma_hf.references import identity
-
     names = dict.fromkeys(identity(d) if isinstance(d, str) else str(d) for d in datasets)
     held_out = "held-out split of " + ", ".join(names) if datasets else "held-out"
     out = []
@@ -581,7 +560,7 @@ def render_card(
     method = str(run.run["method"])
     base = str(run.run["base_model"])
     title = repo_id.split("/")[-1] if repo_id else (name or run.path.resolve().name)
-    method_name = _METHOD_NAMES.get(method, method)
+    method_name = str(run.run.get("title") or method)  # run.json's title: the method's own (Method.title)
     summary = (
         f"**{_cell(title)}** is `{_cell(base)}` ({_family_name(family)}) after {method_name}, "
         f"trained with gemma_hf {_cell(run.run.get('gemma_hf_version') or '?')} on "
@@ -619,6 +598,48 @@ def render_card(
     return text
 
 
+def _method_of(run_dir) -> str | None:
+    try:
+        return RunDir(run_dir).read_run().get("method")
+    except RunDirError:
+        return None
+
+
+def render_evaluation_card(run_dir: str | os.PathLike, *, name: str | None = None) -> str:
+    """README.md of an evaluation directory (`gemma-hf eval`): what was compared, on which prompts, the
+    results table (evaluation.md) and the recipe. It holds no model, so it has no Hub metadata."""
+    from gemma_hf import __version__
+
+    rundir = RunDir(run_dir)
+    try:
+        run = rundir.read_run()
+        table = (rundir / "evaluation.md").read_text(encoding="utf-8")
+        recipe_text = rundir.recipe.read_text(encoding="utf-8")
+    except (OSError, RunDirError) as err:
+        raise CardError(f"{rundir.path} is not a complete evaluation directory: {err}") from None
+    title = name or rundir.path.resolve().name
+    model, baseline = run.get("model"), run.get("baseline")
+    datasets = run.get("datasets") or []
+    against = f" against {_link(baseline)}" if baseline else ""
+    lines = [
+        "---", "tags:", "- gemma_hf", "- evaluation", "---", "",
+        f"# Evaluation: {_cell(title)}", "",
+        f"{_link(model)}{against} on {run.get('num_prompts', '?')} held-out prompts, evaluated with gemma_hf "
+        f"{_cell(run.get('gemma_hf_version') or __version__)}. The numbers below were read from eval.json in this "
+        "directory.", "",
+        "## Results", "", table.rstrip(), "",
+        "## What was evaluated", "",
+        _table(["", ""], [["model", _link(model)], ["baseline", _link(baseline) if baseline else "–"],
+                          ["reward model", _link(run["reward_model"]) if run.get("reward_model") else "–"],
+                          ["judge", _link(run["judge"]) if run.get("judge") else "–"],
+                          ["prompts", run.get("num_prompts")], ["started", run.get("started") or "–"],
+                          ["wall time", _duration(run.get("wall_time_s"))]]), "",
+        _datasets_table(datasets), "",
+        "## Recipe", "", _fenced(recipe_text, "yaml"), "",
+    ]
+    return "\n".join(lines)
+
+
 def write_card(
     run_dir: str | os.PathLike,
     *,
@@ -627,8 +648,12 @@ def write_card(
     name: str | None = None,
 ) -> Path:
     """Render the card and write RUN_DIR/README.md atomically (temporary file, then rename).
-    ``name``: the run's name when RUN_DIR is not its final place (the publish's staging directory)."""
-    text = render_card(run_dir, repo_id=repo_id, template=template, name=name)
+    ``name``: the run's name when RUN_DIR is not its final place (the publish's staging directory).
+    An evaluation directory (run.json's method "eval") gets its evaluation card."""
+    if _method_of(run_dir) == "eval":
+        text = render_evaluation_card(run_dir, name=name)
+    else:
+        text = render_card(run_dir, repo_id=repo_id, template=template, name=name)
     final = Path(run_dir) / "README.md"
     fd, tmp = tempfile.mkstemp(prefix=".README.md.tmp-", dir=final.parent)
     try:

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cards import _refuse_adapter_only, _weight_files, write_card
+from .cards import published_weight_files, refuse_adapter_only, write_card
 from .checks import CardError, validate_card
 
 
@@ -98,14 +98,14 @@ def upload_plan(run_dir: str | os.PathLike) -> UploadPlan:
         raise CardError(f"{root} is a symbolic link; push the run directory itself.")
     if not (root / "README.md").is_file():
         raise CardError(f"{root} has no README.md; render it first (gemma-hf card {root}).")
-    _refuse_adapter_only(root)
+    refuse_adapter_only(root)
     for required in ("config.json", "recipe.yaml"):
         if not (root / required).is_file():
             raise CardError(f"{root} has no {required}; it is not a complete run directory.")
     if not any((root / name).is_file() for name in _TOKENIZER_REQUIRED_ANY):
         raise CardError(f"{root} has no tokenizer (tokenizer.json or tokenizer.model); a model without its tokenizer cannot be used.")
     candidates = [name for name in _TOP_LEVEL_FILES if (root / name).is_file()]
-    candidates += _weight_files(root)
+    candidates += published_weight_files(root)
     candidates += sorted(p.name for p in root.glob("*.py") if p.is_file() and not p.name.startswith("."))
     links = [f"{name} -> {(root / name).resolve()}" for name in candidates if _is_link(root, name)]
     if links:  # the model, tokenizer and run record must be the run's own files

@@ -26,7 +26,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..model.configuration import STOCK_MODEL_TYPES, GemmaHFConfig
 from ..model.safety import PICKLE_SUFFIXES
-from ..recipes.rundir import RunDir
+from ..rundir import RunDir
 from .safetensors_stream import FLOAT_DTYPES, SafetensorsFormatError, TensorInfo, read_header
 
 __all__ = [

@@ -1,15 +1,18 @@
 """The recipe engine behind ``gemma-hf <method> --config R.yaml`` (see docs/architecture.md).
 
-- :mod:`.methods`: the method table (sft.py, reward.py, ...: one short file per method);
-- :mod:`.schema`, :mod:`.coercion`, :mod:`.config`: which keys a recipe holds, their types, loading
-  (YAML + command-line overrides) -> :class:`Recipe`;
-- :mod:`.validation`: the checks that need files, datasets and the model's config (no weights);
+- :mod:`.schema`, :mod:`.coercion`: the recipe dataclasses, :class:`Recipe`, value types;
+- :mod:`.methods`: the method table and its key index (sft.py, reward.py, ...: one short file per method);
+- :mod:`.config`: loading (YAML + command-line overrides) -> :class:`Recipe`, then
+  :mod:`.validation`: the checks that need files, datasets and the model's config (no weights);
 - :mod:`.sources`, :mod:`.formats`, :mod:`.data`: dataset sources, record formats -> canonical
   records of the method's data format, the mixture;
-- :mod:`.tokenization`: conversations -> input_ids (+ the assistant-only loss mask);
-- :mod:`.engine`: the run every method shares; :mod:`.rundir`: the run directory (read and written);
-- :mod:`.sampling`: chat answers (before/after samples, ``gemma-hf chat``/``generate``);
-- :mod:`.problems`: Problem / RecipeError; :mod:`.distributed`: checks of accelerate config files.
+- :mod:`.runtime`: the Run context and the building blocks the methods share (tokenizer, model, LoRA);
+- :mod:`.engine`: opening a run and the training run; :mod:`.publish`: the one publish protocol;
+- :mod:`.pipeline`: stages of method recipes in one pipeline directory;
+- :mod:`.problems`: Problem / RecipeError; :mod:`.distributed`: work on the main process only.
+
+Below this package: gemma_hf.rundir (the run directory), gemma_hf.tokenization, gemma_hf.sampling,
+gemma_hf.faults; nothing there imports recipes/.
 
 Importing this package is cheap; torch/transformers/TRL load when a recipe is loaded or run.
 """
@@ -25,9 +28,9 @@ def load_recipe(*args, **kwargs):
 
 def run_recipe(recipe, resume: bool = False):
     """Run a checked recipe with its method (gemma-hf <method> --config R.yaml)."""
-    from .methods import get_method
+    from .engine import run_recipe as _run
 
-    return get_method(recipe.method).run(recipe, resume=resume)
+    return _run(recipe, resume=resume)
 
 
 __all__ = ["Problem", "RecipeError", "load_recipe", "run_recipe"]

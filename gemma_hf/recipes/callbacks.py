@@ -28,8 +28,9 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from gemma_hf.errors import GemmaHFError
+from gemma_hf.faults import fault_point
 
-from .rundir import read_metrics, write_metrics
+from gemma_hf.rundir import read_metrics, write_metrics
 
 SUMMARY_KEYS = ("train_runtime", "train_loss")
 
@@ -139,8 +140,6 @@ class SavedFaultPoint(TrainerCallback):
     checkpoint N is complete (transformers calls on_save once the checkpoint is written)."""
 
     def on_save(self, args, state, control, **kwargs):
-        from .engine import fault_point
-
         fault_point(f"saved:checkpoint-{state.global_step}")
         return control
 

@@ -28,7 +28,6 @@ import enum
 import math
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,90 +36,15 @@ import yaml
 from gemma_hf.errors import did_you_mean, suggestion
 
 from .coercion import Mismatch, annotation, arms, coerce, describe, show, type_name
+from .methods import get_method, groups, key_index, method_names, refused_keys
 from .problems import COMMAND_LINE, Problem, RecipeError
-from .schema import DataArguments, DatasetSpec, GemmaArguments, KeyInfo, RENAMED_KEYS, groups, key_index, refused_keys
+from .schema import RENAMED_KEYS, DatasetSpec, KeyInfo, Recipe
+from .validation import check_recipe
 
 # A recipe is a few dozen keys; a document that expands (through YAML aliases) to more values than
 # this is refused before anything walks it (an alias bomb would take minutes and gigabytes).
 MAX_YAML_VALUES = 100_000
 MAX_RECIPE_BYTES = 1_000_000
-
-
-@dataclass
-class Recipe:
-    """A checked recipe: the dataclasses plus what validation resolved."""
-
-    source: Path | None
-    method: str
-    values: dict[str, Any]  # every key set by the file or the command line, typed, in order
-    origins: dict[str, str]
-    env: dict[str, str]
-    gemma: GemmaArguments
-    method_args: Any  # the method's own dataclass (e.g. SFTArguments), or None
-    data: DataArguments
-    model: Any  # trl.ModelConfig
-    training: Any  # the method's TRL config (its output_dir is output_dir/checkpoints)
-    output_dir: Path
-    # Resolved by validation:
-    family: str = "gemma2"
-    model_path: str | None = None  # local directory or Hub id; None for preset random init
-    model_kind: str | None = None  # the reference kind: asset, run, local or hub
-    tokenizer_path: str | None = None
-    architecture: Any = None  # GemmaHFConfig when known (from the checkpoint or the preset)
-    data_parts: dict = field(default_factory=dict)  # dataset index -> data.ReadDataset, every record checked
-    notes: list[str] = field(default_factory=list)
-    environment_problems: list[Problem] = field(default_factory=list)
-
-    def origin(self, key: str) -> str:
-        return self.origins.get(key.split("[")[0].split(".")[0], str(self.source or "<recipe>"))
-
-    def to_yaml(self) -> str:
-        """The resolved recipe (file + command-line overrides) as YAML, loadable by load_recipe."""
-        header = f"# Resolved {self.method} recipe"
-        if self.source is not None:
-            header += f" (from {self.source.name})"  # the file name only: a run directory is shared
-        overridden = [k for k, o in self.origins.items() if o == COMMAND_LINE]
-        if overridden:
-            header += f"\n# overridden on the command line: {', '.join(overridden)}"
-        body: dict[str, Any] = {}
-        if self.env:
-            body["env"] = dict(self.env)
-        for key, value in self.values.items():
-            body[key] = shareable(key, _plain(value))
-        return header + "\n" + yaml.safe_dump(body, sort_keys=False, allow_unicode=True, width=100)
-
-
-# Recipe keys whose values are paths or model references (recorded by identity: see shareable()).
-PATH_KEYS = ("output_dir", "model_name_or_path", "tokenizer_name_or_path", "teacher_name_or_path", "cache_dir",
-             "baseline_name_or_path", "reward_name_or_path", "judge_name_or_path", "judge_template", "deepspeed",
-             "path", "model", "teacher", "from", "cache", "base_model")
-
-
-def shareable(key: str, value: Any) -> Any:
-    """``value`` of recipe key ``key`` as a run directory records it: references by identity
-    (gemma_hf.references.identity), never a local absolute path, in nested lists and mappings too."""
-    from gemma_hf.references import identity
-
-    if isinstance(value, dict):
-        return {k: shareable(k, v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [shareable(key, v) for v in value]
-    if key in PATH_KEYS and isinstance(value, str):
-        return identity(value)
-    return value
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
-                if getattr(value, f.name) != f.default}
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,8 +230,6 @@ def _unknown_key_problem(key: str, origin: str, method: str) -> Problem:
 
 
 def _method_with_key(key: str, method: str) -> str | None:
-    from .methods import method_names
-
     for other in method_names():
         if other != method and key in key_index(other) and key_index(other)[key].group in ("method", "training"):
             return other
@@ -405,8 +327,6 @@ def load_recipe(
     ``path``: the YAML file (or None with ``values``, a dict of keys, for programmatic use).
     ``overrides``: command-line tokens, ``["--learning_rate", "1e-4", ...]``.
     """
-    from .methods import get_method
-
     spec = get_method(method)
     source = Path(path) if path is not None else None
     raw: dict[str, Any] = {}
@@ -460,7 +380,7 @@ def load_recipe(
     if spec.trains:  # the Trainer's own output_dir holds the checkpoints; the run directory is ours
         group_values["training"]["output_dir"] = str(output_dir / "checkpoints")
     for claimed in spec.claimed_keys & config_fields:
-        group_values["training"].setdefault(claimed, _claimed_default(claimed))
+        group_values["training"].setdefault(claimed, False)  # TRL's own version of a key we own stays off
     if ("use_cpu" in config_fields and "use_cpu" not in typed and int(os.environ.get("WORLD_SIZE", "1")) > 1
             and not _cuda_available()):
         # A multi-process launch (accelerate launch / torchrun) on a machine without CUDA: accelerate
@@ -507,16 +427,8 @@ def load_recipe(
     )
     # Phase 3: semantic checks (files, every dataset record, conflicts, the machine, the method's own).
     recipe.environment_problems.extend(machine_problems)
-    from .validation import check_recipe
-
     check_recipe(recipe, file_label, check_environment=check_environment)
     return recipe
-
-
-def _claimed_default(key: str) -> Any:
-    # TRL fields we own under the same name (e.g. SFTConfig.assistant_only_loss) must stay off in
-    # TRL's config: our own code does what they would do.
-    return False
 
 
 def _cuda_available() -> bool:

@@ -17,7 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .formats import CONTROL_TOKENS, RecordError, canonical, describe_formats, detect_format, required_columns
+from gemma_hf.chat import CONTROL_TOKENS
+
+from .formats import RecordError, canonical, describe_formats, detect_format, required_columns
 from .schema import DataArguments, DatasetSpec
 from .sources import Source, SourceError, columns_of, iter_records, resolve_source
 

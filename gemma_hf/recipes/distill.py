@@ -26,8 +26,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from gemma_hf.faults import fault_point
+from gemma_hf.references import BadReference, identity, resolve
+from gemma_hf.rundir import RunDir
+
 from .methods import Method
+from .problems import Problem, RecipeError
+from .runtime import Run, load_model, load_tokenizer, prepare_splits, read_mixture, seed_everything
 from .schema import SampleArguments
+from .validation import cached_tokenizer
 
 MODES = ("on_policy", "offline")
 CACHE_MODES = ("sampled", "topk")
@@ -97,6 +104,7 @@ class DistillArguments(SampleArguments):
 
 class Distill(Method):
     name = "distill"
+    title = "knowledge distillation"
     help = "distillation from a teacher: on-policy (GKD) or offline from sampled teacher probabilities"
     about = ("Knowledge distillation of a Gemma student from a Gemma teacher: on-policy GKD (generalised JSD on "
              "student-, teacher- or data-generated completions, mixed by lmbda) or offline from the teacher's sampled "
@@ -143,8 +151,6 @@ class Distill(Method):
         if args.teacher_name_or_path is None:
             c.error("teacher_name_or_path", "missing: distillation needs a teacher",
                     "set teacher_name_or_path (a checkpoint or run directory, asset:gemma3-270m, a Hub id)")
-        elif args.student_init is None and recipe.model.model_name_or_path is None and recipe.gemma.preset is None:
-            pass  # reported by the model check
         teacher = _teacher_config(c)
         if teacher is not None and recipe.architecture is not None:
             if teacher.vocab_size != recipe.architecture.vocab_size:
@@ -174,8 +180,6 @@ class Distill(Method):
             return None
         from gemma_hf.distillation.student import student_from_teacher
 
-        from .engine import seed_everything
-
         seed_everything(run.recipe)
         teacher = self.teacher(run)
         student = student_from_teacher(teacher, **_layers(args.student_init, teacher.config.num_hidden_layers))
@@ -196,11 +200,7 @@ class Distill(Method):
     def teacher(self, run):
         """The frozen teacher (loaded once per run), in eval mode."""
         if "_teacher" not in run.info:
-            from .engine import load_model
-
             args, m = run.recipe.method_args, run.recipe.model
-            from gemma_hf.references import resolve
-
             path = resolve(args.teacher_name_or_path, "teacher").location
             teacher, _ = load_model(path, "causal-lm", dtype=args.teacher_dtype or m.dtype,
                                     attn_implementation=m.attn_implementation)
@@ -278,8 +278,6 @@ def _check_cache(c) -> None:
                       f"write it: gemma-hf distill-cache --config {c.file_label}")
         return
     from gemma_hf.distillation.cache import CacheError, CacheMismatchError, check_compatible, read_manifest
-    from gemma_hf.references import BadReference, resolve
-
     try:
         manifest = read_manifest(directory)
         teacher = resolve(args.teacher_name_or_path, "teacher").path if args.teacher_name_or_path else None
@@ -328,8 +326,6 @@ def _teacher_config(c):
         return None
     import json
 
-    from gemma_hf.references import BadReference, resolve
-
     try:
         ref = resolve(text, "teacher")
     except BadReference as err:
@@ -353,18 +349,14 @@ def _check_teacher_tokenizer(c) -> None:
     text = c.recipe.method_args.teacher_name_or_path
     if text is None or c.tokenizer is None:
         return
-    from gemma_hf.references import BadReference, resolve
-
     try:
         ref = resolve(text, "teacher")
     except BadReference:
         return
     if not ref.is_local or not any((ref.path / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
         return
-    from .validation import _load_tokenizer
-
     try:
-        teacher_tokenizer = _load_tokenizer(str(ref.path))
+        teacher_tokenizer = cached_tokenizer(str(ref.path))
     except Exception as err:  # noqa: BLE001 - any failure is a problem of the teacher directory
         c.error("teacher_name_or_path", f"cannot load the teacher's tokenizer in {ref.path}: {err}",
                 "point it at a checkpoint with its tokenizer")
@@ -384,8 +376,6 @@ def check_cache_dataset(run, train_set) -> None:
     """The cache must cover exactly this run's training examples (same tokens, same order)."""
     from gemma_hf.distillation.cache import CacheMismatchError, check_compatible, dataset_fingerprint
 
-    from .problems import Problem, RecipeError
-
     tokens = (list(r["prompt_ids"]) + list(r["completion_ids"]) for r in train_set)
     try:
         check_compatible(run.recipe.method_args.cache_dir, dataset=dataset_fingerprint(tokens))
@@ -402,21 +392,13 @@ def write_cache(recipe) -> dict:
     from accelerate import PartialState
 
     from gemma_hf.distillation.cache import build_cache
-    from gemma_hf.references import identity
-
-    from .engine import Run, _prepare_splits, read_mixture
-    from .rundir import RunDir
 
     args = recipe.method_args
     run = Run(recipe, METHOD, RunDir(recipe.output_dir), PartialState())
-    from .engine import load_tokenizer
-
     run.tokenizer = load_tokenizer(recipe)
-    train_set, _ = _prepare_splits(run, read_mixture(recipe, METHOD))
+    train_set, _ = prepare_splits(run, read_mixture(recipe, METHOD))
     teacher = METHOD.teacher(run).to(run.state.device)
     started = time.time()
-
-    from .engine import fault_point
 
     def progress(index, entry, skipped):
         print(f"shard {index}: {'complete, skipped' if skipped else 'written'} ({entry.get('num_examples')} examples, "

@@ -7,19 +7,25 @@ Table 5), plus lm-evaluation-harness tasks when ``lm_eval`` is installed.
 The held-out prompts are the recipe's datasets (prompt records; a final model turn or an
 ``output``/``completion`` column is the reference answer) -- with ``test_split_size`` and the seed
 of a training recipe, exactly that recipe's held-out split. The output directory gets eval.json
-(flat numbers + per-prompt samples), evaluation.md (the tables), run.json and recipe.yaml; it is
-written atomically and never overwritten.
+(flat numbers + per-prompt samples), evaluation.md (the tables), run.json, recipe.yaml and a card
+(README.md); it is opened and published like every run (engine.open_run, publish.py): atomically,
+with the same fault points, and never overwritten.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gemma_hf.references import BadReference, identity, resolve
+from gemma_hf.rundir import write_json, write_text
+
+from .distributed import on_main_process
 from .methods import Method
+from .publish import finish, open_staging, record
+from .runtime import Run, RunResult, prepare_splits, read_mixture
 
 
 @dataclass
@@ -52,6 +58,7 @@ class EvalArguments:
 
 class Evaluate(Method):
     name = "eval"
+    title = "evaluation"
     help = "evaluate a model against a baseline: held-out loss, chat health, reward win rate, LM-judge side-by-side"
     about = ("Evaluation of a model against a baseline on held-out prompts: held-out loss, chat-format health, "
              "reward-model win rate and an LM judge's side-by-side win rate with 95% bootstrap intervals.")
@@ -62,8 +69,6 @@ class Evaluate(Method):
     trains = False
 
     def check(self, c) -> None:
-        from gemma_hf.references import BadReference, resolve
-
         args = c.recipe.method_args
         seed = c.recipe.training.seed
         c.in_range("seed", seed, isinstance(seed, int) and 0 <= seed < 2**32, "an integer in [0, 2**32)")
@@ -102,45 +107,23 @@ class Evaluate(Method):
             if importlib.util.find_spec("lm_eval") is None:
                 c.environment("lm_eval_tasks", "lm-evaluation-harness is not installed", "pip install lm-eval")
 
-    def run(self, recipe, resume: bool = False):
-        from accelerate import PartialState
+    # -- the run: evaluated in the run directory the engine opened (lock, recovery, claim) ----------
+    orchestrates = True
 
-        from gemma_hf.io import exclusive_lock
-
-        from .distributed import on_main_process
-        from .engine import RunResult, claim_output_dir
-        from .rundir import RunDir
-
-        rundir = RunDir(recipe.output_dir.resolve())
-        recipe.output_dir = rundir.path
-
-        def evaluate_once():
-            with exclusive_lock(rundir.path, "output_dir"):
-                if claim_output_dir(recipe, rundir, resume) == "finished":
-                    return RunResult(rundir.path, recipe.method, rundir.read_eval() or {}, 0.0, 0)
-                return self._evaluate(recipe, rundir)
-
+    def orchestrate(self, run: Run) -> RunResult:
         # Under `accelerate launch` (e.g. a pipeline's evaluation stage) the main process evaluates
-        # and writes the directory once; the others wait for its result.
-        state = PartialState()
-        return on_main_process(state, evaluate_once, f"the evaluation into {rundir.path}")
+        # and publishes the directory once; the others wait for its result.
+        return on_main_process(run.state, lambda: self._evaluate(run), f"the evaluation into {run.rundir.path}")
 
-    def _evaluate(self, recipe, rundir):
+    def _evaluate(self, run: Run) -> RunResult:
         import torch
-        from accelerate import PartialState
 
-        import gemma_hf
-        from gemma_hf.evaluation import (Contestant, LMJudge, RewardModelScorer, evaluate, markdown_table)
-        from gemma_hf.references import identity, resolve
+        from gemma_hf.evaluation import Contestant, LMJudge, RewardModelScorer, evaluate, markdown_table
 
-        from .engine import Run, RunResult, _prepare_splits, read_mixture
-        from .rundir import now_iso, write_json, write_text
-
-        started, start = now_iso(), time.time()
+        recipe, rundir = run.recipe, run.rundir
         args, t = recipe.method_args, recipe.training
-        run = Run(recipe, self, rundir, PartialState())
         mixture = read_mixture(recipe, self)
-        train, held_out = _prepare_splits(run, mixture)
+        train, held_out = prepare_splits(run, mixture)
         items = held_out if held_out is not None else train
         conversations = [{"prompt": r["prompt"], **({"reference": r["reference"]} if r.get("reference") else {})}
                          for r in items]
@@ -169,33 +152,20 @@ class Evaluate(Method):
 
             harness = run_lm_eval(resolve(recipe.model.model_name_or_path, "model").location, args.lm_eval_tasks)
             result["summary"].update(harness["summary"])
-        staged = rundir.staging
-        if staged.path.exists():
-            shutil.rmtree(staged.path)
-        staged.path.mkdir(parents=True)
+        staged = open_staging(rundir)
         write_json(staged.eval_json, {**result["summary"], "samples": result["samples"], "settings": result["settings"]})
         write_text(staged / "evaluation.md", markdown_table(result) + "\n")
         write_text(staged.recipe, recipe.to_yaml())
-        run_info = {"method": "eval", "model": identity(recipe.model.model_name_or_path),
-                    "baseline": identity(args.baseline_name_or_path), "reward_model": identity(args.reward_name_or_path),
-                    "judge": identity(args.judge_name_or_path), "family": recipe.family,
-                    "num_prompts": len(conversations),
-                    "datasets": [{"path": identity(p.source.reference), "num_examples": n}
-                                 for p, n in zip(mixture.parts, mixture.taken)],
-                    "started": started, "finished": now_iso(), "wall_time_s": round(time.time() - start, 1),
-                    "gemma_hf_version": gemma_hf.__version__}
-        write_json(staged.run_json, run_info)
-        from .engine import PUBLISH_READY
-
-        write_text(staged / PUBLISH_READY, now_iso())
-        rundir.path.mkdir(parents=True, exist_ok=True)
-        if rundir.old.exists():
-            shutil.rmtree(rundir.old)
-        rundir.path.rename(rundir.old)
-        staged.path.rename(rundir.path)
-        (rundir / PUBLISH_READY).unlink(missing_ok=True)
-        shutil.rmtree(rundir.old, ignore_errors=True)
-        return RunResult(rundir.path, "eval", result["summary"], time.time() - start, 0)
+        run_info = record(
+            "eval", self.title, run.started, run.start_time,
+            model=identity(recipe.model.model_name_or_path), baseline=identity(args.baseline_name_or_path),
+            reward_model=identity(args.reward_name_or_path), judge=identity(args.judge_name_or_path),
+            family=recipe.family, num_prompts=len(conversations),
+            datasets=[{"path": identity(p.source.reference), "num_examples": n}
+                      for p, n in zip(mixture.parts, mixture.taken)],
+        )
+        finish(rundir, staged, run_info)
+        return RunResult(rundir.path, "eval", result["summary"], time.time() - run.start_time, 0)
 
     def prepare(self, run, dataset, split: str):
         return dataset, {"examples": len(dataset)}

@@ -36,7 +36,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from gemma_hf.chat import BOS, END_OF_TURN, EOS, START_OF_TURN, render_chat
+from gemma_hf.chat import CONTROL_TOKENS, MODEL_ROLES, render_chat
 
 DATA_FORMATS = ("conversation", "preference", "prompt")
 
@@ -53,8 +53,6 @@ SOURCE_FORMATS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
 FORMAT_NAMES = ("auto", "messages", "sharegpt", "prompt_completion", "alpaca", "preference")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "system": "system"}
-MODEL_ROLES = ("assistant", "model")
-CONTROL_TOKENS = (BOS, EOS, START_OF_TURN, END_OF_TURN)
 
 
 class RecordError(ValueError):

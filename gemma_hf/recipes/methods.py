@@ -6,15 +6,19 @@ its own (sft.py, reward.py, ...). The row declares
 - the data format it needs (``data_format``: conversation, preference or prompt) and the model head
   it trains (``head``: causal-lm or sequence-classification);
 - its checks (:meth:`Method.check`, after the shared ones in validation.py);
-- what it does at each step of the shared run (gemma_hf.recipes.engine): how its records are
+- what it does at each step of the shared training run (gemma_hf.recipes.engine): how its records are
   tokenized (:meth:`prepare`), what it does to the freshly built model (:meth:`configure_model`),
   what it measures on the held-out set before and after training (:meth:`evaluate`), how its
   trainer is built (:meth:`make_trainer`), the plots it adds (:meth:`plots`) and what it adds to
-  run.json (:meth:`run_info`).
+  run.json (:meth:`run_info`); or, for a method that is not one trainer (WARP, evaluation), what it
+  orchestrates in the opened run (``orchestrates = True``, :meth:`orchestrate`).
 
 Everything else -- loading and checking the recipe, claiming and resuming output_dir, tokenizer,
 model, LoRA, metrics, publishing the run directory, the card -- is the engine's, written once.
-``gemma-hf <method>``, ``gemma-hf validate --method`` and ``--help-keys`` come from this table.
+``gemma-hf <method>``, ``gemma-hf validate --method`` and ``--help-keys`` come from this table, and so
+does the key index (:func:`groups`, :func:`key_index`): which dataclass field each recipe key sets.
+A method is a declaration: nothing here runs a recipe (the engine calls the methods, never the
+reverse).
 
 Adding a method: write ``gemma_hf/recipes/<name>.py`` with a ``Method`` subclass assigned to
 ``METHOD``, add its module to :data:`METHOD_MODULES`, add ``recipes/tiny/<name>.yaml``; the CLI,
@@ -23,12 +27,17 @@ validation and the fault-injection tests pick it up. See docs/architecture.md.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from gemma_hf.errors import InputError, suggestion
+
+from .schema import REFUSED_TRAINING_KEYS, DataArguments, GemmaArguments, KeyInfo
+
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Run
+    from .runtime import Run
     from .validation import Checks
 
 # name -> module defining METHOD; the order is the order of `gemma-hf --help`.
@@ -48,6 +57,7 @@ class Method:
     """A row of the method table; subclass it and override what the method does differently."""
 
     name: ClassVar[str] = ""
+    title: ClassVar[str] = ""  # what the method does, as a card says it ("after supervised fine-tuning (SFT)")
     help: ClassVar[str] = ""  # one line for `gemma-hf --help`
     about: ClassVar[str] = ""  # the first paragraph of `gemma-hf NAME --help`
     data_format: ClassVar[str] = "conversation"
@@ -85,14 +95,17 @@ class Method:
     def check(self, c: "Checks") -> None:
         """Method-specific checks; report with ``c.error(key, message, fix)``."""
 
-    # -- the run (see engine.py for the order) --------------------------------------------------
-    def run(self, recipe, resume: bool = False):
-        """Run a checked recipe: the engine's one-trainer run, unless the method orchestrates stages
-        of its own (WARP: several RL runs, merges, iterations)."""
-        from .engine import run_recipe
+    # -- an orchestrating method (no trainer of its own) ------------------------------------------
+    # True for methods whose run is not one trainer: the engine opens the run (lock, recovery, claim)
+    # and hands it to orchestrate(), which runs what the method is made of (WARP: RL runs, merges,
+    # iterations; an evaluation) and publishes through gemma_hf.recipes.publish.
+    orchestrates: ClassVar[bool] = False
 
-        return run_recipe(recipe, resume=resume)
+    def orchestrate(self, run: "Run"):
+        """Do the method's work in the opened run directory and publish it; return a RunResult."""
+        raise NotImplementedError
 
+    # -- the training run (see engine.py for the order) --------------------------------------------
     def prepare(self, run: "Run", dataset, split: str):
         """Canonical records -> what the trainer consumes (token ids); returns (dataset, stats dict)."""
         raise NotImplementedError
@@ -128,12 +141,10 @@ class Method:
 @functools.lru_cache(maxsize=None)
 def get_method(name: str) -> Method:
     if name not in METHOD_MODULES:
-        from gemma_hf.errors import InputError, suggestion
-
         raise InputError(f"unknown method {name!r}.{suggestion(name, METHOD_MODULES)} Known methods: "
                          f"{', '.join(METHOD_MODULES)}")
     method = importlib.import_module(METHOD_MODULES[name]).METHOD
-    assert method.name == name and method.head in HEADS, method
+    assert method.name == name and method.title and method.head in HEADS, method
     return method
 
 
@@ -141,4 +152,39 @@ def method_names() -> list[str]:
     return list(METHOD_MODULES)
 
 
-__all__ = ["Method", "METHOD_MODULES", "HEADS", "get_method", "method_names"]
+@functools.lru_cache(maxsize=None)
+def groups(method: str = "sft") -> tuple[tuple[str, type], ...]:
+    """(group name, dataclass) pairs of a method's recipe, in the order they are documented."""
+    from trl import ModelConfig
+
+    spec = get_method(method)
+    out: list[tuple[str, type]] = [("gemma", GemmaArguments)]
+    if spec.arguments is not None:
+        out.append(("method", spec.arguments))
+    out += [("data", DataArguments), ("model", ModelConfig), ("training", spec.config_class())]
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def key_index(method: str = "sft") -> dict[str, KeyInfo]:
+    """Every recipe key -> the group and dataclass field it sets."""
+    spec = get_method(method)
+    refused = refused_keys(method)
+    index: dict[str, KeyInfo] = {}
+    for group, cls in groups(method):
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name.startswith("_"):
+                continue
+            if group in ("model", "training") and (f.name in spec.claimed_keys or f.name in refused):
+                continue
+            if f.name in index:  # two dataclasses sharing a name would make a flat recipe ambiguous
+                raise RuntimeError(f"recipe key {f.name!r} is defined by both {index[f.name].group} and {group}")
+            index[f.name] = KeyInfo(f.name, group, cls, f)
+    return index
+
+
+def refused_keys(method: str) -> dict[str, str]:
+    return {**REFUSED_TRAINING_KEYS, **get_method(method).refused_keys}
+
+
+__all__ = ["Method", "METHOD_MODULES", "HEADS", "get_method", "method_names", "groups", "key_index", "refused_keys"]

@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -54,16 +55,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 import yaml
+from accelerate import PartialState
 
-from gemma_hf.errors import GemmaHFError
+from gemma_hf.errors import GemmaHFError, suggestion
+from gemma_hf.faults import STAGE
+from gemma_hf.hub import push_to_hub
+from gemma_hf.references import PENDING_STAGES, PendingStage, identity
+from gemma_hf.rundir import MANIFEST, RunDir, now_iso, write_json, write_text
 
+from .config import load_recipe, read_yaml, yaml_scalar
+from .distributed import on_main_process
+from .engine import open_run, run_recipe
+from .methods import METHOD_MODULES, get_method
 from .problems import Problem, RecipeError
+from .publish import copy_model, finish, open_staging, record
+from .schema import shareable
 
 PIPELINE_KEYS = ("output_dir", "stages", "final", "push", "env")
 STAGE_KEYS = ("name", "method", "recipe", "overrides")
-MANIFEST = "manifest.json"
 
 
 class StageFailed(GemmaHFError):
@@ -121,9 +131,6 @@ def _from_references(value: Any, known: list[str], where: str, problems: list[Pr
 def read_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
     """Read a pipeline file; RecipeError for every problem of its own structure (stage recipes are
     checked by :func:`check_pipeline`)."""
-    from .config import read_yaml, yaml_scalar
-    from .methods import METHOD_MODULES
-
     path = Path(path)
     raw = read_yaml(path)
     label = str(path)
@@ -137,8 +144,6 @@ def read_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         raw["output_dir"] = yaml_scalar(overrides[token_index + 1])
     for key in raw:
         if key not in PIPELINE_KEYS:
-            from gemma_hf.errors import suggestion
-
             problems.append(Problem(str(key), f"unknown pipeline key.{suggestion(str(key), PIPELINE_KEYS)}",
                                     f"pipeline keys are {', '.join(PIPELINE_KEYS)}", label))
     if not raw.get("output_dir") or not isinstance(raw.get("output_dir"), str):
@@ -168,8 +173,6 @@ def read_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
             problems.append(Problem(f"{key}.name", f"{name!r} is used twice", "give each stage its own name", label))
             continue
         if method not in METHOD_MODULES:
-            from gemma_hf.errors import suggestion
-
             problems.append(Problem(f"{key}.method", f"{method!r} is not a method.{suggestion(str(method), METHOD_MODULES)}",
                                     f"use one of {', '.join(METHOD_MODULES)}", label))
             continue
@@ -253,11 +256,6 @@ def stage_values(pipeline: Pipeline, stage: Stage, resolve_outputs: bool) -> dic
 def check_pipeline(pipeline: Pipeline) -> dict[str, Any]:
     """Validate every stage's recipe before anything runs; {stage: Recipe}. Earlier stages' outputs
     stand in as what they will be: their model's architecture and tokenizer."""
-    from gemma_hf.references import PENDING_STAGES, PendingStage
-
-    from .config import load_recipe
-    from .methods import get_method
-
     recipes: dict[str, Any] = {}
     problems: list[Problem] = []
     PENDING_STAGES.clear()
@@ -294,8 +292,6 @@ def read_manifest(pipeline: Pipeline) -> dict:
 
 
 def write_manifest(pipeline: Pipeline, manifest: dict) -> None:
-    from .rundir import write_json
-
     write_json(pipeline.output_dir / MANIFEST, manifest)
 
 
@@ -330,29 +326,13 @@ def _logged(path: Path):
 
 def run_pipeline(pipeline: Pipeline, resume: bool = True) -> dict:
     """Run (or continue) the pipeline; the manifest after the last stage."""
-    from contextlib import ExitStack
-
-    from accelerate import PartialState
-
-    from gemma_hf.io import exclusive_lock
-
-    from .config import load_recipe
-    from .methods import get_method
-    from .rundir import RunDir
-
     state = PartialState()
     check_pipeline(pipeline)  # everything, before the first stage
     main = state.is_main_process
-    with ExitStack() as stack:
-        if main:
-            stack.enter_context(exclusive_lock(pipeline.output_dir, "pipeline directory"))
-            from .engine import recover_publish
-
-            recover_publish(RunDir(pipeline.output_dir))
-        state.wait_for_everyone()
-        _check_output_dir(pipeline)
+    rundir = RunDir(pipeline.output_dir)
+    with open_run(rundir, state, lambda: _check_output_dir(pipeline), "pipeline directory"):
         manifest = read_manifest(pipeline)
-        if RunDir(pipeline.output_dir).is_finished():
+        if rundir.is_finished():
             changed = [s.name for s in pipeline.stages
                        if manifest.get("stages", {}).get(s.name, {}).get("hash") != s.hash]
             if not changed:
@@ -391,18 +371,16 @@ def run_pipeline(pipeline: Pipeline, resume: bool = True) -> dict:
             started = time.time()
             if main:
                 print(f"== stage {stage.name} ({stage.method}) -> {out} ==", flush=True)
-            import os
-
-            os.environ["GEMMA_HF_STAGE"] = stage.name  # stage-specific fault points (tests)
+            os.environ[STAGE] = stage.name  # stage-specific fault points (gemma_hf.faults)
             try:
                 with _logged(pipeline.log(stage.name)) if main else contextlib.nullcontext():
                     recipe = load_recipe(None, values=stage_values(pipeline, stage, resolve_outputs=True),
                                          method=stage.method)
                     if recipe.environment_problems:
                         raise RecipeError(f"stage {stage.name}", recipe.environment_problems)
-                    result = get_method(stage.method).run(recipe, resume=True)
+                    result = run_recipe(recipe, resume=True)
             except BaseException as err:
-                os.environ.pop("GEMMA_HF_STAGE", None)
+                os.environ.pop(STAGE, None)
                 entry.update(status="failed", seconds=round(time.time() - started, 1),
                              error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
                 if main:
@@ -412,50 +390,37 @@ def run_pipeline(pipeline: Pipeline, resume: bool = True) -> dict:
                 raise StageFailed(f"stage {stage.name!r} ({stage.method}) failed: {err}\nits log: "
                                   f"{pipeline.log(stage.name)}; the stages before it are kept. Fix it and rerun "
                                   "the pipeline: finished stages are skipped, this one resumes.") from err
-            os.environ.pop("GEMMA_HF_STAGE", None)
+            os.environ.pop(STAGE, None)
             entry.update(status="finished", seconds=round(time.time() - started, 1),
                          summary={k: v for k, v in (result.results or {}).items()
                                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
             if main:
                 print(f"== stage {stage.name} finished in {entry['seconds']:.0f} s ==", flush=True)
                 write_manifest(pipeline, manifest)
-        from .distributed import on_main_process
-
         on_main_process(state, lambda: publish_pipeline(pipeline, manifest), "publishing the pipeline")
     return manifest
 
 
-def _check_output_dir(pipeline: Pipeline) -> None:
-    """The pipeline directory is ours (a manifest), or empty/absent."""
+def _check_output_dir(pipeline: Pipeline) -> str:
+    """The pipeline directory is ours (a manifest), or empty/absent: its state (RunDir.state)."""
     out = pipeline.output_dir
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
         raise RecipeError(pipeline.source, [Problem(
             "output_dir", f"{out} exists and is not a gemma-hf pipeline directory (no {MANIFEST})",
             "choose a new output_dir (or empty it)", str(pipeline.source))])
+    return "finished" if RunDir(out).is_finished() else "open"
 
 
 def publish_pipeline(pipeline: Pipeline, manifest: dict) -> None:
     """The final stage's model at the pipeline directory's root, with the pipeline's record and card."""
-    from .engine import finish_publish
-    from .rundir import RunDir, now_iso, write_json, write_text
-    from .warp import _copy_model
-
     rundir = RunDir(pipeline.output_dir)
     final = RunDir(pipeline.stage_dir(pipeline.final))
-    staged = rundir.staging
-    if staged.path.exists():
-        shutil.rmtree(staged.path)
-    staged.path.mkdir(parents=True)
-    _copy_model(final.path, staged.path, into_existing=True)
-    for name in ("metrics.jsonl",):
-        if (final / name).is_file():
-            shutil.copy2(final / name, staged / name)
+    staged = open_staging(rundir)
+    copy_model(final.path, staged.path, into_existing=True)
+    if final.metrics.is_file():
+        shutil.copy2(final.metrics, staged.metrics)
     if final.plots.is_dir():
         shutil.copytree(final.plots, staged.plots)
-    from gemma_hf.references import identity
-
-    from .config import shareable
-
     resolved = {"output_dir": identity(str(pipeline.output_dir)), "final": pipeline.final,
                 "stages": [{"name": st.name, "method": st.method, "hash": st.hash,
                             "recipe": shareable("recipe", stage_values(pipeline, st, resolve_outputs=False))}
@@ -463,11 +428,11 @@ def publish_pipeline(pipeline: Pipeline, manifest: dict) -> None:
     write_text(staged.recipe, f"# Resolved pipeline (from {pipeline.source.name}); {{from: NAME}} is written "
                f"stage:NAME\n" + yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True, width=100))
     results: dict[str, Any] = {}
-    for stage in pipeline.stages:
-        evaluation = RunDir(pipeline.stage_dir(stage.name)).read_eval() or {}
+    for st in pipeline.stages:
+        evaluation = RunDir(pipeline.stage_dir(st.name)).read_eval() or {}
         for key, value in evaluation.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) or value is None:
-                results[f"{stage.name}/{key}"] = value
+                results[f"{st.name}/{key}"] = value
     eval_stage = next((s for s in reversed(pipeline.stages) if s.method == "eval"), None)
     if eval_stage is not None:
         table = pipeline.stage_dir(eval_stage.name) / "evaluation.md"
@@ -476,30 +441,22 @@ def publish_pipeline(pipeline: Pipeline, manifest: dict) -> None:
     write_json(staged.eval_json, results)
     first = RunDir(pipeline.stage_dir(pipeline.stages[0].name)).read_run()
     final_run = final.read_run()
-    run_info = {
-        "method": "pipeline",
-        "head": "causal-lm",
-        "base_model": first.get("base_model"),
-        "family": final_run.get("family"),
-        "datasets": [d for s in pipeline.stages for d in (RunDir(pipeline.stage_dir(s.name)).read_run().get("datasets")
-                                                           or [])],
-        "final_stage": pipeline.final,
-        "stages": [{"name": s.name, "method": s.method, "hash": s.hash,
-                    "seconds": manifest["stages"][s.name].get("seconds")} for s in pipeline.stages],
-        "wall_time_s": round(sum(manifest["stages"][s.name].get("seconds") or 0 for s in pipeline.stages), 1),
-        "finished": now_iso(),
-        "gemma_hf_version": final_run.get("gemma_hf_version"),
-        "transformers_version": final_run.get("transformers_version"),
-        "trl_version": final_run.get("trl_version"),
-    }
-    # The working directory's stages/, logs/ and manifest move into the finished one.
-    for name in ("logs", MANIFEST):
-        if (rundir / name).exists():
-            (rundir / name).rename(staged / name)
-    finish_publish(rundir, staged, run_info)
+    seconds = [manifest["stages"][s.name].get("seconds") or 0 for s in pipeline.stages]
+    run_info = record(
+        "pipeline", "a multi-stage pipeline", first.get("started") or now_iso(), time.time(),
+        head="causal-lm",
+        base_model=first.get("base_model"),
+        family=final_run.get("family"),
+        datasets=[d for s in pipeline.stages for d in (RunDir(pipeline.stage_dir(s.name)).read_run().get("datasets")
+                                                        or [])],
+        final_stage=pipeline.final,
+        stages=[{"name": s.name, "method": s.method, "hash": s.hash,
+                 "seconds": manifest["stages"][s.name].get("seconds")} for s in pipeline.stages],
+    )
+    run_info["wall_time_s"] = round(sum(seconds), 1)  # every stage's own time, over all attempts' last
+    # The working directory's stages/, logs/ and manifest move into the finished one (rundir.CARRIED).
+    finish(rundir, staged, run_info)
     if pipeline.push:
-        from gemma_hf.hub import push_to_hub
-
         push_to_hub(rundir.path, pipeline.push["repo_id"], private=pipeline.push.get("private", True))
 
 

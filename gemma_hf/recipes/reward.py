@@ -32,7 +32,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from gemma_hf.tokenization import encode_conversation
+
 from .methods import Method
+from .plots import plot_histograms
 
 
 @dataclass
@@ -55,6 +58,7 @@ class RewardArguments:
 
 class Reward(Method):
     name = "reward"
+    title = "reward modelling (Bradley-Terry)"
     help = "Bradley-Terry reward modelling on preference pairs (TRL RewardTrainer)"
     about = ("Bradley-Terry reward modelling: a Gemma sequence-classification model (one output, read at the last "
              "token) trained on preference pairs (chosen vs rejected answers) rendered in the family's chat format.")
@@ -79,8 +83,6 @@ class Reward(Method):
             c.note("lora_trainable_tokens in a reward run trains those embedding rows too")
 
     def prepare(self, run, dataset, split: str):
-        from .tokenization import encode_conversation
-
         tokenizer, family = run.tokenizer, run.family
 
         def encode(record):
@@ -132,8 +134,6 @@ class Reward(Method):
         return RewardTrainer(**run.trainer_kwargs(model, train_set, eval_set))
 
     def plots(self, run, results: dict, directory) -> list[str]:
-        from .plots import plot_histograms
-
         panels = []
         for when in ("before", "after"):
             rewards = (results.get(when) or {}).get("_rewards")

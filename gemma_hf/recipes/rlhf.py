@@ -25,7 +25,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from gemma_hf.faults import fault_point
+from gemma_hf.io import atomic_directory
+from gemma_hf.rundir import read_metrics
+
 from .methods import Method
+from .plots import plot_series
+from .runtime import load_model
 from .schema import SampleArguments
 
 ALGORITHMS = ("rloo", "grpo")
@@ -68,6 +74,7 @@ def evaluation_prompts(eval_set, limit: int | None) -> tuple[list, dict]:
 
 class RLHF(Method):
     name = "rlhf"
+    title = "reinforcement learning from human feedback"
     help = "RLHF: RLOO or GRPO against reward models and rule-based rewards, KL to an (EMA) anchor"
     about = ("Reinforcement learning from feedback: a Gemma policy sampled on prompt-only data, scored by reward "
              "models and rule-based rewards (weighted), optimised with TRL's RLOO (default) or GRPO with a KL penalty "
@@ -150,12 +157,8 @@ class RLHF(Method):
         # policy (.init/), so that a preset's random init, a run directory and a Hub id all work.
         init = run.rundir / ".init"
         if run.is_main and not (init / "config.json").is_file():
-            from gemma_hf.io import atomic_directory
-
             with atomic_directory(init, overwrite=True) as tmp:  # output_dir exists: the engine wrote its marker
                 model.save_pretrained(tmp)
-            from .engine import fault_point
-
             fault_point("rlhf:init")  # output_dir holds the marker and .init/ only (a CI kill once fell here)
         run.state.wait_for_everyone()
         model.config._name_or_path = str(init)
@@ -163,8 +166,6 @@ class RLHF(Method):
 
     def init_model(self, run):
         if "_init_model" not in run.info:
-            from .engine import load_model
-
             model, _ = load_model(str(run.rundir / ".init"), "causal-lm", dtype=run.recipe.model.dtype)
             run.info["_init_model"] = model.eval().to(run.state.device)
         return run.info["_init_model"]
@@ -202,8 +203,6 @@ class RLHF(Method):
         return trainer_class(args=config, reward_funcs=funcs, reward_processing_classes=classes, **kwargs)
 
     def plots(self, run, results, directory) -> list[str]:
-        from .plots import plot_series
-        from .rundir import read_metrics
 
         metrics = read_metrics(run.rundir.metrics)
         series = {name: [(r["step"], r[name]) for r in metrics if isinstance(r.get(name), (int, float))]

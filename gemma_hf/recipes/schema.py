@@ -17,17 +17,24 @@ training   the method's TRL config               output_dir, learning_rate, max_
 
 plus ``env`` (a mapping of environment variables set before the run, as in TRL's parser).
 
-Only the standard library is imported here at module import; TRL is imported by :func:`groups`.
+It also holds :class:`Recipe`, the typed recipe every later step reads, and how a recipe's values are
+recorded in a run directory (:func:`shareable`). Nothing here imports TRL, torch or the method table.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import enum
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import yaml
+
+from gemma_hf.references import identity
+
 from .formats import FORMAT_NAMES
+from .problems import COMMAND_LINE, Problem
 
 CHAT_FAMILIES = ("auto", "gemma", "gemma2", "gemma3")
 
@@ -185,50 +192,86 @@ class KeyInfo:
     field: dataclasses.Field
 
 
-@functools.lru_cache(maxsize=None)
-def groups(method: str = "sft") -> tuple[tuple[str, type], ...]:
-    """(group name, dataclass) pairs of a method's recipe, in the order they are documented."""
-    from trl import ModelConfig
-
-    from .methods import get_method
-
-    spec = get_method(method)
-    out: list[tuple[str, type]] = [("gemma", GemmaArguments)]
-    if spec.arguments is not None:
-        out.append(("method", spec.arguments))
-    out += [("data", DataArguments), ("model", ModelConfig), ("training", spec.config_class())]
-    return tuple(out)
-
-
-@functools.lru_cache(maxsize=None)
-def key_index(method: str = "sft") -> dict[str, KeyInfo]:
-    """Every recipe key -> the group and dataclass field it sets."""
-    from .methods import get_method
-
-    spec = get_method(method)
-    refused = refused_keys(method)
-    index: dict[str, KeyInfo] = {}
-    for group, cls in groups(method):
-        for f in dataclasses.fields(cls):
-            if not f.init or f.name.startswith("_"):
-                continue
-            if group in ("model", "training") and (f.name in spec.claimed_keys or f.name in refused):
-                continue
-            if f.name in index:  # two dataclasses sharing a name would make a flat recipe ambiguous
-                raise RuntimeError(f"recipe key {f.name!r} is defined by both {index[f.name].group} and {group}")
-            index[f.name] = KeyInfo(f.name, group, cls, f)
-    return index
-
-
-def refused_keys(method: str) -> dict[str, str]:
-    from .methods import get_method
-
-    return {**REFUSED_TRAINING_KEYS, **get_method(method).refused_keys}
-
-
 def help_text(info: KeyInfo) -> str:
     return " ".join(str(info.field.metadata.get("help", "")).split())
 
 
-__all__ = ["CHAT_FAMILIES", "GemmaArguments", "SampleArguments", "DatasetSpec", "DataArguments", "KeyInfo",
-           "REFUSED_TRAINING_KEYS", "RENAMED_KEYS", "groups", "key_index", "refused_keys", "help_text"]
+@dataclass
+class Recipe:
+    """A checked recipe: the dataclasses plus what validation resolved."""
+
+    source: Path | None
+    method: str
+    values: dict[str, Any]  # every key set by the file or the command line, typed, in order
+    origins: dict[str, str]
+    env: dict[str, str]
+    gemma: GemmaArguments
+    method_args: Any  # the method's own dataclass (e.g. SFTArguments), or None
+    data: DataArguments
+    model: Any  # trl.ModelConfig
+    training: Any  # the method's TRL config (its output_dir is output_dir/checkpoints)
+    output_dir: Path
+    # Resolved by validation:
+    family: str = "gemma2"
+    model_path: str | None = None  # local directory or Hub id; None for preset random init
+    model_kind: str | None = None  # the reference kind: asset, run, local or hub
+    tokenizer_path: str | None = None
+    architecture: Any = None  # GemmaHFConfig when known (from the checkpoint or the preset)
+    data_parts: dict = field(default_factory=dict)  # dataset index -> data.ReadDataset, every record checked
+    notes: list[str] = field(default_factory=list)
+    environment_problems: list[Problem] = field(default_factory=list)
+
+    def origin(self, key: str) -> str:
+        return self.origins.get(key.split("[")[0].split(".")[0], str(self.source or "<recipe>"))
+
+    def to_yaml(self) -> str:
+        """The resolved recipe (file + command-line overrides) as YAML, loadable by load_recipe."""
+        header = f"# Resolved {self.method} recipe"
+        if self.source is not None:
+            header += f" (from {self.source.name})"  # the file name only: a run directory is shared
+        overridden = [k for k, o in self.origins.items() if o == COMMAND_LINE]
+        if overridden:
+            header += f"\n# overridden on the command line: {', '.join(overridden)}"
+        body: dict[str, Any] = {}
+        if self.env:
+            body["env"] = dict(self.env)
+        for key, value in self.values.items():
+            body[key] = shareable(key, plain(value))
+        return header + "\n" + yaml.safe_dump(body, sort_keys=False, allow_unicode=True, width=100)
+
+
+# Recipe keys whose values are paths or model references (recorded by identity: see shareable()).
+PATH_KEYS = ("output_dir", "model_name_or_path", "tokenizer_name_or_path", "teacher_name_or_path", "cache_dir",
+             "baseline_name_or_path", "reward_name_or_path", "judge_name_or_path", "judge_template", "deepspeed",
+             "path", "model", "teacher", "from", "cache", "base_model")
+
+
+def shareable(key: str, value: Any) -> Any:
+    """``value`` of recipe key ``key`` as a run directory records it: references by identity
+    (gemma_hf.references.identity), never a local absolute path, in nested lists and mappings too."""
+    if isinstance(value, dict):
+        return {k: shareable(k, v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shareable(key, v) for v in value]
+    if key in PATH_KEYS and isinstance(value, str):
+        return identity(value)
+    return value
+
+
+def plain(value: Any) -> Any:
+    """A recipe value as plain YAML data: dataclasses as mappings of their non-default fields, enums as
+    their values."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if getattr(value, f.name) != f.default}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+__all__ = ["Recipe", "shareable", "plain", "PATH_KEYS", "CHAT_FAMILIES", "GemmaArguments", "SampleArguments", "DatasetSpec", "DataArguments", "KeyInfo",
+           "REFUSED_TRAINING_KEYS", "RENAMED_KEYS", "help_text"]

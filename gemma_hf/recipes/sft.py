@@ -26,7 +26,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gemma_hf.chat import check_single_bos
+from gemma_hf.tokenization import encode_with_assistant_mask
+
 from .methods import Method
+from .problems import Problem, RecipeError
 from .schema import SampleArguments
 
 
@@ -52,6 +56,7 @@ class SFTArguments(SampleArguments):
 
 class SFT(Method):
     name = "sft"
+    title = "supervised fine-tuning (SFT)"
     help = "supervised fine-tuning from a YAML recipe (TRL SFTTrainer)"
     about = ("Supervised fine-tuning of a Gemma model (TRL SFTTrainer) on conversations rendered in the family's "
              "chat format, the loss on the model's turns.")
@@ -81,8 +86,6 @@ class SFT(Method):
                     "use truncation_mode: keep_start")
 
     def prepare(self, run, dataset, split: str):
-        from .tokenization import encode_with_assistant_mask
-
         family, assistant_only = run.family, run.recipe.method_args.assistant_only_loss
         tokenizer = run.tokenizer
 
@@ -102,8 +105,6 @@ class SFT(Method):
             if empty:
                 stats["no_answer_within_max_length"] = len(empty)
                 if len(empty) == len(tokenized):
-                    from .problems import Problem, RecipeError
-
                     raise RecipeError(run.recipe.source, [Problem(
                         "max_length", f"max_length={max_length} is shorter than every {split} example's prompt: no "
                         "answer token would be trained or evaluated", "raise max_length",
@@ -132,8 +133,6 @@ class SFT(Method):
 
 def check_bos(dataset, bos_id: int, name: str) -> None:
     """Exactly one <bos> per example, first -- also inside packed rows (per seq_lengths segment)."""
-    from gemma_hf.chat import check_single_bos
-
     has_lengths = "seq_lengths" in dataset.column_names
     for row, record in enumerate(dataset):
         ids = record["input_ids"]

@@ -17,11 +17,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+from gemma_hf.chat import BOS, CONTROL_TOKENS, END_OF_TURN, EOS, FAMILIES, START_OF_TURN
 from gemma_hf.errors import suggestion
-from gemma_hf.references import BadReference, hub_offline, resolve
+from gemma_hf.references import BadReference, hub_offline, is_hub_id, resolve
+from gemma_hf.rundir import RunDirError, safetensors_complete, weight_files
 
-from .config import Recipe
+from .data import read_dataset
+from .methods import get_method
 from .problems import Problem, RecipeError
+from .schema import Recipe
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 GPU_ONLY_ATTENTION = ("flash_attention_2", "flash_attention_3")
@@ -67,8 +71,6 @@ def cuda_available() -> bool:
 
 
 def check_recipe(recipe: Recipe, file_label: str, check_environment: bool = True) -> None:
-    from .methods import get_method
-
     c = Checks(recipe, file_label)
     trains = get_method(recipe.method).trains
     if trains:
@@ -157,8 +159,6 @@ def _gemma_model_types() -> tuple[str, ...]:
 def _check_model(c: Checks):
     from gemma_hf import PRESETS, preset_config
 
-    from .methods import get_method
-
     recipe, g, m = c.recipe, c.recipe.gemma, c.recipe.model
     made = get_method(recipe.method).architecture(c)
     if made is not None:  # the method builds the model itself (a student from its teacher, ...)
@@ -242,8 +242,6 @@ def _check_model(c: Checks):
 
 def _check_weights(c: Checks, local: Path) -> None:
     """The checkpoint's safetensors files are whole (their headers say how long they are)."""
-    from .rundir import RunDirError, safetensors_complete, weight_files
-
     try:
         files = [f for f in weight_files(local) if f.endswith(".safetensors")]
     except RunDirError as err:
@@ -288,8 +286,6 @@ def _check_family(c: Checks, architecture) -> None:
 
 
 def _check_tokenizer(c: Checks, architecture) -> None:
-    from gemma_hf.chat import BOS, END_OF_TURN, EOS, START_OF_TURN
-
     recipe, g = c.recipe, c.recipe.gemma
     key = "tokenizer_name_or_path" if g.tokenizer_name_or_path else "model_name_or_path"
     text = g.tokenizer_name_or_path or recipe.model.model_name_or_path
@@ -323,7 +319,7 @@ def _check_tokenizer(c: Checks, architecture) -> None:
                 "set tokenizer_name_or_path to a tokenizer directory")
         return
     try:
-        tokenizer = _load_tokenizer(str(local))
+        tokenizer = cached_tokenizer(str(local))
     except Exception as err:  # noqa: BLE001 - any load failure is a recipe problem here
         c.error(key, f"cannot load the tokenizer in {local}: {err}", "point it at a working tokenizer directory")
         return
@@ -345,7 +341,8 @@ def _check_tokenizer(c: Checks, architecture) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _load_tokenizer(path: str):
+def cached_tokenizer(path: str):
+    """The tokenizer at ``path``, loaded once per process (validation reads it several times)."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
@@ -394,8 +391,6 @@ def _check_lengths(c: Checks, architecture) -> None:
 
 
 def _check_peft(c: Checks) -> None:
-    from .methods import get_method
-
     m, method = c.recipe.model, get_method(c.recipe.method)
     quantized = m.load_in_4bit or m.load_in_8bit
     if quantized and not m.use_peft:
@@ -443,12 +438,6 @@ def _check_eval(c: Checks) -> None:
 
 def _check_datasets(c: Checks) -> None:
     """Every record of every local dataset, in the method's data format (see data.py)."""
-    from gemma_hf.chat import FAMILIES
-
-    from .data import read_dataset
-    from .formats import CONTROL_TOKENS
-    from .methods import get_method
-
     recipe = c.recipe
     method = get_method(recipe.method)
     family = recipe.family if recipe.family in FAMILIES else "gemma2"
@@ -478,8 +467,6 @@ def _check_datasets(c: Checks) -> None:
 
 
 def _is_hub_dataset(path: str) -> bool:
-    from gemma_hf.references import is_hub_id
-
     return is_hub_id(path)
 
 
@@ -516,4 +503,4 @@ def _check_misc(c: Checks) -> None:
         c.environment("push_to_hub", "the Hub is offline here", "set push_to_hub: false, or run online")
 
 
-__all__ = ["Checks", "check_recipe", "ATTN_IMPLEMENTATIONS", "cuda_available"]
+__all__ = ["cached_tokenizer", "Checks", "check_recipe", "ATTN_IMPLEMENTATIONS", "cuda_available"]

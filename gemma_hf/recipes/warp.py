@@ -29,7 +29,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .rlhf import RLHF, RLHFArguments
+from accelerate import PartialState
+
+from gemma_hf.chat import install_chat_template
+from gemma_hf.faults import fault_point
+from gemma_hf.io import atomic_directory, sha256_file
+from gemma_hf.merging import liti, slerp_merge
+from gemma_hf.references import identity
+from gemma_hf.rl.metrics import policy_metrics
+from gemma_hf.rundir import STAGES, RunDir, read_metrics, weight_files, write_json, write_metrics, write_text
+
+from .config import load_recipe
+from .data import held_out_seed
+from .distributed import on_main_process
+from .engine import run_recipe
+from .plots import plot_points
+from .publish import copy_model, finish, open_staging, record
+from .rlhf import RLHF, RLHFArguments, evaluation_prompts
+from .runtime import (Run, RunResult, build_model, load_model, load_tokenizer, prepare_splits, read_mixture,
+                      set_generation_stops)
+from .schema import plain, shareable
 
 WARP_KEYS = ("warp_runs", "warp_seeds", "warp_iterations", "warp_etas", "warp_eta", "warp_eval")
 
@@ -51,6 +70,7 @@ class WarpArguments(RLHFArguments):
 
 class Warp(RLHF):
     name = "warp"
+    title = "WARP (weight-averaged rewarded policies)"
     help = "WARP: M RLHF runs with an EMA anchor, SLERP of their task vectors, LITI, iterated"
     about = ("WARP (Rame et al. 2024): M RLHF runs from one init with EMA anchors, merged by spherical interpolation of "
              "their task vectors, then interpolated towards the init (LITI); the chosen point starts the next "
@@ -80,41 +100,15 @@ class Warp(RLHF):
         args = recipe.method_args
         return list(args.warp_seeds) if args.warp_seeds else [recipe.training.seed + m for m in range(args.warp_runs)]
 
-    # -- the run --------------------------------------------------------------------------------
-    def run(self, recipe, resume: bool = False):
-        from contextlib import ExitStack
+    # -- the run: stages in the run directory the engine opened ----------------------------------
+    orchestrates = True
 
-        from accelerate import PartialState
-
-        from gemma_hf.io import exclusive_lock
-
-        from .engine import RunResult, claim_output_dir, recover_publish
-        from .rundir import RunDir
-
+    def orchestrate(self, run: Run) -> RunResult:
         # Under `accelerate launch`, every process takes part in each RL run (an ordinary run_recipe);
         # the initial model, the merges, the Pareto view and the publish are the main process's alone.
-        state = PartialState()
-        rundir = RunDir(recipe.output_dir.resolve())
-        recipe.output_dir = rundir.path
-        with ExitStack() as stack:
-            if state.is_main_process:
-                stack.enter_context(exclusive_lock(rundir.path, "output_dir"))
-                recover_publish(rundir)
-            state.wait_for_everyone()
-            if claim_output_dir(recipe, rundir, resume) == "finished":
-                info = rundir.read_run()
-                return RunResult(rundir.path, recipe.method, rundir.read_eval() or {}, 0.0, info.get("global_step", 0))
-            state.wait_for_everyone()  # every process has looked before the main process writes
-            return self._run_stages(recipe, rundir, state)
+        return self._run_stages(run.recipe, run.rundir, run.state, run.started, run.start_time)
 
-    def _run_stages(self, recipe, rundir, state):
-        from gemma_hf.merging import liti, slerp_merge
-
-        from .distributed import on_main_process
-        from .engine import fault_point
-        from .rundir import STAGES, now_iso, write_json
-
-        started, start = now_iso(), time.time()
+    def _run_stages(self, recipe, rundir, state, started: str, start: float):
         args = recipe.method_args
         stages = rundir / STAGES
         init = stages / "init-0"
@@ -128,14 +122,14 @@ class Warp(RLHF):
                 self._save_initial_model(recipe, init)
 
         on_main_process(state, prepare, "the WARP run's initial model")
-        record: list[dict[str, Any]] = []
+        history: list[dict[str, Any]] = []
         for iteration in range(args.warp_iterations):
             here = stages / f"iter-{iteration}"
             runs = []
             for m, seed in enumerate(self.seeds(recipe)):
                 run_dir = here / f"run-{m}"
                 runs.append(run_dir)
-                record.append(self._rl_stage(recipe, init, run_dir, seed, f"iter-{iteration}/run-{m}"))
+                history.append(self._rl_stage(recipe, init, run_dir, seed, f"iter-{iteration}/run-{m}"))
                 fault_point(f"warp:iter-{iteration}/run-{m}")
             merged = here / "slerp"
             etas = sorted(set([*args.warp_etas, args.warp_eta]))
@@ -143,7 +137,7 @@ class Warp(RLHF):
 
             def merge(init=init, runs=runs, merged=merged, points=points, iteration=iteration) -> list[dict]:
                 done = [self._model_stage(merged, f"iter-{iteration}/slerp", lambda out: slerp_merge(
-                    init, runs, out) if len(runs) > 1 else _copy_model(runs[0], out))]
+                    init, runs, out) if len(runs) > 1 else copy_model(runs[0], out))]
                 fault_point(f"warp:iter-{iteration}/slerp")
                 missing = [eta for eta, path in points.items() if not (path / "config.json").is_file()]
                 if missing:
@@ -156,29 +150,21 @@ class Warp(RLHF):
                 fault_point(f"warp:iter-{iteration}/liti")
                 return done
 
-            record += on_main_process(state, merge, f"the WARP merges of iteration {iteration}")
+            history += on_main_process(state, merge, f"the WARP merges of iteration {iteration}")
             last_init, init = init, points[args.warp_eta]
 
         def finish():
             results, plots = ({}, {})
             if args.warp_eval:
                 results, plots = self._pareto(recipe, rundir, last_init, runs, merged, points)
-            return self._publish(recipe, rundir, init, record, results, plots, started, start, runs)
+            return self._publish(recipe, rundir, init, history, results, plots, started, start, runs)
 
         return on_main_process(state, finish, "the WARP run's Pareto view and publish")
 
     def _save_initial_model(self, recipe, init: Path) -> None:
         """θ_init of the first iteration as a model directory (a preset's seeded random weights, or a copy)."""
-        from gemma_hf.io import atomic_directory
-
-        from .engine import build_model, load_tokenizer
-
         model, _ = build_model(recipe, "causal-lm")
         tokenizer = load_tokenizer(recipe)
-        from gemma_hf.chat import install_chat_template
-
-        from .engine import set_generation_stops
-
         set_generation_stops(model, tokenizer)
         install_chat_template(tokenizer, recipe.family)
         with atomic_directory(init, overwrite=True) as tmp:
@@ -186,19 +172,13 @@ class Warp(RLHF):
             tokenizer.save_pretrained(tmp)
 
     def _rl_stage(self, recipe, init: Path, run_dir: Path, seed: int, name: str) -> dict:
-        from .config import _plain, load_recipe
-        from .engine import run_recipe
-        from .rundir import RunDir
-
         if RunDir(run_dir).is_finished():
             return {"stage": name, "skipped": True, **_stage_numbers(run_dir)}
-        values = {k: _plain(v) for k, v in recipe.values.items() if k not in WARP_KEYS}
+        values = {k: plain(v) for k, v in recipe.values.items() if k not in WARP_KEYS}
         for key in ("preset", "preset_overrides"):
             values.pop(key, None)
         # Every run holds out the same records as the WARP recipe (its training seed differs, not its
         # split): the runs never train on the prompts of the Pareto view, and their numbers compare.
-        from .data import held_out_seed
-
         values.update(output_dir=str(run_dir), seed=seed, model_name_or_path=str(init),
                       tokenizer_name_or_path=str(init), split_seed=held_out_seed(recipe.data, recipe.training.seed))
         if recipe.method_args.warp_eval and recipe.data.test_split_size is not None:
@@ -207,8 +187,6 @@ class Warp(RLHF):
             values["env"] = dict(recipe.env)
         sub = load_recipe(None, values=values, method="rlhf")
         started = time.time()
-        from accelerate import PartialState
-
         if PartialState().is_main_process:
             print(f"== WARP stage {name}: RLHF from {init.name}, seed {seed} ==", flush=True)
         result = run_recipe(sub, resume=True)
@@ -224,18 +202,10 @@ class Warp(RLHF):
 
     def _pareto(self, recipe, rundir, init: Path, runs: list[Path], merged: Path, points: dict[float, Path]):
         """Held-out (KL to init, reward) of the last iteration's runs, merge and LITI points."""
-        from accelerate import PartialState
-
-        from gemma_hf.rl.metrics import policy_metrics
-
-        from .engine import Run, _prepare_splits, load_model, load_tokenizer, read_mixture
-        from .plots import plot_points
-        from .rlhf import evaluation_prompts
-
         run = Run(recipe, self, rundir, PartialState())
         run.tokenizer = load_tokenizer(recipe)
         mixture = read_mixture(recipe, self)
-        _, eval_set = _prepare_splits(run, mixture)
+        _, eval_set = prepare_splits(run, mixture)
         if eval_set is None:
             return {}, {}
         args = recipe.method_args
@@ -271,25 +241,14 @@ class Warp(RLHF):
             results[f"kl_to_init_{row['point']}"] = row.get("kl_to_init")
         return results, {"pareto.png": (plot_points, groups)}
 
-    def _publish(self, recipe, rundir, final: Path, record, results, plots, started, start, runs):
-        import transformers
-        import trl
-
-        import gemma_hf
-
-        from .engine import RunResult, finish_publish
-        from .rundir import RunDir, now_iso, read_metrics, write_json, write_metrics, write_text
-
-        staged = rundir.staging
-        if staged.path.exists():
-            shutil.rmtree(staged.path)
-        staged.path.mkdir(parents=True)
-        _copy_model(final, staged.path, into_existing=True)
+    def _publish(self, recipe, rundir, final: Path, stages, results, plots, started, start, runs):
+        staged = open_staging(rundir)
+        copy_model(final, staged.path, into_existing=True)
         write_text(staged.recipe, recipe.to_yaml())
         metrics = []
-        for path in sorted((rundir / "stages").glob("iter-*/run-*")):
-            stage = f"{path.parent.name}/{path.name}"
-            metrics += [{**row, "stage": stage} for row in read_metrics(RunDir(path).metrics)]
+        for path in sorted((rundir / STAGES).glob("iter-*/run-*")):
+            name = f"{path.parent.name}/{path.name}"
+            metrics += [{**row, "stage": name} for row in read_metrics(RunDir(path).metrics)]
         write_metrics(staged.metrics, metrics)
         for name, (plot, groups) in plots.items():
             plot(groups, staged.plots / name, "WARP, last iteration: held-out reward vs KL to its init",
@@ -298,30 +257,20 @@ class Warp(RLHF):
             write_json(staged.eval_json, results)
         first = RunDir(runs[0]).read_run() if RunDir(runs[0]).is_finished() else {}
         args = recipe.method_args
-        from gemma_hf.references import identity
-
-        from .config import shareable
-
-        run_info = {
-            "method": recipe.method,
-            "head": "causal-lm",
-            "base_model": identity(recipe.model.model_name_or_path) or f"preset:{recipe.gemma.preset}",
-            "family": recipe.family,
-            "datasets": first.get("datasets", []),
-            "warp": {"runs": args.warp_runs, "seeds": self.seeds(recipe), "iterations": args.warp_iterations,
-                     "etas": args.warp_etas, "eta_carried": args.warp_eta, "ema_anchor": args.ema_anchor,
-                     "final_model": str(final.relative_to(rundir.path))},
-            "stages": record,
-            "global_step": sum(s.get("global_step", 0) for s in record),
-            "rewards": shareable("rewards", args.rewards),
-            "started": started,
-            "finished": now_iso(),
-            "wall_time_s": round(time.time() - start, 1),
-            "gemma_hf_version": gemma_hf.__version__,
-            "transformers_version": transformers.__version__,
-            "trl_version": trl.__version__,
-        }
-        finish_publish(rundir, staged, run_info)
+        run_info = record(
+            recipe.method, self.title, started, start,
+            head="causal-lm",
+            base_model=identity(recipe.model.model_name_or_path) or f"preset:{recipe.gemma.preset}",
+            family=recipe.family,
+            datasets=first.get("datasets", []),
+            warp={"runs": args.warp_runs, "seeds": self.seeds(recipe), "iterations": args.warp_iterations,
+                  "etas": args.warp_etas, "eta_carried": args.warp_eta, "ema_anchor": args.ema_anchor,
+                  "final_model": str(final.relative_to(rundir.path))},
+            stages=stages,
+            global_step=sum(s.get("global_step", 0) for s in stages),
+            rewards=shareable("rewards", args.rewards),
+        )
+        finish(rundir, staged, run_info)
         return RunResult(rundir.path, recipe.method, results, time.time() - start, run_info["global_step"])
 
     def summary(self, results: dict) -> list[str]:
@@ -338,35 +287,8 @@ def _stage_numbers(run_dir: Path) -> dict:
     return {k: evaluation.get(k) for k in ("reward_before", "reward_after", "kl_to_init_after") if k in evaluation}
 
 
-def _copy_model(src: Path, dst: Path, into_existing: bool = False) -> None:
-    """The model files of a model or run directory (weights, config, code, tokenizer, generation config),
-    written atomically unless ``into_existing`` (a staging directory)."""
-    from gemma_hf.io import atomic_directory
-
-    from .rundir import weight_files
-
-    names = [*weight_files(src), "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-             "tokenizer.model", "special_tokens_map.json", "chat_template.jinja",
-             *[p.name for p in src.glob("*.py")]]
-
-    def copy(into: Path) -> None:
-        for name in dict.fromkeys(names):
-            if (src / name).is_file():
-                shutil.copy2(src / name, into / name)
-
-    if into_existing:
-        copy(dst)
-        return
-    with atomic_directory(dst) as tmp:
-        copy(tmp)
-
-
 def _weights_digest(directory: Path) -> str:
     """A model directory's weight files, each by name and sha256: equal only for identical weights."""
-    from gemma_hf.io import sha256_file
-
-    from .rundir import weight_files
-
     names = weight_files(Path(directory))
     if not names:  # nothing to compare: never taken for another point
         return f"path:{Path(directory).resolve()}"

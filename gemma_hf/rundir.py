@@ -17,9 +17,9 @@ While training, ``output_dir`` holds only ``checkpoints/``, ``metrics.jsonl`` an
 whose names start with a dot (the marker ``.gemma-hf-run.json``, ``.before.json``): it never looks
 finished. The finished files are written into the sibling ``.{name}.publish/``; the checkpoints are
 moved into it; then two renames swap it into place (``output_dir`` -> ``.{name}.old``,
-``.{name}.publish`` -> ``output_dir``). A run killed between those renames is completed by
-:meth:`RunDir.recover_publish` on the next start. ``run.json`` is written last before the swap
-and marks a finished run.
+``.{name}.publish`` -> ``output_dir``). A run killed between those renames is completed on the
+next start (the protocol is gemma_hf.recipes.publish). ``run.json`` is written last before the
+swap and marks a finished run.
 
 Only the standard library is imported here.
 """
@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import struct
 import time
 import zipfile
@@ -48,8 +47,11 @@ ADAPTER = "adapter"
 CARD = "README.md"
 MARKER = ".gemma-hf-run.json"
 BEFORE = ".before.json"  # results computed before training, kept for a resumed run
-STAGES = "stages"  # the sub-runs and merges of a multi-stage method (WARP)
-CARRIED = (CHECKPOINTS, STAGES)  # directories the publish moves from the working into the finished run
+STAGES = "stages"  # the sub-runs and merges of a multi-stage method (WARP, a pipeline)
+LOGS = "logs"  # a pipeline's per-stage logs
+MANIFEST = "manifest.json"  # a pipeline's record of its stages
+# What the publish moves from the working directory into the finished run (gemma_hf.recipes.publish).
+CARRIED = (CHECKPOINTS, STAGES, LOGS, MANIFEST)
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _PLOT_SUFFIXES = (".png", ".svg", ".jpg", ".jpeg")
 
@@ -190,24 +192,6 @@ class RunDir:
             return "unfinished"  # killed while writing the marker itself (write_json's temporary sibling)
         return "foreign"
 
-    def recover_publish(self) -> bool:
-        """Finish a publish that was killed between its renames. Returns True if it did something."""
-        staged, old = self.staging, self.old
-        if not staged.is_finished():
-            return False
-        if self.path.exists():
-            if self.is_finished():
-                return False
-            for name in CARRIED:
-                if (self.path / name).exists() and not (staged.path / name).exists():
-                    os.rename(self.path / name, staged.path / name)
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(self.path, old)
-        os.rename(staged.path, self.path)
-        shutil.rmtree(old, ignore_errors=True)
-        return True
-
     # -- checkpoints ----------------------------------------------------------------------------
     def list_checkpoints(self) -> list[Path]:
         if not self.checkpoints.is_dir():
@@ -327,5 +311,5 @@ def now_iso() -> str:
 
 
 __all__ = ["RunDir", "RunDirError", "checkpoint_is_complete", "read_metrics", "write_metrics", "write_json",
-           "write_text", "now_iso", "safetensors_complete", "CARRIED", "STAGES", "weight_files", "model_files_complete",
+           "write_text", "now_iso", "safetensors_complete", "CARRIED", "STAGES", "LOGS", "MANIFEST", "weight_files", "model_files_complete",
            "RECIPE", "RUN_JSON", "EVAL_JSON", "METRICS", "PLOTS", "CHECKPOINTS", "ADAPTER", "CARD", "MARKER"]

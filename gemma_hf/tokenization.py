@@ -19,9 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from gemma_hf.chat import BOS, END_OF_TURN, EOS, chat_format, check_single_bos, encode_chat, render_chat
-
-from .formats import CONTROL_TOKENS, MODEL_ROLES
+from .chat import BOS, CONTROL_TOKENS, END_OF_TURN, EOS, MODEL_ROLES, chat_format, check_single_bos, encode_chat, render_chat
 
 
 def check_no_control_tokens(messages: Sequence[Mapping[str, str]], extra_tokens: Sequence[str] = ()) -> None:
