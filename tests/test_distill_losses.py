@@ -12,7 +12,6 @@ import warnings
 import pytest
 import torch
 
-from gemma_hf.distillation.cache import sample_targets
 from gemma_hf.distillation.losses import (
     dense_cross_entropy,
     dense_generalized_jsd,
@@ -25,6 +24,7 @@ from gemma_hf.distillation.losses import (
     target_weights,
     teacher_distribution,
 )
+from gemma_hf.distillation.targets import sample_targets
 from gemma_hf.model.loss import chunked_causal_lm_loss
 
 RTOL = 1e-5

@@ -8,9 +8,9 @@ Two layouts:
   left padding never shifts positions), and :func:`completion_hidden` gives the hidden states at
   the positions that predict the completion tokens. :func:`stop_mask` pads a generated completion
   after its first stop token (the loss covers the completion up to and including it).
-* cached teacher targets (offline training): :class:`CacheCollator` is the offline trainer's
-  collator: cache examples through :func:`~gemma_hf.distillation.cache.collate` (right-padded, with
-  their targets' estimator weights), or the held-out split's prompt/completion records.
+* cached teacher targets (offline training): :func:`collate` pads cache examples on the right,
+  with their targets' estimator weights; :class:`CacheCollator` is the offline trainer's collator
+  (cache examples, or the held-out split's prompt/completion records).
 
 The losses take a model's hidden states and head, not its logits. A student may be wrapped by
 PEFT: :func:`causal_lm_of` unwraps it, :func:`backbone_of` and :func:`head_of` give its decoder
@@ -19,12 +19,14 @@ stack and its head (weight, final soft-cap).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .cache import collate
+from .losses import target_weights
+from .shards import CacheExample
 
 
 # ----------------------------------------------------------------------------- prompt | completion
@@ -73,9 +75,35 @@ def stop_mask(completion_ids: torch.Tensor, stops: list[int], pad_id: int) -> tu
 
 
 # ----------------------------------------------------------------------------- cached targets
+def collate(examples: Sequence[CacheExample], pad_token_id: int, mode: str) -> dict[str, torch.Tensor]:
+    """Right-padded batch for :func:`~gemma_hf.distillation.losses.sparse_cross_entropy`:
+
+    input_ids [B, L] int64, attention_mask [B, L], target_ids [B, L, K] int64 and target_weights
+    [B, L, K] fp32 (the mode's estimator weights; zeros where no target), target_mask [B, L] bool
+    (position t holds a target for token t + 1).
+    """
+    width = max(int(ex.input_ids.shape[0]) for ex in examples)
+    k = examples[0].target_ids.shape[-1]
+    b = len(examples)
+    input_ids = torch.full((b, width), pad_token_id, dtype=torch.int64)
+    attention_mask = torch.zeros(b, width, dtype=torch.int64)
+    ids = torch.zeros(b, width, k, dtype=torch.int64)
+    weights = torch.zeros(b, width, k, dtype=torch.float32)
+    mask = torch.zeros(b, width, dtype=torch.bool)
+    for row, ex in enumerate(examples):
+        length, pos = int(ex.input_ids.shape[0]), ex.positions.long()
+        input_ids[row, :length] = ex.input_ids.long()
+        attention_mask[row, :length] = 1
+        ids[row, pos] = ex.target_ids.long()
+        weights[row, pos] = target_weights(mode, ex.target_probs)
+        mask[row, pos] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "target_ids": ids, "target_weights": weights,
+            "target_mask": mask}
+
+
 @dataclass
 class CacheCollator:
-    """The offline trainer's collator: cache examples -> cache.collate; the held-out split's records
+    """The offline trainer's collator: cache examples -> :func:`collate`; the held-out split's records
     (prompt_ids / completion_ids dicts: no cached targets) -> :class:`PromptCompletionCollator`."""
 
     pad_token_id: int
@@ -104,5 +132,5 @@ def head_of(model):
     return model.get_output_embeddings().weight, model.config.final_logit_softcapping
 
 
-__all__ = ["PromptCompletionCollator", "joined", "completion_hidden", "stop_mask", "CacheCollator", "causal_lm_of",
-           "backbone_of", "head_of"]
+__all__ = ["PromptCompletionCollator", "joined", "completion_hidden", "stop_mask", "collate", "CacheCollator",
+           "causal_lm_of", "backbone_of", "head_of"]

@@ -1,6 +1,7 @@
-"""The offline distillation trainer: the student learns the teacher's cached sparse targets
-(gemma_hf.distillation.cache), streamed shard by shard, so memory does not grow with the dataset.
-The on-policy trainer is in trainer.py; the recipe picks one of the two by ``distill_mode``.
+"""The offline distillation trainer: the student learns the teacher's cached sparse targets (the
+cache: cache.py and the modules it names), streamed shard by shard, so memory does not grow with
+the dataset. The on-policy trainer is in trainer.py; the recipe picks one of the two by
+``distill_mode``.
 
 The loss at each targeted position is the cache mode's estimator of the cross-entropy against the
 temperature-scaled teacher distribution (``sampled``: -(1/K) Σ_k log p_S(id_k), unbiased; ``topk``:
@@ -21,8 +22,8 @@ from torch.utils.data import IterableDataset
 from gemma_hf.trainer_utils import loss_only_prediction_step, plain_trainer_kwargs
 
 from .batches import CacheCollator, backbone_of, completion_hidden, head_of
-from .cache import CacheReader
 from .losses import mix_with_next_token, next_token_nll, sparse_cross_entropy
+from .reader import CacheReader
 
 
 class CacheDataset(IterableDataset):
