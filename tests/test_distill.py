@@ -80,6 +80,21 @@ def test_lmbda_decides_who_writes_the_completions(teacher, tmp_path, count_gener
     assert last["generated_by_student"] == expected["student"]
 
 
+def test_both_trainers_see_through_a_peft_wrapped_student():
+    """The losses take the student's backbone and head; a LoRA student gives its base model's."""
+    from peft import LoraConfig, get_peft_model
+
+    from gemma_hf.distillation.batches import backbone_of, causal_lm_of, head_of
+    from tests.tiny import make_ours
+
+    model = make_ours("gemma2")
+    wrapped = get_peft_model(make_ours("gemma2"), LoraConfig(r=2, target_modules="all-linear"))
+    base = wrapped.base_model.model
+    assert causal_lm_of(model) is model and causal_lm_of(wrapped) is base
+    assert backbone_of(model) is model.model and backbone_of(wrapped) is base.model
+    assert head_of(wrapped)[0] is base.lm_head.weight and head_of(wrapped)[1] == base.config.final_logit_softcapping
+
+
 def test_the_on_policy_coin_is_the_same_in_every_process():
     """The coin is a function of (seed, step) only: two processes draw the same sequence."""
     script = ("import random; print([random.Random(f'0:{s}').random() < 0.5 for s in range(32)])")

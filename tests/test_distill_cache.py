@@ -11,24 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma_hf.distillation.cache import (
-    MANIFEST,
-    CacheError,
-    CacheExample,
-    CacheMismatchError,
-    CacheReader,
-    CacheWriter,
-    build_cache,
-    check_compatible,
-    dataset_fingerprint,
-    example_tokens_and_positions,
-    manifest_fields,
-    sample_targets,
-    shard_name,
-    teacher_fingerprint,
-    teacher_targets,
-)
+from gemma_hf.distillation.batches import CacheCollator
+from gemma_hf.distillation.cache import build_cache, example_tokens_and_positions
+from gemma_hf.distillation.fingerprints import dataset_fingerprint, teacher_fingerprint
 from gemma_hf.distillation.losses import sparse_cross_entropy
+from gemma_hf.distillation.manifest import MANIFEST, CacheError, CacheMismatchError, manifest_fields
+from gemma_hf.distillation.offline import CacheDataset
+from gemma_hf.distillation.reader import CacheReader, check_compatible
+from gemma_hf.distillation.shards import CacheExample, shard_name
+from gemma_hf.distillation.targets import sample_targets, teacher_targets
+from gemma_hf.distillation.writer import CacheWriter
 from tiny import make_ours, random_ids
 
 REPO = Path(__file__).resolve().parent.parent
@@ -136,8 +128,11 @@ def test_round_trip_and_manifest(tmp_path):
     assert torch.allclose(ex.target_probs.float(), q, rtol=2**-10, atol=2**-24)
     assert manifest["dataset"]["num_positions"] == sum(len(example_tokens_and_positions(e)[1]) for e in examples())
 
-    # Collated batches feed the sparse loss directly.
-    batch = next(reader.batches(4, pad_token_id=0))
+    # The offline trainer's batches (its dataset and collator) feed the sparse loss directly.
+    loader = torch.utils.data.DataLoader(CacheDataset(tmp_path / "cache"), batch_size=4,
+                                         collate_fn=CacheCollator(0, reader.mode))
+    batch = next(iter(loader))
+    assert batch["input_ids"].shape[0] == 4 and batch["target_mask"].sum() == sum(ex.num_positions for ex in got[:4])
     student = make_ours("gemma2", seed=1)
     hidden = student.model(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     loss = sparse_cross_entropy(hidden, student.lm_head.weight, batch["target_ids"], batch["target_weights"],
@@ -219,11 +214,11 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
 KILLER = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
-import gemma_hf.distillation.cache as cache
+import gemma_hf.distillation.writer as writer
 from test_distill_cache import build, make_ours, tokenizer_file
 from pathlib import Path
 
-real = cache._atomic_write
+real = writer._atomic_write
 
 def killed_midway(path, data):
     if path.name == "shard-00002.safetensors":  # the last shard: half its bytes, then kill -9
@@ -233,7 +228,7 @@ def killed_midway(path, data):
         os.kill(os.getpid(), signal.SIGKILL)
     real(path, data)
 
-cache._atomic_write = killed_midway
+writer._atomic_write = killed_midway
 build(make_ours("gemma2"), Path({cache!r}), Path({tok!r}))
 """
 
@@ -289,7 +284,7 @@ def test_damaged_shard_is_refused_then_rewritten(tmp_path):
 # ----------------------------------------------------------------------------- streaming memory
 READER = """
 import sys
-from gemma_hf.distillation.cache import CacheReader
+from gemma_hf.distillation.reader import CacheReader
 
 def hwm_kb():
     for line in open("/proc/self/status"):

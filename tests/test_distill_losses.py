@@ -12,7 +12,6 @@ import warnings
 import pytest
 import torch
 
-from gemma_hf.distillation.cache import sample_targets
 from gemma_hf.distillation.losses import (
     dense_cross_entropy,
     dense_generalized_jsd,
@@ -20,10 +19,12 @@ from gemma_hf.distillation.losses import (
     generalized_jsd,
     mix_with_next_token,
     next_token_mask,
+    next_token_nll,
     sparse_cross_entropy,
     target_weights,
     teacher_distribution,
 )
+from gemma_hf.distillation.targets import sample_targets
 from gemma_hf.model.loss import chunked_causal_lm_loss
 
 RTOL = 1e-5
@@ -233,6 +234,13 @@ def test_mix_with_next_token_equals_separate_losses():
     distill = sparse_cross_entropy(s_h, s_w, ids, weights, mask, softcap=3.0)
     nll = chunked_causal_lm_loss(s_h, s_w, shift_labels=torch.where(mask, next_ids, -100), softcap=3.0)
     assert abs(mixed.item() - (0.7 * distill + 0.3 * nll).item()) <= 1e-5 * mixed.item()
+
+
+def test_next_token_nll_is_the_causal_lm_loss():
+    s_h, s_w, _, _, mask = problem(seed=9)
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(10))
+    want = chunked_causal_lm_loss(s_h, s_w, shift_labels=torch.where(mask, ids, -100), softcap=3.0)
+    assert abs(next_token_nll(s_h, s_w, ids, mask, softcap=3.0).item() - want.item()) <= 1e-5 * want.item()
 
 
 def test_next_token_mask_is_trls_shift():

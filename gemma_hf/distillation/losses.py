@@ -86,7 +86,8 @@ with weights from :func:`target_weights`:
   the top K hold all the mass (K = V).
 
 ``temperature`` in :func:`sparse_cross_entropy` is the student's (usually 1.0); the teacher's is
-baked into the cache. Mixing in the next-token NLL on the data, loss = (1 - w) * distill + w * NLL,
+baked into the cache. The next-token NLL on the data alone is the same loss with one target of
+weight 1 (:func:`next_token_nll`). Mixing it in, loss = (1 - w) * distill + w * NLL,
 needs no second pass over the head: the NLL is a sparse target with K = 1 (the next token, weight
 1), so :func:`mix_with_next_token` appends it to the targets with weight w and scales the
 teacher's weights by (1 - w); one :func:`sparse_cross_entropy` call then gives the mixture. (Or
@@ -478,6 +479,15 @@ def target_weights(mode: str, probs: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown cache mode {mode!r}; expected one of {MODES}.")
 
 
+def next_token_nll(hidden: torch.Tensor, head_weight: torch.Tensor, token_ids: torch.Tensor, mask: torch.Tensor | None,
+                   *, softcap: float | None = None) -> torch.Tensor:
+    """Mean NLL of token_ids [B, T] where hidden[b, t] predicts token_ids[b, t] (the data's next
+    tokens, e.g. a completion's): :func:`sparse_cross_entropy` with one target of weight 1, T = 1."""
+    return sparse_cross_entropy(hidden, head_weight, token_ids.unsqueeze(-1),
+                                torch.ones_like(token_ids, dtype=torch.float32).unsqueeze(-1), mask, temperature=1.0,
+                                softcap=softcap)
+
+
 def mix_with_next_token(target_ids: torch.Tensor, target_weights: torch.Tensor, next_ids: torch.Tensor,
                         nll_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Targets for loss = (1 - nll_weight) * distillation + nll_weight * NLL(next token), in one pass.
@@ -549,6 +559,7 @@ __all__ = [
     "sparse_cross_entropy",
     "target_weights",
     "mix_with_next_token",
+    "next_token_nll",
     "next_token_mask",
     "default_chunk_size",
     "ChunkedGeneralizedJSD",

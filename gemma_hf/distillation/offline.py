@@ -1,10 +1,13 @@
-"""Offline distillation: the student learns the teacher's cached sparse targets (gemma_hf.distillation
-.cache), streamed shard by shard, so memory does not grow with the dataset.
+"""The offline distillation trainer: the student learns the teacher's cached sparse targets (the
+cache: cache.py and the modules it names), streamed shard by shard, so memory does not grow with
+the dataset. The on-policy trainer is in trainer.py; the recipe picks one of the two by
+``distill_mode``.
 
 The loss at each targeted position is the cache mode's estimator of the cross-entropy against the
 temperature-scaled teacher distribution (``sampled``: -(1/K) Σ_k log p_S(id_k), unbiased; ``topk``:
 the renormalised top-K, biased), with the student at the same temperature; ``nll_weight`` w mixes
 in the next-token loss: (1 - w) distillation + w NLL (one pass: the next token is an extra target).
+Held-out evaluation is the next-token loss on the data's completions (no cached targets there).
 
 Library behaviour relied on (transformers 5): a Trainer with an IterableDataset needs max_steps
 and re-iterates the dataset when an epoch ends; on resume it skips the batches already seen by
@@ -16,7 +19,11 @@ from __future__ import annotations
 import torch
 from torch.utils.data import IterableDataset
 
-from .cache import CacheReader, collate
+from gemma_hf.trainer_utils import loss_only_prediction_step, plain_trainer_kwargs
+
+from .batches import CacheCollator, backbone_of, completion_hidden, head_of
+from .losses import mix_with_next_token, next_token_nll, sparse_cross_entropy
+from .reader import CacheReader
 
 
 class CacheDataset(IterableDataset):
@@ -33,44 +40,30 @@ class CacheDataset(IterableDataset):
         return len(self.reader)
 
 
-def make_offline_trainer(run, Trainer, *, model, args, **kwargs):
-    """A Trainer whose loss is the sparse cross-entropy against the cached teacher targets."""
-    from .losses import mix_with_next_token, sparse_cross_entropy
+def make_offline_trainer(run, **kwargs):
+    """A Trainer whose loss is the sparse cross-entropy against the cached teacher targets; `kwargs`:
+    the engine's trainer arguments (its train_dataset is replaced by the cache)."""
+    from transformers import Trainer
 
+    kwargs = plain_trainer_kwargs(kwargs)
     distill = run.recipe.method_args
     reader = CacheReader(distill.cache_dir)
     mode, temperature = reader.mode, reader.temperature
     pad_id = run.tokenizer.pad_token_id
     kwargs.pop("train_dataset", None)
-    args.remove_unused_columns = False
-    args.dataloader_num_workers = 0  # one reader: each worker would read every shard
+    kwargs["args"].dataloader_num_workers = 0  # one reader: each worker would read every shard
     run.info["cache"] = {"K": reader.K, "mode": mode, "temperature": temperature, "examples": len(reader),
                          "positions": reader.num_positions, "bytes_per_target": reader.bytes_per_target()}
-
-    def collator(examples):
-        if isinstance(examples[0], dict):  # the held-out split (data completions): no cached targets
-            from .trainer import PromptCompletionCollator
-
-            return PromptCompletionCollator(pad_id)(examples)
-        return collate(examples, pad_id, mode)
 
     class OfflineDistillTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if "prompt_ids" in inputs:  # held-out evaluation: the next-token loss on the data's completions
-                from .trainer import completion_hidden, head_of
-
-                hidden = completion_hidden(model, inputs)
                 weight, cap = head_of(model)
-                ids = inputs["completion_ids"]
-                loss = sparse_cross_entropy(hidden, weight, ids.unsqueeze(-1),
-                                            torch.ones_like(ids, dtype=torch.float32).unsqueeze(-1),
-                                            inputs["completion_mask"], temperature=1.0, softcap=cap)
+                loss = next_token_nll(completion_hidden(model, inputs), weight, inputs["completion_ids"],
+                                      inputs["completion_mask"], softcap=cap)
                 return (loss, None) if return_outputs else loss
-            from .trainer import head_of
-
-            backbone = model.base_model.model.model if hasattr(model, "peft_config") else model.model
-            hidden = backbone(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                              use_cache=False).last_hidden_state
+            hidden = backbone_of(model)(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                        use_cache=False).last_hidden_state
             weight, cap = head_of(model)
             target_ids, target_weights = inputs["target_ids"], inputs["target_weights"]
             if distill.nll_weight:
@@ -81,14 +74,10 @@ def make_offline_trainer(run, Trainer, *, model, args, **kwargs):
                                         temperature=temperature, softcap=cap)
             return (loss, None) if return_outputs else loss
 
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            inputs = self._prepare_inputs(inputs)
-            with torch.no_grad():
-                loss = self.compute_loss(model, inputs)
-            return loss.detach(), None, None
+        prediction_step = loss_only_prediction_step
 
-    return OfflineDistillTrainer(model=model, args=args, train_dataset=CacheDataset(distill.cache_dir),
-                                 data_collator=collator, **kwargs)
+    return OfflineDistillTrainer(train_dataset=CacheDataset(distill.cache_dir),
+                                 data_collator=CacheCollator(pad_id, mode), **kwargs)
 
 
 __all__ = ["CacheDataset", "make_offline_trainer"]

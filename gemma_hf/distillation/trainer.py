@@ -1,5 +1,6 @@
-"""The distillation trainers behind ``gemma-hf distill`` (gemma_hf.recipes.distill), on transformers'
-Trainer, with our chunked losses (gemma_hf.distillation.losses).
+"""The on-policy distillation trainer (GKD) behind ``gemma-hf distill`` (gemma_hf.recipes.distill),
+on transformers' Trainer, with our chunked losses (gemma_hf.distillation.losses); and the held-out
+metrics every distill run reports, whatever its mode (:func:`heldout_distillation_metrics`).
 
 Why not TRL's: ``trl.DistillationTrainer`` (1.16) is fully on-policy (no lmbda, no sequence-level
 KD); the experimental ``GKDTrainer`` has both but builds full student and teacher [B, T, V] logits
@@ -7,68 +8,23 @@ and flips its on-policy coin with ``random.random()`` in each process independen
 is ``Random(seed, step)`` (every process draws the same), generation goes through TRL's
 ``unwrap_model_for_generation``, and the divergence is computed chunk by chunk from hidden states.
 
-Batches hold left-padded prompts and right-padded completions; the sequence fed to both models is
-``prompt | completion`` with explicit position ids (left padding never shifts positions), and the
-loss covers the completion tokens up to and including the first stop token.
+Batches (batches.py) hold left-padded prompts and right-padded completions; the sequence fed to
+both models is ``prompt | completion`` with explicit position ids (left padding never shifts
+positions), and the loss covers the completion tokens up to and including the first stop token.
+The offline trainer is in offline.py; the recipe picks one of the two by ``distill_mode``.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from gemma_hf.chat import stop_token_ids
+from gemma_hf.trainer_utils import loss_only_prediction_step, plain_trainer_kwargs
 
-@dataclass
-class PromptCompletionCollator:
-    """prompt_ids / completion_ids lists -> left-padded prompts and right-padded completions."""
-
-    pad_token_id: int
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        prompts = [list(e["prompt_ids"]) for e in examples]
-        completions = [list(e["completion_ids"]) for e in examples]
-        width_p, width_c = max(map(len, prompts)), max(1, max(map(len, completions)))
-        batch = {
-            "prompt_ids": torch.tensor([[self.pad_token_id] * (width_p - len(p)) + p for p in prompts]),
-            "prompt_mask": torch.tensor([[0] * (width_p - len(p)) + [1] * len(p) for p in prompts]),
-            "completion_ids": torch.tensor([c + [self.pad_token_id] * (width_c - len(c)) for c in completions]),
-            "completion_mask": torch.tensor([[1] * len(c) + [0] * (width_c - len(c)) for c in completions]),
-        }
-        return batch
-
-
-def joined(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, position_ids) of prompt | completion."""
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    return ids, mask, positions
-
-
-def completion_hidden(model, batch) -> torch.Tensor:
-    """The backbone's hidden states at the positions that predict each completion token [B, C, H]."""
-    ids, mask, positions = joined(batch)
-    backbone = model.base_model.model.model if hasattr(model, "peft_config") else model.model
-    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
-    width_p, width_c = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
-    return hidden[:, width_p - 1: width_p - 1 + width_c]
-
-
-def head_of(model):
-    if hasattr(model, "peft_config"):
-        model = model.base_model.model
-    return model.get_output_embeddings().weight, model.config.final_logit_softcapping
-
-
-def stop_mask(completion_ids: torch.Tensor, stops: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(completion_ids with everything after the first stop token padded, its mask incl. the stop)."""
-    is_stop = torch.isin(completion_ids, torch.tensor(stops, device=completion_ids.device))
-    after = (is_stop.cumsum(dim=1) - is_stop.int()) > 0  # strictly after the first stop
-    mask = (~after).int()
-    return completion_ids.masked_fill(after, pad_id), mask
+from .batches import PromptCompletionCollator, completion_hidden, head_of, stop_mask
+from .losses import generalized_jsd, next_token_nll
 
 
 def generate_completions(model, batch, max_new_tokens: int, temperature: float, stops: list[int], pad_id: int):
@@ -86,8 +42,6 @@ def generate_completions(model, batch, max_new_tokens: int, temperature: float, 
 
 def heldout_distillation_metrics(student, teacher, dataset, pad_id: int, batch_size: int, device) -> dict:
     """Per-token KL(teacher || student) and the student's loss on the held-out completions (the data's)."""
-    from .losses import generalized_jsd, sparse_cross_entropy
-
     collate = PromptCompletionCollator(pad_id)
     was_training = student.training
     student.eval()
@@ -103,9 +57,7 @@ def heldout_distillation_metrics(student, teacher, dataset, pad_id: int, batch_s
             t_weight, t_cap = head_of(teacher)
             kl = generalized_jsd(s_hidden, s_weight, t_hidden, t_weight, mask, beta=0.0, temperature=1.0,
                                  student_softcap=s_cap, teacher_softcap=t_cap)
-            nll = sparse_cross_entropy(s_hidden, s_weight, batch["completion_ids"].unsqueeze(-1),
-                                       torch.ones_like(batch["completion_ids"], dtype=torch.float32).unsqueeze(-1),
-                                       mask, temperature=1.0, softcap=s_cap)
+            nll = next_token_nll(s_hidden, s_weight, batch["completion_ids"], mask, softcap=s_cap)
             kl_sum += kl.item() * count
             nll_sum += nll.item() * count
             tokens += count
@@ -117,20 +69,11 @@ def heldout_distillation_metrics(student, teacher, dataset, pad_id: int, batch_s
 
 
 def make_distillation_trainer(run, teacher, **kwargs):
-    """The trainer of a distill run: GKD (on-policy) or offline (cached sparse targets)."""
+    """The on-policy (GKD) trainer of a distill run; `kwargs`: the engine's trainer arguments."""
     from transformers import Trainer
 
-    from gemma_hf.chat import stop_token_ids
-
     args = run.recipe.method_args
-    peft_config = kwargs.pop("peft_config", None)
-    model = kwargs.pop("model")
-    if peft_config is not None:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, peft_config)
-    training_args = kwargs.pop("args")
-    training_args.remove_unused_columns = False  # our columns are prompt_ids / completion_ids
+    kwargs = plain_trainer_kwargs(kwargs)
     pad_id = run.tokenizer.pad_token_id
     stops = stop_token_ids(run.tokenizer)
     seed = run.recipe.training.seed
@@ -167,8 +110,6 @@ def make_distillation_trainer(run, teacher, **kwargs):
             return super().training_step(model, inputs, num_items_in_batch)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            from .losses import generalized_jsd, sparse_cross_entropy
-
             mask = inputs["completion_mask"]
             s_hidden = completion_hidden(model, inputs)
             with torch.no_grad():
@@ -178,17 +119,11 @@ def make_distillation_trainer(run, teacher, **kwargs):
             loss = generalized_jsd(s_hidden, s_weight, t_hidden, t_weight, mask, beta=args.beta,
                                    temperature=args.temperature, student_softcap=s_cap, teacher_softcap=t_cap)
             if args.nll_weight:
-                nll = sparse_cross_entropy(s_hidden, s_weight, inputs["completion_ids"].unsqueeze(-1),
-                                           torch.ones_like(inputs["completion_ids"], dtype=torch.float32).unsqueeze(-1),
-                                           mask, temperature=1.0, softcap=s_cap)
+                nll = next_token_nll(s_hidden, s_weight, inputs["completion_ids"], mask, softcap=s_cap)
                 loss = (1 - args.nll_weight) * loss + args.nll_weight * nll
             return (loss, None) if return_outputs else loss
 
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            inputs = self._prepare_inputs(inputs)
-            with torch.no_grad():
-                loss = self.compute_loss(model, inputs)
-            return loss.detach(), None, None
+        prediction_step = loss_only_prediction_step
 
         def log(self, logs, start_time=None):
             # run.json's counts; log() also runs at the end of training (and of a resume that trains nothing)
@@ -197,13 +132,7 @@ def make_distillation_trainer(run, teacher, **kwargs):
                 logs = {**logs, **{f"generated_by_{k}": v for k, v in self.generations.items()}}
             super().log(logs, start_time)
 
-    if args.distill_mode == "offline":
-        from .offline import make_offline_trainer
-
-        return make_offline_trainer(run, Trainer, model=model, args=training_args, **kwargs)
-    return GemmaDistillTrainer(model=model, args=training_args, data_collator=PromptCompletionCollator(pad_id),
-                               **kwargs)
+    return GemmaDistillTrainer(data_collator=PromptCompletionCollator(pad_id), **kwargs)
 
 
-__all__ = ["PromptCompletionCollator", "heldout_distillation_metrics", "make_distillation_trainer", "stop_mask",
-           "generate_completions", "completion_hidden", "joined"]
+__all__ = ["heldout_distillation_metrics", "make_distillation_trainer", "generate_completions"]

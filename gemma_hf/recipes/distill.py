@@ -237,12 +237,19 @@ class Distill(Method):
                                             run.recipe.training.per_device_eval_batch_size, run.state.device)
 
     def make_trainer(self, run, model, train_set, eval_set):
-        from gemma_hf.distillation.trainer import make_distillation_trainer
-
-        if run.recipe.method_args.distill_mode == "offline":
+        """The offline trainer (cached teacher targets) or the on-policy one (GKD), by distill_mode."""
+        offline = run.recipe.method_args.distill_mode == "offline"
+        if offline:
             check_cache_dataset(run, train_set)
         kwargs = run.trainer_kwargs(model, train_set, eval_set)
-        return make_distillation_trainer(run, self.teacher(run), **kwargs)
+        teacher = self.teacher(run)  # loaded here in both modes: an offline run's held-out metrics use it too
+        if offline:
+            from gemma_hf.distillation.offline import make_offline_trainer
+
+            return make_offline_trainer(run, **kwargs)
+        from gemma_hf.distillation.trainer import make_distillation_trainer
+
+        return make_distillation_trainer(run, teacher, **kwargs)
 
     def run_info(self, run) -> dict:
         args = run.recipe.method_args

@@ -173,10 +173,9 @@ def _trainer_class():
             return (loss, outputs) if return_outputs else loss
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            inputs = self._prepare_inputs(inputs)
-            with torch.no_grad(), self.compute_loss_context_manager():
-                loss = self.compute_loss(model, inputs)
-            return loss.detach(), None, None
+            from gemma_hf.trainer_utils import loss_only_prediction_step
+
+            return loss_only_prediction_step(self, model, inputs, prediction_loss_only, ignore_keys)
 
     return GemmaSFTTrainer
 
