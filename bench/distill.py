@@ -171,7 +171,8 @@ def cache_bytes(ks=(16, 64, 256), examples: int = 32, length: int = 256, shard_s
     import torch
 
     from gemma_hf import GemmaHFConfig, GemmaHFForCausalLM
-    from gemma_hf.distillation.cache import CacheReader, build_cache
+    from gemma_hf.distillation.cache import build_cache
+    from gemma_hf.distillation.reader import CacheReader
 
     torch.manual_seed(0)
     teacher = GemmaHFForCausalLM._from_config(GemmaHFConfig(**{**BODY, "vocab_size": 1024}),

@@ -9,9 +9,6 @@ manifest.py (the directory format's manifest, its identity fields, the cache's e
 shards.py (the shard file layout), writer.py (atomic, resumable writes), reader.py (streaming a
 complete cache back, check_compatible), batches.py (collate: cache examples -> a batch).
 
-This module also re-exports the names that gemma_hf/recipes/distill.py and bench/distill.py
-import from it (CacheError, CacheMismatchError, CacheReader, check_compatible, dataset_fingerprint,
-read_manifest); new code imports them from their own modules.
 """
 
 from __future__ import annotations
@@ -20,10 +17,9 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
-from .fingerprints import _TokenHash, dataset_fingerprint
+from .fingerprints import TokenHash
 from .losses import default_chunk_size
-from .manifest import CacheError, CacheMismatchError, manifest_fields, read_manifest
-from .reader import CacheReader, check_compatible
+from .manifest import manifest_fields
 from .shards import CacheExample
 from .targets import teacher_targets
 from .writer import CacheWriter
@@ -82,13 +78,13 @@ def build_cache(teacher, examples: Iterable[Mapping], directory, *, tokenizer, K
     device = teacher.lm_head.weight.device
     was_training = teacher.training
     teacher.eval()
-    dataset_hash = _TokenHash()
+    dataset_hash = TokenHash()
     try:
         with CacheWriter(directory, fields, shard_size) as writer:
             num_shards = 0
             for index, shard in enumerate(_shard_batches(examples, shard_size)):
                 num_shards = index + 1
-                shard_tokens, shard_positions = _TokenHash(), _TokenHash()
+                shard_tokens, shard_positions = TokenHash(), TokenHash()
                 for ids, positions in shard:
                     shard_tokens.update(ids)
                     shard_positions.update(positions)
@@ -131,6 +127,4 @@ def build_cache(teacher, examples: Iterable[Mapping], directory, *, tokenizer, K
 
 __all__ = [
     "build_cache", "example_tokens_and_positions",
-    # re-exported for the importers named in the module docstring
-    "CacheError", "CacheMismatchError", "CacheReader", "check_compatible", "dataset_fingerprint", "read_manifest",
 ]

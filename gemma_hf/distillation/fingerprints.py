@@ -35,7 +35,7 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")  # a value that already is a sha256 hex d
 FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK_BYTES, FINGERPRINT_VALUES = 16, 4096, 4096
 
 
-def _sha_json(obj) -> str:
+def sha_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -43,7 +43,7 @@ def _config_for_hash(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version", "auto_map")}
 
 
-def _safetensors_header(path: Path) -> tuple[int, bytes]:
+def safetensors_header(path: Path) -> tuple[int, bytes]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -62,10 +62,10 @@ def _directory_fingerprint(path: Path) -> str:
     if not (path / "config.json").is_file() or not files:
         raise ValueError(f"teacher fingerprint: {path} needs config.json and *.safetensors weights.")
     h = hashlib.sha256(b"gemma_hf.teacher.dir.v1\0")
-    h.update(_sha_json(_config_for_hash(json.loads((path / "config.json").read_text()))).encode())
+    h.update(sha_json(_config_for_hash(json.loads((path / "config.json").read_text()))).encode())
     for file in files:
         size = file.stat().st_size
-        length, header = _safetensors_header(file)
+        length, header = safetensors_header(file)
         h.update(f"\0{file.name}\0{size}\0".encode())
         h.update(header)
         data_start, data_size = 8 + length, size - 8 - length
@@ -78,7 +78,7 @@ def _directory_fingerprint(path: Path) -> str:
 
 def _model_fingerprint(model) -> str:
     h = hashlib.sha256(b"gemma_hf.teacher.memory.v1\0")
-    h.update(_sha_json(_config_for_hash(model.config.to_dict())).encode())
+    h.update(sha_json(_config_for_hash(model.config.to_dict())).encode())
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // FINGERPRINT_VALUES)
@@ -114,7 +114,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-class _TokenHash:
+class TokenHash:
     """sha256 over examples: uint64 LE token count, then the ids as int32 LE."""
 
     def __init__(self):
@@ -131,7 +131,7 @@ class _TokenHash:
 
 def dataset_fingerprint(token_sequences: Iterable) -> str:
     """The dataset fingerprint of a cache (see the module docstring) of these token id sequences."""
-    h = _TokenHash()
+    h = TokenHash()
     for ids in token_sequences:
         h.update(ids)
     return h.hexdigest()

@@ -129,7 +129,7 @@ def next_token_mask(labels: torch.Tensor, ignore_index: int = -100) -> torch.Ten
 
 
 # ----------------------------------------------------------------------------- shared helpers
-def _project(h: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, scale: float | None = None) -> None:
+def project_scaled(h: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, scale: float | None = None) -> None:
     """out[c, V] (fp32) = (h @ weight^T) * scale, in the weight's dtype, result in fp32."""
     if h.dtype != weight.dtype:
         h = h.to(weight.dtype)
@@ -151,9 +151,9 @@ def _project_for_softmax(h: torch.Tensor, weight: torch.Tensor, out: torch.Tenso
                          inv_t: float) -> None:
     """out <- what _log_softmax_ reads: r = sigmoid(-2 y / cap) with a cap, else y / T (y = h W^T)."""
     if cap is None:
-        _project(h, weight, out, inv_t)
+        project_scaled(h, weight, out, inv_t)
     else:
-        _project(h, weight, out, -2.0 / cap)
+        project_scaled(h, weight, out, -2.0 / cap)
         out.sigmoid_()
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .fingerprints import _HEX64, dataset_fingerprint, teacher_fingerprint, tokenizer_fingerprint
 from .manifest import MANIFEST, CacheError, CacheMismatchError, read_manifest
-from .shards import CacheExample, _load_shard, _split
+from .shards import CacheExample, load_shard, split_examples
 
 
 class CacheReader:
@@ -61,7 +61,7 @@ class CacheReader:
     def read_shard(self, index: int) -> list[CacheExample]:
         """The examples of one shard (views into that shard's tensors)."""
         entry = self.manifest["shards"][index]
-        return _split(_load_shard(self.directory / entry["file"]))
+        return split_examples(load_shard(self.directory / entry["file"]))
 
     def __iter__(self) -> Iterator[CacheExample]:
         for index in range(self.num_shards):

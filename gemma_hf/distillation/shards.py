@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .fingerprints import _safetensors_header
+from .fingerprints import safetensors_header
 
 METADATA_KEY = "gemma_hf.distill_cache"
 SHARD_TENSORS = {"input_ids": "I32", "token_offsets": "I64", "positions": "I32", "target_offsets": "I64",
@@ -61,10 +61,10 @@ class CacheExample:
         return int(self.positions.shape[0])
 
 
-def _shard_header_info(path: Path) -> dict | None:
+def shard_header_info(path: Path) -> dict | None:
     """The shard's metadata, when its size matches its header; None for a partial or foreign file."""
     try:
-        length, header_bytes = _safetensors_header(path)
+        length, header_bytes = safetensors_header(path)
         header = json.loads(header_bytes)
         ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
         if path.stat().st_size != 8 + length + max(ends, default=0):
@@ -76,7 +76,7 @@ def _shard_header_info(path: Path) -> dict | None:
         return None
 
 
-def _shard_is_valid(info: dict | None, index: int, identity_digest: str, manifest: Mapping) -> bool:
+def shard_is_valid(info: dict | None, index: int, identity_digest: str, manifest: Mapping) -> bool:
     if info is None or info.get("index") != index or info.get("identity") != identity_digest:
         return False
     if any(key not in info for key in ("num_examples", "num_positions", "num_tokens", "tokens_sha256",
@@ -92,14 +92,14 @@ def _shard_is_valid(info: dict | None, index: int, identity_digest: str, manifes
     return all(tensors[name]["shape"] == shape for name, shape in shapes.items())
 
 
-def _load_shard(path: Path, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+def load_shard(path: Path, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         return {name: f.get_tensor(name) for name in (names or f.keys())}
 
 
-def _split(tensors: Mapping[str, torch.Tensor]) -> list[CacheExample]:
+def split_examples(tensors: Mapping[str, torch.Tensor]) -> list[CacheExample]:
     tok, tgt = tensors["token_offsets"].tolist(), tensors["target_offsets"].tolist()
     return [CacheExample(tensors["input_ids"][tok[e]:tok[e + 1]], tensors["positions"][tgt[e]:tgt[e + 1]],
                          tensors["target_ids"][tgt[e]:tgt[e + 1]], tensors["target_probs"][tgt[e]:tgt[e + 1]])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .losses import MODES, _project, default_chunk_size
+from .losses import MODES, project_scaled, default_chunk_size
 
 
 def sample_targets(logits: torch.Tensor, K: int, temperature: float = 1.0, mode: str = "sampled",
@@ -74,7 +74,7 @@ def teacher_targets(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     for start in range(0, rows.shape[0], chunk):
         h = rows[start:start + chunk]
         logits = buf[: h.shape[0]]
-        _project(h, weight, logits)
+        project_scaled(h, weight, logits)
         if cap is not None:
             logits.div_(cap).tanh_().mul_(cap)
         ids[start:start + chunk], probs[start:start + chunk] = sample_targets(

@@ -32,7 +32,7 @@ import torch
 
 from gemma_hf.io import exclusive_lock
 
-from .fingerprints import _sha_json, _TokenHash
+from .fingerprints import sha_json, TokenHash
 from .manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -45,7 +45,7 @@ from .manifest import (
     _identity,
     read_manifest,
 )
-from .shards import METADATA_KEY, CacheExample, _load_shard, _shard_header_info, _shard_is_valid, shard_name
+from .shards import METADATA_KEY, CacheExample, load_shard, shard_header_info, shard_is_valid, shard_name
 
 _TMP = re.compile(r"^\.shard-\d+\.safetensors\.tmp$")
 _SHARD = re.compile(r"^shard-\d+\.safetensors$")
@@ -116,7 +116,7 @@ class CacheWriter:
                 manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **fields, "ids_dtype": "int32",
                             "shards": [], "dataset": None, "complete": False}
             self.manifest = manifest
-            self.identity_digest = _sha_json(_identity(manifest))
+            self.identity_digest = sha_json(_identity(manifest))
             for stale in self.directory.iterdir():  # a kill during a shard write leaves its temporary file
                 if _TMP.match(stale.name):
                     stale.unlink()
@@ -169,8 +169,8 @@ class CacheWriter:
         dataset changed.
         """
         path = self.directory / shard_name(index)
-        info = _shard_header_info(path) if path.exists() else None
-        if not _shard_is_valid(info, index, self.identity_digest, self.manifest):
+        info = shard_header_info(path) if path.exists() else None
+        if not shard_is_valid(info, index, self.identity_digest, self.manifest):
             if self._entry(index) is not None:  # recorded, but the file is gone or damaged: rewrite it
                 self.manifest["shards"] = [s for s in self.manifest["shards"] if s["index"] != index]
                 self._write_manifest()
@@ -218,7 +218,7 @@ class CacheWriter:
             raise ValueError(f"shard {index}: {len(examples)} examples, more than shard_size={self.shard_size}.")
         k, vocab = self.manifest["K"], self.manifest["vocab_size"]
         probs_dtype = PROBS_DTYPES[self.manifest["probs_dtype"]]
-        tokens, positions = _TokenHash(), _TokenHash()
+        tokens, positions = TokenHash(), TokenHash()
         for e, ex in enumerate(examples):
             p, length = ex.positions.shape[0], ex.input_ids.shape[0]
             if length < 1:
@@ -268,9 +268,9 @@ class CacheWriter:
             missing = sorted(set(range(max(indices, default=-1) + 1)) - set(indices))
             raise CacheError(f"{self.directory}: cannot finish, shards {missing or [0]} are missing.")
         if dataset_fingerprint is None:
-            h = _TokenHash()
+            h = TokenHash()
             for s in shards:
-                t = _load_shard(self.directory / s["file"], ["input_ids", "token_offsets"])
+                t = load_shard(self.directory / s["file"], ["input_ids", "token_offsets"])
                 offs = t["token_offsets"].tolist()
                 for e in range(len(offs) - 1):
                     h.update(t["input_ids"][offs[e]:offs[e + 1]])

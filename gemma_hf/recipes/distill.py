@@ -198,13 +198,17 @@ class Distill(Method):
         return student, []
 
     def teacher(self, run):
-        """The frozen teacher (loaded once per run), in eval mode."""
+        """The frozen teacher (loaded once per run), in eval mode, on this process's device: the held-out
+        metrics before training (engine) and an offline run's metrics use it before or without any
+        trainer that would move it."""
         if "_teacher" not in run.info:
             args, m = run.recipe.method_args, run.recipe.model
             path = resolve(args.teacher_name_or_path, "teacher").location
             teacher, _ = load_model(path, "causal-lm", dtype=args.teacher_dtype or m.dtype,
                                     attn_implementation=m.attn_implementation)
             teacher.eval().requires_grad_(False)
+            if not getattr(teacher, "hf_device_map", None):  # quantized models are placed already
+                teacher.to(run.state.device)
             run.info["_teacher"] = teacher
         return run.info["_teacher"]
 
@@ -284,7 +288,8 @@ def _check_cache(c) -> None:
         c.environment("cache_dir", f"{directory} holds no teacher cache yet",
                       f"write it: gemma-hf distill-cache --config {c.file_label}")
         return
-    from gemma_hf.distillation.cache import CacheError, CacheMismatchError, check_compatible, read_manifest
+    from gemma_hf.distillation.manifest import CacheError, CacheMismatchError, read_manifest
+    from gemma_hf.distillation.reader import check_compatible
     try:
         manifest = read_manifest(directory)
         teacher = resolve(args.teacher_name_or_path, "teacher").path if args.teacher_name_or_path else None
@@ -381,7 +386,9 @@ def cache_examples(train_set):
 
 def check_cache_dataset(run, train_set) -> None:
     """The cache must cover exactly this run's training examples (same tokens, same order)."""
-    from gemma_hf.distillation.cache import CacheMismatchError, check_compatible, dataset_fingerprint
+    from gemma_hf.distillation.fingerprints import dataset_fingerprint
+    from gemma_hf.distillation.manifest import CacheMismatchError
+    from gemma_hf.distillation.reader import check_compatible
 
     tokens = (list(r["prompt_ids"]) + list(r["completion_ids"]) for r in train_set)
     try:
