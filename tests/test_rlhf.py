@@ -19,7 +19,7 @@ import yaml
 from gemma_hf.assets import gemma_tokenizer_tiny, llamafactory_data
 from tests.assets import require
 from tests.assets import tokenizer as load_tokenizer
-from tests.clirun import cli
+from tests.clirun import cli, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_RLHF = REPO / "recipes" / "tiny" / "rlhf.yaml"
@@ -193,3 +193,65 @@ def test_warp_killed_between_stages_resumes_without_redoing_them(policy_dir, tmp
     a, b = load_file(killed / "model.safetensors"), load_file(reference / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not [p for p in (killed / "stages").rglob(".*") if ".tmp-" in p.name]
+
+
+# --------------------------------------------------------------------------------------------
+# Reward functions that break the contract (issue 22, cases 3 and 4): the user's input, named;
+# the run is never published on rewards that are not numbers.
+# --------------------------------------------------------------------------------------------
+
+BAD_REWARDS = [
+    ("nan_for_all", 2, "NaN for 8 of 8 completions"),
+    ("one_nan", 2, "NaN for 1 of 8 completions"),
+    ("infinite", 2, "an infinity for 8 of 8"),
+    ("returns_none", 2, "returned None for 8 completions, not a list of numbers"),
+    ("none_per_sample", 2, "None for 8 of 8"),
+    ("strings", 2, "str for 8 of 8"),
+    ("too_few", 2, "returned 7 values for 8 completions"),
+    ("too_many", 2, "returned 9 values for 8 completions"),
+    ("raises", 1, "raised ValueError: the grader lost its rubric"),
+]
+
+
+def _rl_recipe(tmp_path: Path, rewards: list, **more) -> Path:
+    recipe = yaml.safe_load(TINY_RLHF.read_text())
+    recipe.update(rewards=rewards, output_dir=str(tmp_path / "out"), max_steps=2, save_steps=2, **more)
+    path = tmp_path / "rlhf.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.parametrize("name,code,text", BAD_REWARDS, ids=[b[0] for b in BAD_REWARDS])
+def test_a_reward_function_that_returns_no_numbers_stops_the_run_unpublished(tmp_path, capsys, name, code, text):
+    """Found by the held-out reward before training (the 8 held-out prompts, one answer each)."""
+    require(gemma_tokenizer_tiny)
+    require(llamafactory_data)
+    path = _rl_recipe(tmp_path, [{"function": f"tests.reward_functions:{name}"}])
+    got, _, err = run_cli(["rlhf", "--config", str(path)], capsys)
+    assert got == code, err[-2000:]
+    assert f"reward rewards[0] (tests.reward_functions:{name})" in err and text in err, err[-2000:]
+    assert "was not published" in err and "Traceback" not in err and "unexpected" not in err
+    assert not (tmp_path / "out" / "run.json").exists()
+    assert not (tmp_path / ".out.publish").exists()
+
+
+def test_a_bad_reward_found_while_training_stops_the_run_unpublished(tmp_path, capsys):
+    """Without a held-out split the first call comes from TRL's trainer (a batch of 4: one prompt's 4 generations)."""
+    require(gemma_tokenizer_tiny)
+    require(llamafactory_data)
+    path = _rl_recipe(tmp_path, [{"function": "tests.reward_functions:fine"},
+                                 {"function": "tests.reward_functions:one_nan", "weight": 0.5}],
+                      test_split_size=None, eval_strategy="no", per_device_train_batch_size=4)
+    got, _, err = run_cli(["rlhf", "--config", str(path)], capsys)
+    assert got == 2, err[-2000:]
+    assert "reward rewards[1] (tests.reward_functions:one_nan) returned NaN for 1 of 4 completions" in err
+    assert "Traceback" not in err and not (tmp_path / "out" / "run.json").exists()
+
+
+def test_every_reward_weight_zero_is_refused(tmp_path, capsys):
+    require(gemma_tokenizer_tiny)
+    require(llamafactory_data)
+    path = _rl_recipe(tmp_path, [{"function": "tests.reward_functions:fine", "weight": 0},
+                                 {"function": "gemma_hf.rl.rules:chat_health", "weight": 0.0}])
+    got, _, err = run_cli(["validate", str(path)], capsys)
+    assert got == 2 and "- rewards" in err and "every reward's weight is 0" in err, err

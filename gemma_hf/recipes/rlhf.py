@@ -107,6 +107,9 @@ class RLHF(Method):
             else:
                 for key, message, fix in check_specs(specs):
                     c.error(key, message, fix)
+                if all(spec.weight == 0 for spec in specs):
+                    c.error("rewards", "every reward's weight is 0: the policy would train on a constant reward of 0 "
+                            "(only the KL term would act)", "give at least one reward a non-zero weight")
         if args.ema_anchor is not None:
             c.in_range("ema_anchor", args.ema_anchor, 0 < args.ema_anchor <= 1, "a number in (0, 1]")
             if t.beta == 0:

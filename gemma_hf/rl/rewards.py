@@ -8,8 +8,11 @@ A reward spec is a mapping, in a recipe's ``rewards:`` list:
   the conversation (prompt + completion) is rendered with the reward model's own chat template —
   the format it was trained on — and scored at its last token;
 - ``{function: "module:function", weight: 0.5}``: a Python callable with TRL's reward signature
-  ``f(prompts, completions, completion_ids, **columns) -> list[float | None]``
-  (gemma_hf.rl.rules holds rule-based ones).
+  ``f(prompts, completions, completion_ids, **columns) -> list[float]``, one finite number per
+  completion (gemma_hf.rl.rules holds rule-based ones). What it returns is checked on every call
+  (:func:`checked`): a wrong count, a value that is not a number, NaN, an infinity or None (TRL
+  would train on it as a reward of 0) stops the run unpublished, naming the entry (exit 2); an
+  exception raised inside it stops the run with its own message (exit 1).
 
 Library behaviour relied on (TRL 1.16): for a model reward, the trainer renders ``prompt +
 completion`` with ``reward_processing_class.apply_chat_template`` and tokenizes it with
@@ -19,14 +22,16 @@ completion`` with ``reward_processing_class.apply_chat_template`` and tokenizes 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gemma_hf.errors import InputError
+from gemma_hf.errors import GemmaHFError, InputError
 
 
 @dataclass
@@ -98,6 +103,63 @@ def load_function(target: str) -> Callable:
     return function
 
 
+class RewardValueError(InputError):
+    """A reward function returned something other than one finite number per completion (exit 2)."""
+
+
+class RewardFunctionFailed(GemmaHFError):
+    """A reward function raised (exit 1, with its own message)."""
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_rewards(values: Any, count: int, key: str, target: str) -> list[float]:
+    """``values`` as ``count`` finite floats, or RewardValueError naming the entry and what came back."""
+    where = f"reward {key} ({target})"
+    after = ("A reward function returns one finite number per completion; the run was not published. Fix the "
+             "function, then rerun with --resume.")
+    if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):  # a tensor or an array
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise RewardValueError(f"{where} returned {_show(values)} for {count} completions, not a list of numbers. "
+                               f"{after}")
+    if len(values) != count:
+        raise RewardValueError(f"{where} returned {len(values)} values for {count} completions. {after}")
+    bad = [(i, v) for i, v in enumerate(values)
+           if not isinstance(v, numbers.Real) or not math.isfinite(float(v))]
+    if bad:
+        kinds = sorted({"None" if v is None else "NaN" if isinstance(v, numbers.Real) and math.isnan(float(v))
+                        else "an infinity" if isinstance(v, numbers.Real) else type(v).__name__ for _, v in bad})
+        first = ", ".join(f"#{i}: {_show(v)}" for i, v in bad[:3])
+        raise RewardValueError(f"{where} returned {' / '.join(kinds)} for {len(bad)} of {count} completions "
+                               f"({first}{', ...' if len(bad) > 3 else ''}). {after}")
+    return [float(v) for v in values]
+
+
+def checked(function: Callable, key: str, target: str) -> Callable:
+    """``function`` with its results checked on every call (TRL's trainers and our held-out scoring
+    call the same wrapper). functools.wraps keeps ``__name__``: TRL logs each reward under it."""
+
+    @functools.wraps(function)
+    def reward(*args, **kwargs):
+        completions = kwargs.get("completions", args[1] if len(args) > 1 else None)
+        count = len(completions) if completions is not None else 0
+        try:
+            values = function(*args, **kwargs)
+        except GemmaHFError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the user's function failed: say so, with its message
+            raise RewardFunctionFailed(
+                f"reward {key} ({target}) raised {type(err).__name__}: {str(err).strip()[:500]}. The run was not "
+                "published; fix the function, then rerun with --resume.") from err
+        return check_rewards(values, count, key, target)
+
+    return reward
+
+
 def check_specs(specs: list[RewardSpec]) -> list[tuple[str, str, str]]:
     """(key, message, fix) for every spec that cannot be used here (validation: no weights loaded)."""
     import json
@@ -143,9 +205,9 @@ def load_rewards(specs: list[RewardSpec], device=None) -> tuple[list, list, list
     from gemma_hf.references import resolve
 
     funcs, classes, weights, names = [], [], [], []
-    for spec in specs:
+    for index, spec in enumerate(specs):
         if spec.kind == "function":
-            funcs.append(load_function(spec.target))
+            funcs.append(checked(load_function(spec.target), f"rewards[{index}]", spec.target))
             classes.append(None)
         else:
             path = resolve(spec.target, "reward model").location
@@ -171,17 +233,19 @@ def score(funcs, classes, weights, prompts: list[list[dict]], completions: list[
     per_function = []
     for func, tokenizer in zip(funcs, classes):
         if tokenizer is None:
-            values = func(prompts=prompts, completions=conversational, completion_ids=completion_ids, **columns)
-            per_function.append([float("nan") if v is None else float(v) for v in values])
+            per_function.append(func(prompts=prompts, completions=conversational, completion_ids=completion_ids,
+                                     **columns))
             continue
         texts = [tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, conversational)]
         inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
         inputs = {k: v.to(func.device) for k, v in inputs.items()}
         with torch.no_grad():
             per_function.append(func(**inputs).logits[:, 0].float().tolist())
-    total = [sum(w * v for w, v in zip(weights, values) if not math.isnan(v))
-             for values in zip(*per_function)] if per_function else []
+    # Functions' values are checked finite (checked()); a reward model's NaN stays NaN here, so that the
+    # held-out results refuse to publish (publish.check_finite_results) instead of averaging it away.
+    total = [sum(w * v for w, v in zip(weights, values)) for values in zip(*per_function)] if per_function else []
     return {"per_function": per_function, "total": total}
 
 
-__all__ = ["RewardSpec", "RewardSpecError", "parse_specs", "check_specs", "load_rewards", "load_function", "score"]
+__all__ = ["RewardSpec", "RewardSpecError", "RewardValueError", "RewardFunctionFailed", "checked", "check_rewards",
+           "parse_specs", "check_specs", "load_rewards", "load_function", "score"]
