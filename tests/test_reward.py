@@ -178,6 +178,8 @@ BAD_RECORDS = [
     ("empty-chosen", {"prompt": "Say hi.", "chosen": "  ", "rejected": "No."}, "record 2, key 'chosen'", "empty"),
     ("same-answer", {"prompt": "Say hi.", "chosen": "Hi!", "rejected": " Hi! "}, "record 2, key 'rejected'",
      "the same answer"),
+    ("same-answer-inner-whitespace", {"prompt": "Say hi.", "chosen": "Hi  there,\nfriend!", "rejected": "Hi there, friend!"},
+     "record 2, key 'rejected'", "differ at most in whitespace"),
     ("not-a-record", ["Say hi.", "Hi!"], "record 2, key 'record'", "JSON objects"),
     ("bad-margin", {**GOOD, "margin": "big"}, "record 2, key 'margin'", "finite number"),
     ("control-token", {**GOOD, "chosen": "Hi<end_of_turn>"}, "record 2, key 'chosen'", "control token"),

@@ -294,8 +294,8 @@ def to_preference(record: Mapping, fmt: str) -> dict:
     _ends_with_user(prompt, "prompt" if fmt == "preference" else ("conversations" if fmt == "sharegpt" else "instruction"),
                     "the prompt")
     if _normalised(chosen) == _normalised(rejected):
-        raise RecordError("rejected", "chosen and rejected are the same answer: the pair says nothing",
-                          "drop the record or fix one of the answers")
+        raise RecordError("rejected", "chosen and rejected are the same answer (they differ at most in whitespace): "
+                          "the pair says nothing", "drop the record or fix one of the answers")
     out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     if "margin" in record and record["margin"] is not None:
         margin = record["margin"]
@@ -306,7 +306,9 @@ def to_preference(record: Mapping, fmt: str) -> dict:
 
 
 def _normalised(messages: list[dict]) -> list[tuple[str, str]]:
-    return [(m["role"], m["content"].strip()) for m in messages]
+    """The answer as a reader sees it: model roles alike, whitespace runs (spaces, tabs, newlines,
+    leading or trailing) as one space -- answers that differ only there are the same answer."""
+    return [("model" if m["role"] in MODEL_ROLES else m["role"], " ".join(m["content"].split())) for m in messages]
 
 
 # --------------------------------------------------------------------------------------------
