@@ -239,6 +239,26 @@ def test_a_finished_evaluation_is_kept(eval_reference, tmp_path):
     _assert_same_evaluation(copy, reference)
 
 
+def test_a_publish_refused_on_the_way_leaves_no_staging_directory(tmp_path, monkeypatch):
+    """Held-out results that are not finite refuse the publish after the final model was staged (issue 22,
+    case 10: ~100 MB of staging were left beside the RL run): exit 1, the staging directory is removed, the run
+    stays unfinished and resumable."""
+    require(gemma_tokenizer_tiny)
+    from gemma_hf.recipes import publish
+    from gemma_hf.recipes.callbacks import TrainingDiverged
+
+    def refuse(results):
+        raise TrainingDiverged("held-out results are not finite (eval_loss_after); the run was not published.")
+
+    monkeypatch.setattr(publish, "check_finite_results", refuse)
+    run_dir = tmp_path / "run"
+    result = run_here("sft", run_dir)
+    assert result.returncode == 1 and "held-out results are not finite" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / ".run.publish").exists()
+    assert RunDir(run_dir).state() == "unfinished" and RunDir(run_dir).latest_complete_checkpoint()[0] is not None
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_divergence_stops_the_run_unpublished(method, tmp_path):
     require(gemma_tokenizer_tiny)

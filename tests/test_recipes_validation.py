@@ -99,6 +99,14 @@ MALFORMED = [
     ("renamed-key", _set(max_seq_length=512), "max_seq_length", "max_length"),
     ("drop-without-max-length", _set(max_length=None), "long_examples", "max_length"),
     ("max-length-too-long", _set(max_length=100000), "max_length", "max_position_embeddings"),
+    # The Trainer's own push would upload checkpoints/ around the push plan (issue 21; offline it failed
+    # mid-run as an "unexpected ConnectError", issue 22 case 11).
+    ("push-to-hub", _set(push_to_hub=True), "push_to_hub", "gemma-hf push"),
+    ("hub-model-id", _set(hub_model_id="org/name"), "hub_model_id", "the Trainer never pushes"),
+    ("output-dir-name-too-long", lambda r, t: r.update(output_dir=str(t / ("x" * 300))), "output_dir",
+     "at most 246"),
+    ("gradient-accumulation-beyond-an-epoch", _set(gradient_accumulation_steps=1_000_000_000),
+     "gradient_accumulation_steps", "batches of an epoch"),
 ]
 
 

@@ -55,7 +55,7 @@ from gemma_hf.sampling import answer_prompts
 from .callbacks import TrainingDiverged, attach_token_count, restore_token_count
 from .methods import get_method
 from .problems import Problem, RecipeError
-from .publish import publish_training, recover
+from .publish import discard_unready, publish_training, recover
 from .runtime import Run, RunResult, build_model, load_tokenizer, prepare_splits, read_mixture, set_generation_stops
 from .schema import Recipe
 
@@ -71,7 +71,8 @@ log = logging.getLogger(__name__)
 def open_run(rundir: RunDir, state, claim: Callable[[], str], what: str = "output_dir") -> Iterator[str]:
     """Hold ``rundir`` for this run: one live run per directory (the main process holds an exclusive
     lock; the kernel drops it if we die), an interrupted publish completed or undone, then
-    ``claim()`` (every process) says what state the directory is in or raises. Yields that state."""
+    ``claim()`` (every process) says what state the directory is in or raises. Yields that state.
+    If the work inside fails, a staging directory it left unready is removed."""
     with ExitStack() as stack:
         if state.is_main_process:
             stack.enter_context(exclusive_lock(rundir.path, what))
@@ -79,7 +80,12 @@ def open_run(rundir: RunDir, state, claim: Callable[[], str], what: str = "outpu
         state.wait_for_everyone()
         status = claim()
         state.wait_for_everyone()  # every process has looked before the main process writes
-        yield status
+        try:
+            yield status
+        except BaseException:
+            if state.is_main_process:  # a publish that failed on the way leaves no staging directory behind
+                discard_unready(rundir)
+            raise
 
 
 def run_recipe(recipe: Recipe, resume: bool = False) -> RunResult:

@@ -132,6 +132,14 @@ def recover(rundir: RunDir, carried: tuple[str, ...] = CARRIED) -> bool:
     return done
 
 
+def discard_unready(rundir: RunDir) -> None:
+    """Remove a staging directory that never became ready: a publish refused or failed on the way
+    (non-finite results, a full disk, an error in a method's hook) leaves nothing beside the run."""
+    staged = rundir.staging
+    if staged.path.exists() and not (staged / PUBLISH_READY).is_file():
+        shutil.rmtree(staged.path, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Pieces of a publish
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import functools
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,7 @@ def check_recipe(recipe: Recipe, file_label: str, check_environment: bool = True
     split_seed = recipe.data.split_seed
     c.in_range("split_seed", split_seed, split_seed is None or 0 <= split_seed < 2**32, "an integer in [0, 2**32)")
     _check_datasets(c)
+    _check_output_paths(c)
     if trains:
         _check_misc(c)
     get_method(recipe.method).check(c)
@@ -478,14 +480,62 @@ def _check_split_sizes(c: Checks, parts) -> None:
     total = sum(max(1, round(p.spec.fraction * p.num_examples)) if p.spec.fraction < 1 else p.num_examples
                 for p in parts)
     size = c.recipe.data.test_split_size
+    held_out = 0 if size is None else math.ceil(size * total) if isinstance(size, float) else size
     if size is None:
+        _check_accumulation(c, total)
         return
-    held_out = math.ceil(size * total) if isinstance(size, float) else size
     if held_out >= total:
         c.error("test_split_size", f"holds out {held_out} of the mixture's {total} records, leaving none to train on",
                 "hold out fewer records")
     elif held_out < 1:
         c.error("test_split_size", f"{size} of {total} records is an empty held-out split", "hold out more records")
+    _check_accumulation(c, total - held_out)
+
+
+def _check_accumulation(c: Checks, train_records: int) -> None:
+    """gradient_accumulation_steps beyond an epoch's batches does not accumulate more: the Trainer ends
+    each optimizer step at the epoch's end, so the key would silently mean 'one step per epoch'."""
+    t = c.recipe.training
+    # The methods whose Trainer batches the training records as they are (RL batches generations; an
+    # offline distillation streams its cache).
+    if c.recipe.method not in ("sft", "reward", "distill") or train_records < 1 \
+            or getattr(c.recipe.method_args, "distill_mode", None) == "offline":
+        return
+    processes = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    batches = math.ceil(train_records / max(1, t.per_device_train_batch_size * processes))
+    if t.gradient_accumulation_steps > batches:
+        c.error("gradient_accumulation_steps", f"{t.gradient_accumulation_steps} exceeds the {batches} batches of "
+                f"an epoch ({train_records} training records, {t.per_device_train_batch_size} per batch): an "
+                "optimizer step never spans more than one epoch, so it would silently mean one step per epoch",
+                f"set it to at most {batches} (or raise per_device_train_batch_size)")
+
+
+# A file name may have 255 bytes (NAME_MAX on Linux, macOS and Windows filesystems); the run directory's
+# siblings add ".{name}.publish" (the longest: 9 bytes more).
+NAME_MAX = 255
+SIBLING_OVERHEAD = len("..publish")
+
+
+def _check_output_paths(c: Checks) -> None:
+    """Directories this run will create fit the filesystem's limits (a 300-character name passed
+    validation, then failed mid-run with "File name too long")."""
+    for key in ("output_dir", "cache_dir"):
+        value = c.recipe.output_dir if key == "output_dir" else getattr(c.recipe.method_args, key, None)
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        parts = [p for p in path.parts if p not in ("/", "")]
+        limit = NAME_MAX - SIBLING_OVERHEAD if key == "output_dir" else NAME_MAX
+        for index, part in enumerate(parts):
+            size = len(part.encode("utf-8", "surrogateescape"))
+            allowed = limit if index == len(parts) - 1 else NAME_MAX
+            if size > allowed:
+                c.error(key, f"the path component {part[:40]!r}... is {size} bytes long; a file name may have at most "
+                        f"{allowed} here", "choose a shorter name")
+                break
+        if len(str(path.resolve()).encode("utf-8", "surrogateescape")) > 3800:
+            c.error(key, f"the path is {len(str(path.resolve()))} characters long: the checkpoints inside it would "
+                    "exceed the system's path limit (4096)", "choose a shorter path")
 
 
 def _check_misc(c: Checks) -> None:
@@ -499,8 +549,6 @@ def _check_misc(c: Checks) -> None:
         package = REPORTING_PACKAGES.get(integration)
         if package and importlib.util.find_spec(package) is None:
             c.environment("report_to", f"{integration} is not installed", f"pip install {package}, or report_to: none")
-    if t.push_to_hub and hub_offline():
-        c.environment("push_to_hub", "the Hub is offline here", "set push_to_hub: false, or run online")
 
 
 __all__ = ["cached_tokenizer", "Checks", "check_recipe", "ATTN_IMPLEMENTATIONS", "cuda_available"]
