@@ -255,3 +255,22 @@ def test_every_reward_weight_zero_is_refused(tmp_path, capsys):
                                  {"function": "gemma_hf.rl.rules:chat_health", "weight": 0.0}])
     got, _, err = run_cli(["validate", str(path)], capsys)
     assert got == 2 and "- rewards" in err and "every reward's weight is 0" in err, err
+
+
+def test_warp_resumed_after_an_edit_is_refused_naming_the_change(policy_dir, tmp_path, capsys):
+    """Issue 22, case 2: killed after run-0, the recipe's learning_rate changed, --resume: run-0 was trained
+    with the old value, so merging it with runs of the new one would publish a mixture. Refused (exit 2),
+    naming the key and both values; resumed with the recipe it started with, it finishes."""
+    import subprocess
+    import sys
+
+    argv = rl_argv(TINY_WARP, policy_dir, tmp_path / "run", "--max_steps", "2", "--save_steps", "2")
+    killed = subprocess.run([sys.executable, "-m", "gemma_hf.cli", *argv], capture_output=True, text=True,
+                            timeout=1800, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                                         "GEMMA_HF_KILL_AT": "warp:iter-0/run-0"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    code, _, err = run_cli([*argv, "--learning_rate", "1e-2", "--resume"], capsys)
+    assert code == 2 and "- learning_rate" in err and "when the run in" in err and "now 0.01" in err, err[-2000:]
+    assert "Traceback" not in err and not (tmp_path / "run" / "run.json").exists()
+    code, _, err = run_cli([*argv, "--resume", "--logging_steps", "2"], capsys)  # how it reports may change
+    assert code == 0, err[-3000:]

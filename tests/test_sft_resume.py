@@ -68,6 +68,11 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path, capsys):
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"truncated")
 
+    # A resume continues the run its checkpoints belong to: a changed recipe is refused, naming the key.
+    assert cli(sft(killed, "--resume", "--learning_rate", "1e-4", "--warmup_steps", "1")[3:]) == 2
+    err = capsys.readouterr().err
+    assert "- learning_rate" in err and "- warmup_steps" in err and "its checkpoints were trained" in err, err
+
     assert cli(sft(killed, "--resume")[3:]) == 0, capsys.readouterr().err[-3000:]
     run = json.loads((killed / "run.json").read_text())
     assert run["resumed_from"] == "checkpoint-2" and run["global_step"] == 4

@@ -57,7 +57,7 @@ from .methods import get_method
 from .problems import Problem, RecipeError
 from .publish import discard_unready, publish_training, recover
 from .runtime import Run, RunResult, build_model, load_tokenizer, prepare_splits, read_mixture, set_generation_stops
-from .schema import Recipe
+from .schema import Recipe, plain, shareable
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +136,61 @@ def claim_output_dir(recipe: Recipe, rundir: RunDir, resume: bool) -> str:
             "pass --resume to continue it, or remove the directory to start again", origin)])
     if state == "unfinished":
         try:
-            marked = json.loads(rundir.marker.read_text(encoding="utf-8")).get("method")
-        except (OSError, ValueError, AttributeError):
-            marked = None
+            marker = json.loads(rundir.marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            marker = {}
+        marker = marker if isinstance(marker, dict) else {}
+        marked = marker.get("method")
         if marked not in (None, recipe.method):
             raise RecipeError(recipe.source, [Problem(
                 "output_dir", f"{rundir.path} holds an unfinished {marked} run, not a {recipe.method} run",
                 f"resume it with gemma-hf {marked}, or choose another output_dir", origin)])
+        if isinstance(marker.get("values"), dict):
+            _refuse_changed_recipe(recipe, rundir, marker["values"])
     return state
+
+
+# Keys that change how a run reports or keeps its files, not what it trains: a resume may change them.
+RESUMABLE_CHANGES = frozenset({"output_dir", "logging_steps", "report_to", "dataloader_num_workers",
+                               "disable_tqdm", "save_total_limit"})
+
+
+def recorded_values(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's values as the run marker keeps them (JSON, references by identity)."""
+    values = {k: shareable(k, plain(v)) for k, v in recipe.values.items()}
+    if recipe.env:
+        values["env"] = dict(recipe.env)
+    return json.loads(json.dumps(values, default=str))
+
+
+def _refuse_changed_recipe(recipe: Recipe, rundir: RunDir, started_with: dict) -> None:
+    """A resume continues the run its checkpoints belong to: a recipe whose values changed since it
+    started would mix two trainings in one run (WARP: runs of one value merged with runs of another)."""
+    now = recorded_values(recipe)
+    changed = sorted(k for k in set(now) | set(started_with)
+                     if k not in RESUMABLE_CHANGES and now.get(k, "(not set)") != started_with.get(k, "(not set)"))
+    if not changed:
+        return
+    def show(value):
+        text = json.dumps(value, ensure_ascii=False) if value != "(not set)" else value
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    raise RecipeError(recipe.source, [Problem(
+        key, f"was {show(started_with.get(key, '(not set)'))} when the run in {rundir.path} started, now "
+        f"{show(now.get(key, '(not set)'))}: its checkpoints were trained with the first value",
+        f"resume with the recipe it started with (its values are in {rundir.marker}), or start again in a new "
+        "output_dir", recipe.origin(key)) for key in changed])
+
+
+def write_marker(run: Run) -> None:
+    """output_dir's run marker: what state() recognises as an unfinished run of ours, and the recipe's
+    values, which a resume must match (claim_output_dir)."""
+    recipe = run.recipe
+    run.rundir.path.mkdir(parents=True, exist_ok=True)
+    write_json(run.rundir.marker, {"method": recipe.method, "started": run.started, "pid": os.getpid(),
+                                   "recipe": recipe.source.name if recipe.source else None,
+                                   "resume_from": run.resume_from.name if run.resume_from else None,
+                                   "values": recorded_values(recipe)})
 
 
 def _train(run: Run, resume: bool) -> RunResult:
@@ -172,10 +219,7 @@ def _train(run: Run, resume: bool) -> RunResult:
         # The marker comes first, before any method hook may write into output_dir (rlhf's
         # configure_model saves .init/ there): a kill at any later instant leaves a directory that
         # state() recognises as an unfinished run of ours, which --resume continues.
-        rundir.path.mkdir(parents=True, exist_ok=True)
-        write_json(rundir.marker, {"method": recipe.method, "started": run.started, "pid": os.getpid(),
-                                   "recipe": recipe.source.name if recipe.source else None,
-                                   "resume_from": run.resume_from.name if run.resume_from else None})
+        write_marker(run)
         for path in incomplete:  # a checkpoint the previous run was killed while writing
             log.warning("removing incomplete checkpoint %s", path)
             shutil.rmtree(path, ignore_errors=True)
@@ -323,4 +367,4 @@ def _trainer_eval_losses(run: Run, trainer, eval_set) -> dict[str, float | None]
 
 
 
-__all__ = ["run_recipe", "open_run", "claim_output_dir", "DiskFull", "disk_full", "train", "check_finite_weights"]
+__all__ = ["run_recipe", "open_run", "claim_output_dir", "write_marker", "recorded_values", "DiskFull", "disk_full", "train", "check_finite_weights"]

@@ -22,7 +22,6 @@ plots/pareto.png and to the card.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from gemma_hf.rundir import STAGES, RunDir, read_metrics, weight_files, write_js
 from .config import load_recipe
 from .data import held_out_seed
 from .distributed import on_main_process
-from .engine import run_recipe
+from .engine import run_recipe, write_marker
 from .plots import plot_points
 from .publish import copy_model, finish, open_staging, record
 from .rlhf import RLHF, RLHFArguments, evaluation_prompts
@@ -106,16 +105,16 @@ class Warp(RLHF):
     def orchestrate(self, run: Run) -> RunResult:
         # Under `accelerate launch`, every process takes part in each RL run (an ordinary run_recipe);
         # the initial model, the merges, the Pareto view and the publish are the main process's alone.
-        return self._run_stages(run.recipe, run.rundir, run.state, run.started, run.start_time)
+        return self._run_stages(run)
 
-    def _run_stages(self, recipe, rundir, state, started: str, start: float):
+    def _run_stages(self, run: Run):
+        recipe, rundir, state, started, start = run.recipe, run.rundir, run.state, run.started, run.start_time
         args = recipe.method_args
         stages = rundir / STAGES
         init = stages / "init-0"
 
         def prepare():
-            rundir.path.mkdir(parents=True, exist_ok=True)
-            write_json(rundir.marker, {"method": recipe.method, "started": started, "pid": os.getpid()})
+            write_marker(run)  # the recipe's values: a resume after an edit is refused (engine.claim_output_dir)
             for leftover in stages.glob("**/.*.tmp-*") if stages.exists() else []:
                 shutil.rmtree(leftover, ignore_errors=True)  # a merge a kill cut short: redone below
             if not (init / "config.json").is_file():
