@@ -274,3 +274,23 @@ def test_warp_resumed_after_an_edit_is_refused_naming_the_change(policy_dir, tmp
     assert "Traceback" not in err and not (tmp_path / "run" / "run.json").exists()
     code, _, err = run_cli([*argv, "--resume", "--logging_steps", "2"], capsys)  # how it reports may change
     assert code == 0, err[-3000:]
+
+
+def test_a_reward_model_scoring_nan_stops_the_run_unpublished(tmp_path, capsys):
+    """TRL sums rewards with nansum: a reward model whose scores are NaN was silently left out of the reward."""
+    from gemma_hf import GemmaHFForSequenceClassification, preset_config
+    from gemma_hf.chat import install_chat_template
+
+    require(gemma_tokenizer_tiny)
+    require(llamafactory_data)
+    recipe = yaml.safe_load(TINY_RLHF.read_text())
+    model = GemmaHFForSequenceClassification(preset_config("gemma2-2b", **recipe["preset_overrides"], num_labels=1))
+    with torch.no_grad():
+        model.score.weight.fill_(float("nan"))
+    reward_dir = tmp_path / "broken-rm"
+    model.save_pretrained(reward_dir)
+    install_chat_template(load_tokenizer(gemma_tokenizer_tiny), "gemma2").save_pretrained(reward_dir)
+    path = _rl_recipe(tmp_path, [{"model": str(reward_dir)}, {"function": "tests.reward_functions:fine"}])
+    code, _, err = run_cli(["rlhf", "--config", str(path)], capsys)
+    assert code == 2 and "reward rewards[0] (the reward model" in err and "NaN or infinite" in err, err[-2000:]
+    assert "Traceback" not in err and not (tmp_path / "out" / "run.json").exists()

@@ -160,6 +160,20 @@ def checked(function: Callable, key: str, target: str) -> Callable:
     return reward
 
 
+def _finite_scores_hook(key: str, target: str):
+    def hook(module, inputs, output):
+        import torch
+
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        bad = (~torch.isfinite(logits.detach())).reshape(logits.shape[0], -1).any(dim=1)
+        if bad.any():
+            raise RewardValueError(
+                f"reward {key} (the reward model {target}) scored {int(bad.sum())} of {logits.shape[0]} completions "
+                "NaN or infinite: its weights or these inputs are broken. The run was not published; retrain or "
+                "replace the reward model, then rerun with --resume.")
+    return hook
+
+
 def check_specs(specs: list[RewardSpec]) -> list[tuple[str, str, str]]:
     """(key, message, fix) for every spec that cannot be used here (validation: no weights loaded)."""
     import json
@@ -214,6 +228,9 @@ def load_rewards(specs: list[RewardSpec], device=None) -> tuple[list, list, list
             model = GemmaHFForSequenceClassification.from_pretrained(path).eval().requires_grad_(False)
             if device is not None:
                 model.to(device)
+            # TRL sums the rewards with nansum: a reward model's NaN would be dropped without a word. Every
+            # forward (TRL's and our held-out scoring alike) is checked instead.
+            model.register_forward_hook(_finite_scores_hook(f"rewards[{index}]", spec.target))
             funcs.append(model)
             tokenizer = AutoTokenizer.from_pretrained(path)
             tokenizer.padding_side = "right"
