@@ -277,3 +277,28 @@ def test_gradient_checkpointing_is_honoured_without_a_deprecation_warning(tmp_pa
     expected = SFTConfig.__dataclass_fields__["gradient_checkpointing"].default if setting is None else setting
     assert loaded.training.gradient_checkpointing is expected
     assert loaded.training.activation_checkpointing is expected
+
+
+# Numbers that size an allocation or a loop are bounded by the model at validation (issue 22): a billion new
+# tokens, a prompt longer than the model attends to, more cache targets than the vocabulary has.
+BOUNDED = [
+    ("sft", "sample_max_new_tokens", 10**9, "max_position_embeddings"),
+    ("rlhf", "max_completion_length", 10**9, "max_position_embeddings"),
+    ("rlhf", "eval_max_new_tokens", 10**9, "max_position_embeddings"),
+    ("rlhf", "max_prompt_length", 8000, "max_prompt_length + max_completion_length"),
+    ("distill", "max_new_tokens", 10**9, "max_position_embeddings"),
+    ("distill", "cache_top_k", 10**9, "the vocabulary has 4096 entries"),
+    ("eval", "max_new_tokens", 10**9, "max_position_embeddings"),
+]
+
+
+@pytest.mark.parametrize("method,key,value,text", BOUNDED, ids=[f"{b[0]}-{b[1]}" for b in BOUNDED])
+def test_numbers_that_size_generation_are_bounded_by_the_model(tmp_path, capsys, method, key, value, text):
+    from tests.faults import tiny_recipe
+
+    recipe = {**tiny_recipe(method), "output_dir": str(tmp_path / "out"), key: value}
+    if key == "max_prompt_length":
+        recipe["max_completion_length"] = 400
+    code, _, err = run_cli(["validate", "--method", method, str(write(tmp_path, recipe))], capsys)
+    expected = "max_completion_length" if key == "max_prompt_length" else key
+    assert code == 2 and f"- {expected}" in err and text in err, err

@@ -390,6 +390,30 @@ def _check_lengths(c: Checks, architecture) -> None:
     if architecture is not None and max_length is not None and max_length > architecture.max_position_embeddings:
         c.error("max_length", f"{max_length} is longer than the model's max_position_embeddings "
                 f"({architecture.max_position_embeddings})", f"set max_length to at most {architecture.max_position_embeddings}")
+    if architecture is None:
+        return
+    # Lengths that size generation and its caches: none may exceed what the model can attend to (a billion
+    # new tokens passed validation and then ran until the position limit, or allocated for it).
+    limit = architecture.max_position_embeddings
+    for key in GENERATION_LENGTH_KEYS:
+        value = getattr(args, key, None) if hasattr(args, key) else getattr(t, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            c.error(key, f"{value} is longer than the model's max_position_embeddings ({limit})",
+                    f"set {key} to at most {limit}")
+    prompt, completion = getattr(args, "max_prompt_length", None), getattr(t, "max_completion_length", None)
+    if isinstance(prompt, int) and isinstance(completion, int) and prompt <= limit and completion <= limit \
+            and prompt + completion > limit:
+        c.error("max_completion_length", f"max_prompt_length + max_completion_length = {prompt + completion} is "
+                f"longer than the model's max_position_embeddings ({limit})", "lower one of them")
+    top_k = getattr(args, "cache_top_k", None)
+    if isinstance(top_k, int) and top_k > architecture.vocab_size:
+        c.error("cache_top_k", f"{top_k} targets per position, but the vocabulary has {architecture.vocab_size} "
+                "entries", f"set cache_top_k to at most {architecture.vocab_size} (e.g. 64)")
+
+
+# Keys (of any method) bounding how many tokens a generation or a prompt may take.
+GENERATION_LENGTH_KEYS = ("sample_max_new_tokens", "max_new_tokens", "eval_max_new_tokens", "max_prompt_length",
+                          "max_completion_length")
 
 
 def _check_peft(c: Checks) -> None:
