@@ -186,3 +186,24 @@ def test_fuzzed_training_knobs_never_publish_non_finite_weights(method, tmp_path
 @pytest.mark.parametrize("method", METHODS)
 def test_fuzzed_training_knobs_long(method, tmp_path_factory, capsys):
     _fuzz_runs(method, tmp_path_factory, capsys, examples=5)
+
+
+REWARD_VALUES = st.one_of(
+    st.none(), st.integers(-10**400, 10**400), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=4),
+    st.booleans(), st.lists(st.floats(), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=1))
+
+
+@settings(max_examples=400, deadline=None, database=None, derandomize=True)
+@given(returned=st.one_of(st.lists(REWARD_VALUES, max_size=6), st.tuples(REWARD_VALUES, REWARD_VALUES), REWARD_VALUES),
+       count=st.integers(0, 6))
+def test_fuzzed_reward_function_results_are_numbers_or_a_named_error(returned, count):
+    """What a reward function returns (issue 22, case 3) is one finite float per completion, or a
+    RewardValueError naming the entry -- never another exception, never NaN passed on to TRL."""
+    from gemma_hf.rl.rewards import RewardValueError, check_rewards
+
+    try:
+        values = check_rewards(returned, count, "rewards[0]", "m:f")
+    except RewardValueError as err:
+        assert "reward rewards[0] (m:f)" in str(err) and "was not published" in str(err)
+        return
+    assert len(values) == count and all(isinstance(v, float) and math.isfinite(v) for v in values)

@@ -128,15 +128,32 @@ def check_rewards(values: Any, count: int, key: str, target: str) -> list[float]
                                f"{after}")
     if len(values) != count:
         raise RewardValueError(f"{where} returned {len(values)} values for {count} completions. {after}")
-    bad = [(i, v) for i, v in enumerate(values)
-           if not isinstance(v, numbers.Real) or not math.isfinite(float(v))]
+    bad = [(i, v) for i, v in enumerate(values) if _as_finite(v) is None]
     if bad:
-        kinds = sorted({"None" if v is None else "NaN" if isinstance(v, numbers.Real) and math.isnan(float(v))
+        kinds = sorted({"None" if v is None else "NaN" if isinstance(v, numbers.Real) and _is_nan(v)
                         else "an infinity" if isinstance(v, numbers.Real) else type(v).__name__ for _, v in bad})
         first = ", ".join(f"#{i}: {_show(v)}" for i, v in bad[:3])
         raise RewardValueError(f"{where} returned {' / '.join(kinds)} for {len(bad)} of {count} completions "
                                f"({first}{', ...' if len(bad) > 3 else ''}). {after}")
-    return [float(v) for v in values]
+    return [_as_finite(v) for v in values]
+
+
+def _as_finite(value: Any) -> float | None:
+    """``value`` as a finite float, or None (not a real number, NaN, infinite, or beyond a float's range)."""
+    if not isinstance(value, numbers.Real):
+        return None
+    try:
+        number = float(value)
+    except (OverflowError, ValueError, TypeError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _is_nan(value: Any) -> bool:
+    try:
+        return math.isnan(float(value))
+    except (OverflowError, ValueError, TypeError):
+        return False
 
 
 def checked(function: Callable, key: str, target: str) -> Callable:
