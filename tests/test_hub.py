@@ -6,6 +6,9 @@ The live Hub is never contacted."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 from pathlib import Path
 from unittest import mock
 
@@ -246,3 +249,95 @@ def test_incomplete_run_directories_are_refused(run_dir):
     (run_dir / "tokenizer.json").unlink()
     with pytest.raises(CardError, match="no tokenizer"):
         hub.upload_plan(run_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 22: a planned file whose name the Hub cannot hold is refused (dry run or not), by name,
+# before anything is written or sent
+
+
+@pytest.fixture(scope="module")
+def pristine_run(tmp_path_factory):
+    """One complete run directory without README.md; tests change copies of it."""
+    return make_run_dir(tmp_path_factory.mktemp("pristine") / "run")
+
+
+def _add_file(run: Path, name: str) -> None:
+    path = run / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+
+
+def _index_naming(shard: str):
+    """A run whose weights are sharded through an index that names `shard` (which exists)."""
+    def make(run: Path) -> None:
+        target = run / shard
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (run / "model.safetensors").rename(target)
+        (run / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": {"model.embed_tokens.weight": shard}}))
+    return make
+
+
+BAD_NAMES = {
+    "newline in a plot": (lambda run: _add_file(run, "plots/a\nb.png"), r"'plots/a\nb.png'", "U+000A"),
+    "tab in a plot": (lambda run: _add_file(run, "plots/a\tb.png"), r"'plots/a\tb.png'", "U+0009"),
+    "carriage return in a plot folder": (lambda run: _add_file(run, "plots/x\r/loss.png"), r"'plots/x\r/loss.png'",
+                                         "U+000D"),
+    "escape in model code": (lambda run: _add_file(run, "x\x1b[31m.py"), r"'x\x1b[31m.py'", "U+001B"),
+    "DEL in a plot": (lambda run: _add_file(run, "plots/a\x7f.png"), r"'plots/a\x7f.png'", "U+007F"),
+    "C1 control in a plot": (lambda run: _add_file(run, "plots/a\x85.png"), r"'plots/a\x85.png'", "U+0085"),
+    "line separator in a plot": (lambda run: _add_file(run, "plots/a\u2028b.png"), r"'plots/a\u2028b.png'", "U+2028"),
+    "right-to-left override in a plot": (lambda run: _add_file(run, "plots/evil\u202egnp.png"),
+                                         r"'plots/evil\u202egnp.png'", "U+202E"),
+    "bytes that are not UTF-8": (lambda run: (run / "plots" / os.fsdecode(b"\xff.png")).write_bytes(b"x"),
+                                 r"'plots/\udcff.png'", "not UTF-8"),
+    "backslash in a plot": (lambda run: _add_file(run, "plots/a\\b.png"), r"'plots/a\\b.png'", "a backslash"),
+    "shard index: newline": (_index_naming("model\n-00001.safetensors"), r"'model\n-00001.safetensors'", "U+000A"),
+    "shard index: outside the run": (_index_naming("../outside.safetensors"), "'../outside.safetensors'",
+                                     "'..' path segment"),
+    "shard index: a .git folder": (_index_naming("w/.git/shard.safetensors"), "'w/.git/shard.safetensors'",
+                                   "the Hub refuses files under .git/"),
+    "shard index: hidden": (_index_naming(".shard.safetensors"), "'.shard.safetensors'", "never uploads hidden"),
+}
+
+
+def _tree(run: Path) -> dict[str, bytes]:
+    return {p.relative_to(run.parent).as_posix(): (p.read_bytes() if p.is_file() else b"")
+            for p in sorted(run.parent.rglob("*"))}
+
+
+@pytest.mark.parametrize("readme", [True, False], ids=["with README", "card to render"])
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry run", "push"])
+@pytest.mark.parametrize("make_bad, shown, why", BAD_NAMES.values(), ids=BAD_NAMES.keys())
+def test_names_the_hub_cannot_hold_are_refused(pristine_run, tmp_path, monkeypatch, capsys, make_bad, shown, why,
+                                               dry_run, readme):
+    """Exit 2 naming the file (escaped, on one line) and why; no traceback; nothing written (the card
+    is not rendered either) and nothing sent."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")  # a real push would get past the token check
+    run = Path(shutil.copytree(pristine_run, tmp_path / "place" / "run"))
+    if readme:
+        hub.write_card(run, repo_id=REPO)
+    make_bad(run)
+    before = _tree(run)
+    with mock.patch("huggingface_hub.HfApi", side_effect=AssertionError("HfApi constructed")):
+        code, out, err = run_cli(["push", str(run), "--repo-id", REPO, *(["--dry-run"] if dry_run else [])], capsys)
+    assert code == 2, err
+    assert f"the file name {shown} holds" in err and why in err, err
+    assert "Traceback" not in err and "unexpected" not in err and len(err.strip().splitlines()) == 1, err
+    assert out == ""
+    assert _tree(run) == before  # no README.md rendered, no temporary file left
+    api = fake_api()
+    with pytest.raises(CardError, match="holds"):
+        hub.push_to_hub(run, REPO, token="hf_test", api=api, dry_run=dry_run)
+    assert api.method_calls == [] and _tree(run) == before
+
+
+def test_files_left_out_are_listed_escaped_on_one_line(run_dir, capsys):
+    """A file that is not uploaded may have any name: the dry run lists it escaped."""
+    (run_dir / "notes\n\x1b[2J.txt").write_text("x")
+    code, out, err = run_cli(["push", str(run_dir), "--repo-id", REPO, "--dry-run"], capsys)
+    assert code == 0, err
+    assert out.splitlines()[-1].startswith("not uploaded: ") and r"'notes\n\x1b[2J.txt'" in out
+    assert "\x1b" not in out

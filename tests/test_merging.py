@@ -305,12 +305,15 @@ def test_slerp_merge_per_tensor_cases(tmp_path):
 
 
 def test_slerp_of_a_model_with_itself_is_that_model(tmp_path):
+    """Two runs with the same weights (a copy: the same directory twice is refused, see
+    test_an_input_given_twice_or_the_base_as_a_model_is_refused) merge to those weights."""
     gen = torch.Generator().manual_seed(4)
     init = {"w": torch.randn(300, 400, generator=gen), "b": torch.randn(7, generator=gen)}  # float32 and float64 paths
     a = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in init.items()}
     write_checkpoint(tmp_path / "init", init)
     write_checkpoint(tmp_path / "a", a)
-    slerp_merge(tmp_path / "init", [tmp_path / "a", tmp_path / "a"], tmp_path / "out")
+    shutil.copytree(tmp_path / "a", tmp_path / "a-copy")
+    slerp_merge(tmp_path / "init", [tmp_path / "a", tmp_path / "a-copy"], tmp_path / "out")
     out = read_tensors(tmp_path / "out")
     for name in init:
         assert max_abs_diff(out[name], a[name]) <= 1e-6, name
@@ -602,9 +605,10 @@ def test_mismatches_name_the_first_difference_and_write_nothing(tmp_path):
         (write_checkpoint(tmp_path / "family", {"t0": torch.zeros(4), "t1": torch.zeros(2, 3)}, variant="gemma2"),
          r"different architectures: family is 'gemma' in .*a/config.json but 'gemma2'"),
     ]
+    base = Path(shutil.copytree(a, tmp_path / "copy" / "a"))  # a copy: the base itself is refused as a model
     for other, message in cases:
         for merge in (lambda: linear_merge([a, other], tmp_path / "out"),
-                      lambda: slerp_merge(a, [a, other], tmp_path / "out"),
+                      lambda: slerp_merge(base, [a, other], tmp_path / "out"),
                       lambda: liti(a, other, 0.5, tmp_path / "out")):
             with pytest.raises(IncompatibleModelsError, match=message):
                 merge()
@@ -630,7 +634,8 @@ def test_non_finite_values_stop_the_merge_and_leave_no_output(tmp_path):
     bad = dict(good, t3=torch.tensor([1.0, float("nan"), 1, 1, 1, 1, 1, 1]))
     a = write_checkpoint(tmp_path / "a", good)
     b = write_checkpoint(tmp_path / "b", bad)
-    for merge in (lambda: linear_merge([a, b], tmp_path / "out"), lambda: slerp_merge(a, [a, b], tmp_path / "out"),
+    base = Path(shutil.copytree(a, tmp_path / "copy" / "a"))  # a copy: the base itself is refused as a model
+    for merge in (lambda: linear_merge([a, b], tmp_path / "out"), lambda: slerp_merge(base, [a, b], tmp_path / "out"),
                   lambda: liti(a, b, 0.0, tmp_path / "out")):  # even with weight 0 on the NaN
         with pytest.raises(NonFiniteError, match=r"tensor 't3' in .*b/model.safetensors holds NaN or Inf"):
             merge()
@@ -837,3 +842,209 @@ def test_overwrite_never_deletes_what_is_not_a_model(tiny_runs, tmp_path, capsys
     assert run_cli(["merge", "--method", "linear", "--models", a, b, "--output", str(tmp_path / "m"),
                     "--overwrite"], capsys)[0] == 0
     assert leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 22: an input given twice, or the base as a model, and numbers out of range -- exit 2,
+# the option named, nothing written
+
+
+@pytest.fixture
+def spelled(tiny_runs, tmp_path, monkeypatch):
+    """A working directory holding copies of tiny_runs' init, a and b (so ./a, a/ and a are one
+    directory), plus other names for them: symbolic links to the directories, and directories
+    whose weight file is a link (symbolic or hard) to a's. The working directory is the cwd."""
+    root, _ = tiny_runs
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("init", "a", "b", "c"):
+        shutil.copytree(root / name, work / name)
+    (work / "link-to-a").symlink_to(work / "a", target_is_directory=True)
+    (work / "link-to-init").symlink_to(work / "init", target_is_directory=True)
+    for name, link in (("symlinked-weights-of-a", os.symlink), ("hardlinked-weights-of-a", os.link)):
+        (work / name).mkdir()
+        shutil.copyfile(work / "a" / "config.json", work / name / "config.json")
+        link(work / "a" / "model.safetensors", work / name / "model.safetensors")
+    monkeypatch.chdir(work)
+    return work
+
+
+def _nothing_written(work: Path, out: Path) -> None:
+    assert not out.exists(), "an output was written"
+    stray = [p for p in work.parent.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+    assert stray == [], stray
+
+
+SAME_MODEL_CASES = {
+    # slerp: a model that is the base has a zero task vector
+    "slerp: base among models": (
+        ["--method", "slerp", "--base", "init", "--models", "a", "init"],
+        ["the 2nd of --models ('init') is the --base 'init' itself", "task vector", "is zero",
+         "Remove it from --models"]),
+    "slerp: base spelled ./init/": (
+        ["--method", "slerp", "--base", "init", "--models", "./init/", "a"],
+        ["the 1st of --models ('./init/') is the --base 'init' itself", "both are the directory"]),
+    "slerp: base through a symlink": (
+        ["--method", "slerp", "--base", "link-to-init", "--models", "a", "init/"],
+        ["the 2nd of --models ('init/') is the --base 'link-to-init' itself"]),
+    "slerp: a run twice": (
+        ["--method", "slerp", "--base", "init", "--models", "a", "b", "./a"],
+        ["the 3rd of --models ('./a') is the same model as the 1st of --models ('a')", "list each run once"]),
+    # liti: the model is the base
+    "liti: model is the base": (
+        ["--method", "liti", "--base", "init", "--models", "init/", "--eta", "0.3"],
+        ["--models 'init/' is the --base 'init' itself", "gives the base at every eta"]),
+    "liti: model is a symlink to the base": (
+        ["--method", "liti", "--base", "./init", "--models", "link-to-init", "--eta", "0.3"],
+        ["--models 'link-to-init' is the --base './init' itself"]),
+    # linear: the same model twice
+    "linear: a a": (
+        ["--method", "linear", "--models", "a", "a"],
+        ["the 2nd of --models ('a') is the same model as the 1st of --models ('a')", "--weights"]),
+    "linear: ./a a/": (
+        ["--method", "linear", "--models", "./a", "b", "a/", "--weights", "0.25", "0.5", "0.25"],
+        ["the 3rd of --models ('a/') is the same model as the 1st of --models ('./a')",
+         "give it a larger share with --weights"]),
+    "linear: a and a symlink to it": (
+        ["--method", "linear", "--models", "link-to-a", "a"],
+        ["the 2nd of --models ('a') is the same model as the 1st of --models ('link-to-a')"]),
+    "linear: a directory whose weights are a symlink to a's": (
+        ["--method", "linear", "--models", "a", "b", "symlinked-weights-of-a"],
+        ["the 3rd of --models ('symlinked-weights-of-a') is the same model as the 1st of --models ('a')",
+         "holds the very weight files of", "model.safetensors, linked"]),
+    "linear: a directory whose weights are a hard link to a's": (
+        ["--method", "linear", "--models", "hardlinked-weights-of-a", "a"],
+        ["the 2nd of --models ('a') is the same model as the 1st of --models ('hardlinked-weights-of-a')"]),
+}
+
+
+@pytest.mark.parametrize("argv, messages", SAME_MODEL_CASES.values(), ids=SAME_MODEL_CASES.keys())
+def test_an_input_given_twice_or_the_base_as_a_model_is_refused(spelled, argv, messages, capsys):
+    """Identity is the resolved directory or the weight files themselves (links of either kind);
+    every spelling of one model counts as that model. Exit 2, the option and both spellings named,
+    one line, no traceback, nothing written."""
+    out = spelled / "out"
+    code, stdout, err = run_cli(["merge", *argv, "--output", str(out)], capsys)
+    assert code == 2, err
+    for message in messages:
+        assert message in err, (message, err)
+    assert "Traceback" not in err and "unexpected" not in err and len(err.strip().splitlines()) == 1, err
+    assert stdout == ""
+    _nothing_written(spelled, out)
+
+
+def test_the_library_refuses_the_same_model_twice_too(spelled):
+    """The checks are the merge functions' own: every caller (WARP's stages included) gets them;
+    a copy in another directory is another model (test_slerp_of_a_model_with_itself_is_that_model)."""
+    out = spelled / "out"
+    with pytest.raises(MergeError, match=r"the 2nd of --models \('./a'\) is the same model as the 1st"):
+        linear_merge(["a", "./a"], out)
+    with pytest.raises(MergeError, match=r"the 1st of --models \('init'\) is the --base 'link-to-init' itself"):
+        slerp_merge("link-to-init", ["init", "a"], out)
+    with pytest.raises(MergeError, match=r"--models 'init/' is the --base 'init' itself"):
+        liti("init", "init/", [0.1, 0.5], [spelled / "o1", spelled / "o2"])
+    with pytest.raises(MergeError, match="eta=0.5 twice"):
+        liti("init", "a", [0.5, 0.5], [spelled / "o1", spelled / "o2"])
+    for path in (out, spelled / "o1", spelled / "o2"):
+        _nothing_written(spelled, path)
+
+
+NUMBER_CASES = {
+    # --weights: finite, a representable sum, each weight used within float32's range
+    "weights 1e308 1e308 --normalize": (
+        ["--method", "linear", "--models", "a", "b", "--weights", "1e308", "1e308", "--normalize"],
+        "--weights 1e+308 1e+308 sum to more than the largest float"),
+    "weights 1e308 1e308": (
+        ["--method", "linear", "--models", "a", "b", "--weights", "1e308", "1e308"],
+        "--weights 1e+308 1e+308 sum to more than the largest float"),
+    "weights inf": (
+        ["--method", "linear", "--models", "a", "b", "--weights", "inf", "1", "--normalize"],
+        "--weights must be finite numbers, got inf"),
+    "weights nan": (
+        ["--method", "linear", "--models", "a", "b", "--weights", "nan", "1"],
+        "--weights must be finite numbers, got nan"),
+    "normalised weight beyond float32": (
+        ["--method", "linear", "--models", "a", "b", "c", "--weights", "1" + "0" * 30, "-1" + "0" * 30,
+         "0.0000000001", "--normalize", "--allow-extrapolation"],
+        "the 1st of --weights (normalised) is 1e+40, beyond the largest float32"),
+    "weight below float32": (
+        ["--method", "linear", "--models", "a", "b", "--weights", "1", "1e-50"],
+        "the 2nd of --weights is 1e-50, below the smallest normal float32"),
+    "normalised weight below float32": (
+        ["--method", "linear", "--models", "a", "b", "--weights", "1", "1e-50", "--normalize"],
+        "the 2nd of --weights (normalised) is 1e-50, below the smallest normal float32"),
+    # --eta: [0, 1], or float32's range with --allow-extrapolation
+    "eta 1e300": (
+        ["--method", "liti", "--base", "init", "--models", "a", "--eta", "1e300", "--allow-extrapolation"],
+        "--eta is 1e+300, beyond the largest float32"),
+    "eta 1e-50": (
+        ["--method", "liti", "--base", "init", "--models", "a", "--eta", "1e-50"],
+        "--eta is 1e-50, below the smallest normal float32"),
+    "eta inf": (
+        ["--method", "liti", "--base", "init", "--models", "a", "--eta", "inf", "--allow-extrapolation"],
+        "--eta must be a finite number >= 0, got inf"),
+    "eta nan": (
+        ["--method", "liti", "--base", "init", "--models", "a", "--eta", "nan"],
+        "--eta must be a finite number >= 0, got nan"),
+    # the working options: refused, never silently replaced by the default
+    "threads 0": (["--method", "linear", "--models", "a", "b", "--threads", "0"],
+                  "--threads must be a whole number from 1 to"),
+    "threads -1": (["--method", "linear", "--models", "a", "b", "--threads", "-1"],
+                   "--threads must be a whole number from 1 to"),
+    "threads 100000": (["--method", "linear", "--models", "a", "b", "--threads", "100000"],
+                       "--threads must be a whole number from 1 to"),
+    "buffer-size infGB": (["--method", "linear", "--models", "a", "b", "--buffer-size", "infGB"],
+                          "--buffer-size: cannot read a size from 'infGB'"),
+    "buffer-size empty": (["--method", "linear", "--models", "a", "b", "--buffer-size", ""],
+                          "--buffer-size: cannot read a size from ''"),
+    "buffer-size 0": (["--method", "linear", "--models", "a", "b", "--buffer-size", "0"],
+                      "--buffer-size: a size must be positive"),
+    "max-shard-size 1e400GB": (["--method", "linear", "--models", "a", "b", "--max-shard-size", "1e400GB"],
+                               "--max-shard-size: cannot read a size from '1e400GB'"),
+    # options that cannot have an effect
+    "normalize without weights": (["--method", "linear", "--models", "a", "b", "--normalize"],
+                                  "--normalize has no effect without --weights"),
+    "allow-extrapolation without weights": (["--method", "linear", "--models", "a", "b", "--allow-extrapolation"],
+                                            "--allow-extrapolation has no effect without --weights"),
+    "allow-extrapolation with slerp": (
+        ["--method", "slerp", "--base", "init", "--models", "a", "b", "--allow-extrapolation"],
+        "--allow-extrapolation has no effect with --method slerp"),
+}
+
+
+@pytest.mark.parametrize("argv, message", NUMBER_CASES.values(), ids=NUMBER_CASES.keys())
+def test_numbers_out_of_range_and_options_without_effect_exit_2(spelled, argv, message, capsys):
+    out = spelled / "out"
+    code, stdout, err = run_cli(["merge", *argv, "--output", str(out)], capsys)
+    assert code == 2, err
+    assert message in err, err
+    assert "Traceback" not in err and "unexpected" not in err and len(err.strip().splitlines()) == 1, err
+    _nothing_written(spelled, out)
+
+
+def test_the_weight_and_eta_ranges_in_the_library():
+    with pytest.raises(ValueError, match="sum to more than the largest float"):
+        check_weights([1e308, 1e308], 2, normalize=True)
+    assert check_weights([1e300, 3e300], 2, normalize=True) == [0.25, 0.75]  # large, but a usable sum
+    with pytest.raises(ValueError, match=r"1st of --weights \(normalised\) is 1e\+40, beyond the largest float32"):
+        check_weights([1e30, -1e30, 1e-10], 3, normalize=True, allow_extrapolation=True)
+    assert check_weights([1.0, 0.0], 2) == [1.0, 0.0]  # 0 is a weight (the model counts for nothing, as asked)
+    with pytest.raises(ValueError, match="below the smallest normal float32"):
+        check_weights([1.0, 1e-40], 2)
+    with pytest.raises(ValueError, match="--eta is 1e\\+39, beyond"):
+        check_eta(1e39, allow_extrapolation=True)
+    with pytest.raises(ValueError, match="--eta is 1e-40, below"):
+        check_eta(1e-40)
+    assert check_eta(1e30, allow_extrapolation=True) == 1e30
+
+
+def test_options_without_effect_for_these_values_are_warned_about(spelled, capsys):
+    code, _, err = run_cli(["merge", "--method", "linear", "--models", "a", "b", "--weights", "0.25", "0.75",
+                            "--normalize", "--allow-extrapolation", "--output", "lin"], capsys)
+    assert code == 0, err
+    assert "warning: --allow-extrapolation has no effect: no weight in --weights is negative." in err
+    assert "warning: --normalize has no effect: --weights already sum to 1." in err
+    code, _, err = run_cli(["merge", "--method", "liti", "--base", "init", "--models", "a", "--eta", "0.3",
+                            "--allow-extrapolation", "--output", "liti"], capsys)
+    assert code == 0, err
+    assert "warning: --allow-extrapolation has no effect: --eta 0.3 is within [0, 1]." in err

@@ -8,6 +8,7 @@ message says which file, tensor or option and why; nothing is written), 1 a fail
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 DESCRIPTION = """\
@@ -16,7 +17,9 @@ Average model checkpoints, tensor by tensor, into a new model directory.
   gemma-hf merge --method linear --models A B [C ...] [--weights w_A w_B ...] --output OUT
       theta = sum_i w_i * theta_i. Weights default to uniform (1/N); given weights must be finite
       and sum to 1 (a weighted average that does not sum to 1 rescales every tensor), or pass
-      --normalize to divide them by their sum. Negative weights need --allow-extrapolation.
+      --normalize to divide them by their (positive, finite) sum. Negative weights need
+      --allow-extrapolation. Each weight used is 0 or within float32's range (1.2e-38 to 3.4e38
+      in magnitude): the arithmetic is float32. Each model is listed once (weight it with --weights).
 
   gemma-hf merge --method slerp --base INIT --models A B [C ...] --output OUT
       WARP's SLERP of task vectors delta_m = theta_m - theta_INIT, one angle per tensor, folded
@@ -27,6 +30,13 @@ Average model checkpoints, tensor by tensor, into a new model directory.
   gemma-hf merge --method liti --base INIT --models M --eta 0.3 --output OUT
       theta = (1 - eta) * theta_INIT + eta * theta_M, eta in [0, 1] (eta > 1 extrapolates and
       needs --allow-extrapolation; negative eta is refused).
+
+An input given twice, or a model that is the --base, is refused: the same directory (through
+links, ./A and A/ alike) or the same weight files (linked). A copy in another directory counts
+as another model. Options that cannot have an effect (--normalize or --allow-extrapolation
+without --weights, --allow-extrapolation with slerp) are refused; ones with no effect for the
+given values (--allow-extrapolation with no negative weight or eta <= 1, --normalize of weights
+summing to 1) are warned about.
 
 Inputs are model directories: gemma_hf or stock transformers Gemma checkpoints (gemma, gemma2,
 gemma3_text; safetensors, sharded or not), or finished gemma-hf run directories (their root
@@ -64,12 +74,14 @@ def register(subparsers) -> None:
     merge.add_argument("--buffer-size", default=None, metavar="SIZE",
                        help="working memory for tensor data (default 64MiB)")
     merge.add_argument("--threads", type=int, default=None, metavar="N",
-                       help="torch threads for the arithmetic (default 1: the merge is streaming I/O, and "
-                            "on a busy machine more threads are slower; try N on an idle many-core machine)")
+                       help="torch threads for the arithmetic, 1 to the CPUs available (default 1: the merge is "
+                            "streaming I/O, and on a busy machine more threads are slower; try N on an idle many-core "
+                            "machine)")
     merge.set_defaults(func=merge_command)
 
 
 def _usage_problem(args: argparse.Namespace) -> str | None:
+    """The first combination of options that cannot work or would have no effect, as a message."""
     method, n = args.method, len(args.models)
     if method == "linear":
         if args.base is not None:
@@ -80,6 +92,12 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
             return "--method linear needs two or more --models."
         if args.weights is not None and len(args.weights) != n:
             return f"--weights got {len(args.weights)} values for {n} models; give one weight per model."
+        if args.weights is None and args.normalize:
+            return ("--normalize has no effect without --weights: the default weights are uniform (1/N) and sum to 1. "
+                    "Give --weights to normalise, or leave --normalize out.")
+        if args.weights is None and args.allow_extrapolation:
+            return ("--allow-extrapolation has no effect without --weights: the default weights are uniform (1/N), "
+                    "never negative. Give --weights, or leave --allow-extrapolation out.")
         return None
     if args.weights is not None or args.normalize:
         return f"--weights and --normalize apply to --method linear only (--method {method} has no weights)."
@@ -88,6 +106,9 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
     if method == "slerp":
         if args.eta is not None:
             return "--eta applies to --method liti only."
+        if args.allow_extrapolation:
+            return ("--allow-extrapolation has no effect with --method slerp (it has no weights or eta to "
+                    "extrapolate with); it applies to --method linear (negative --weights) and liti (--eta > 1).")
         if n < 2:
             return "--method slerp needs two or more --models (SLERP of one task vector is that model)."
         return None
@@ -96,6 +117,26 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
     if args.eta is None:
         return "--method liti needs --eta, e.g. --eta 0.3."
     return None
+
+
+def _no_effect_warnings(args: argparse.Namespace) -> list[str]:
+    """Options that are valid but, with these values, change nothing (a sweep may pass them always)."""
+    warnings = []
+    if args.method == "linear" and args.weights is not None:
+        if args.allow_extrapolation and not any(w < 0 for w in args.weights):
+            warnings.append("--allow-extrapolation has no effect: no weight in --weights is negative.")
+        if args.normalize and _exact_sum(args.weights) == 1.0:
+            warnings.append("--normalize has no effect: --weights already sum to 1.")
+    if args.method == "liti" and args.allow_extrapolation and args.eta is not None and args.eta <= 1:
+        warnings.append(f"--allow-extrapolation has no effect: --eta {args.eta:g} is within [0, 1].")
+    return warnings
+
+
+def _exact_sum(values: list[float]) -> float:
+    try:
+        return math.fsum(values)
+    except (OverflowError, ValueError):  # an overflowing or NaN sum: refused by the merge's own checks
+        return math.nan
 
 
 def merge_command(args: argparse.Namespace) -> int:
@@ -108,12 +149,12 @@ def merge_command(args: argparse.Namespace) -> int:
     from ..merging import linear_merge, liti, slerp_merge
     from ..merging.engine import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_SHARD_SIZE, DEFAULT_THREADS
 
-    common = dict(
+    common = dict(  # an empty or zero value is checked (and refused), never taken for the default
         dtype=args.dtype,
         overwrite=args.overwrite,
-        max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
-        buffer_bytes=args.buffer_size or DEFAULT_BUFFER_BYTES,
-        threads=args.threads or DEFAULT_THREADS,
+        max_shard_size=DEFAULT_MAX_SHARD_SIZE if args.max_shard_size is None else args.max_shard_size,
+        buffer_bytes=DEFAULT_BUFFER_BYTES if args.buffer_size is None else args.buffer_size,
+        threads=DEFAULT_THREADS if args.threads is None else args.threads,
         progress=_progress if sys.stderr.isatty() else None,
     )
     try:
@@ -131,6 +172,9 @@ def merge_command(args: argparse.Namespace) -> int:
         raise GemmaHFError(f"writing {args.output} failed, nothing was written: {err}") from err
     if sys.stderr.isatty():
         print(file=sys.stderr)
+    # After the merge, so that a refusal prints its one line only.
+    for warning in _no_effect_warnings(args):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"merged {len(args.models) + (args.base is not None)} checkpoints: {result.summary()}")
     return 0
 

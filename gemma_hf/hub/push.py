@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import importlib
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,8 +60,8 @@ class UploadPlan:
         lines = [f"{len(self.files)} files, {_size(self.total_bytes)}{where}:"]
         width = max(len(f) for f in self.files)
         lines += [f"  {f:<{width}}  {_size((self.run_dir / f).stat().st_size):>9}" for f in self.files]
-        if self.skipped:
-            lines.append("not uploaded: " + ", ".join(self.skipped))
+        if self.skipped:  # names of files not uploaded may hold anything: shown escaped, one line
+            lines.append("not uploaded: " + ", ".join(shown_name(f) for f in self.skipped))
         return "\n".join(lines)
 
 
@@ -74,6 +75,53 @@ def _size(n: int) -> str:
 
 _PLOT_SUFFIXES = (".png", ".svg", ".jpg", ".jpeg")
 
+# Folders the Hub refuses to receive files in (huggingface_hub's CommitOperationAdd checks the same).
+_HUB_FORBIDDEN_FOLDERS = (".git", ".cache")
+# Unicode's bidirectional formatting controls: a name holding one displays as another name.
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def shown_name(name: str) -> str:
+    """`name` as it can be printed on one line: as is, or escaped (repr) if it holds anything unprintable."""
+    return name if name.isprintable() else repr(name)
+
+
+def hub_name_problem(name: str) -> str | None:
+    """Why a file cannot be uploaded to the Hub under the path `name` ('/'-separated, relative to the
+    repository), or None. Refused: control characters (newline, tab, ESC, DEL, C1, the Unicode line
+    and paragraph separators, bidirectional controls: a listing would show another name, or break
+    the line), bytes that are not UTF-8 (the Hub's paths are UTF-8 text), a backslash (huggingface_hub
+    reads it as a folder separator when it selects files), empty / '.' / '..' segments and a leading
+    '/' (outside the repository), and hidden segments, .git/ and .cache/ included (the Hub refuses
+    .git/ and .cache/; a push never uploads hidden files)."""
+    for ch in name:
+        category = unicodedata.category(ch)
+        if category == "Cs":
+            return "bytes that are not UTF-8 text (the Hub's file names are UTF-8)"
+        if category in ("Cc", "Zl", "Zp") or ch in _BIDI_CONTROLS:
+            return f"the control character U+{ord(ch):04X} (a file name on the Hub cannot hold control characters)"
+    if "\\" in name:
+        return "a backslash (huggingface_hub reads it as a folder separator, so it names another path)"
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return "an empty, '.' or '..' path segment (a path outside the repository)"
+    for part in parts:
+        if part in _HUB_FORBIDDEN_FOLDERS:
+            return f"a {part}/ segment (the Hub refuses files under {part}/)"
+        if part.startswith("."):
+            return f"the hidden segment {part!r} (a push never uploads hidden files)"
+    return None
+
+
+def _refuse_unholdable_names(root: Path, names: list[str]) -> None:
+    for name in names:
+        problem = hub_name_problem(name)
+        if problem:
+            raise CardError(
+                f"{shown_name(str(root))}: the file name {name!r} holds {problem}. Rename the file (or remove "
+                "it) before pushing; nothing was uploaded."
+            )
+
 
 def _is_link(root: Path, relative: str) -> bool:
     """True if the file or any directory between ``root`` and it is a symbolic link."""
@@ -85,18 +133,21 @@ def _is_link(root: Path, relative: str) -> bool:
     return False
 
 
-def upload_plan(run_dir: str | os.PathLike) -> UploadPlan:
+def upload_plan(run_dir: str | os.PathLike, *, card_pending: bool = False) -> UploadPlan:
     """Decide exactly what a push uploads: card, model config + safetensors weights (+ shard index),
     the model code written by save_pretrained (top-level *.py), tokenizer files, generation config,
     recipe.yaml, run.json, metrics.jsonl, eval.json and the images under plots/. Only regular files
     inside the run directory: never checkpoints/, adapter/, pickle files, hidden files, or anything
     reached through a symbolic link. Images under plots/ that are links are left out (and listed);
     a link among the model, tokenizer and run files is refused, as is a run without README.md,
-    config, safetensors weights, tokenizer or recipe."""
+    config, safetensors weights, tokenizer or recipe, and a planned file whose name the Hub cannot
+    hold (:func:`hub_name_problem`: a control character, ...), dry run or not.
+    ``card_pending``: README.md is about to be rendered (push_to_hub checks the rest first, so a
+    refused push writes nothing)."""
     root = Path(run_dir)
     if root.is_symlink():
         raise CardError(f"{root} is a symbolic link; push the run directory itself.")
-    if not (root / "README.md").is_file():
+    if not card_pending and not (root / "README.md").is_file():
         raise CardError(f"{root} has no README.md; render it first (gemma-hf card {root}).")
     refuse_adapter_only(root)
     for required in ("config.json", "recipe.yaml"):
@@ -107,6 +158,7 @@ def upload_plan(run_dir: str | os.PathLike) -> UploadPlan:
     candidates = [name for name in _TOP_LEVEL_FILES if (root / name).is_file()]
     candidates += published_weight_files(root)
     candidates += sorted(p.name for p in root.glob("*.py") if p.is_file() and not p.name.startswith("."))
+    _refuse_unholdable_names(root, candidates)
     links = [f"{name} -> {(root / name).resolve()}" for name in candidates if _is_link(root, name)]
     if links:  # the model, tokenizer and run record must be the run's own files
         raise CardError(f"{root}: {'; '.join(links)}: a link, which a push never follows; put the file itself in the "
@@ -119,6 +171,7 @@ def upload_plan(run_dir: str | os.PathLike) -> UploadPlan:
             if p.is_file() and p.suffix.lower() in _PLOT_SUFFIXES
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
         )
+    _refuse_unholdable_names(root, candidates)  # the images under plots/ too
     files = sorted(name for name in dict.fromkeys(candidates) if not _is_link(root, name))
     everything = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink())
     skipped_files = [f for f in everything if f not in files]
@@ -206,6 +259,7 @@ def push_to_hub(
     root = Path(run_dir)
     rendered = False
     if not (root / "README.md").is_file():
+        upload_plan(root, card_pending=True)  # every other refusal first: a refused push writes nothing
         write_card(root, repo_id=repo_id)
         rendered = True
     validate_card(root / "README.md")

@@ -8,8 +8,10 @@ files whose headers are written first and whose tensors are then streamed in
 (:mod:`.safetensors_stream`), in shards of at most ``max_shard_size``. torch runs single-threaded
 during a merge unless ``threads`` says otherwise (see DEFAULT_THREADS for the measurement).
 
-Everything is checked before anything is written: parameters, every input's config, tensor
-names, shapes and dtypes (:mod:`.sources`), the output paths, the free disk space. Values are
+Everything is checked before anything is written: parameters (weights and eta within the float32
+range of the arithmetic), that no input is given twice and no model is the base (the same directory
+or the same weight files, whatever the spelling), every input's config, tensor names, shapes and
+dtypes (:mod:`.sources`), the output paths, the free disk space. Values are
 checked while streaming: a NaN or Inf in an input (they propagate into every weighted sum and
 Gram matrix) or in an output (overflow of the storage dtype) stops the merge with the tensor's
 name and file. Each output is built in a temporary sibling directory and renamed when complete
@@ -134,6 +136,7 @@ def linear_merge(
     weights = _checked(interpolation.check_weights, weights, len(models), normalize=normalize,
                        allow_extrapolation=allow_extrapolation)
     sources = [open_model(m) for m in models]
+    _check_distinct([("--models", i, m, s) for i, (m, s) in enumerate(zip(models, sources), start=1)], "linear")
     job = _Job("linear", sources, [output], dtype, overwrite, max_shard_size, buffer_bytes, threads, progress)
     record = {"weights": weights, "formula": "theta = sum_i w_i * theta_i"}
     return job.run(WeightedSum([weights]), [record])
@@ -158,6 +161,8 @@ def slerp_merge(
     if len(models) < 1:
         raise MergeError("a SLERP merge needs at least one model besides the base.")
     sources = [open_model(base)] + [open_model(m) for m in models]
+    _check_distinct([("--base", 0, base, sources[0])]
+                    + [("--models", i, m, s) for i, (m, s) in enumerate(zip(models, sources[1:]), start=1)], "slerp")
     job = _Job("slerp", sources, [output], dtype, overwrite, max_shard_size, buffer_bytes, threads, progress)
     record = {
         "formula": "theta = theta_base + merged_M; merged_1 = delta_1, merged_m = slerp(merged_{m-1}, delta_m, 1/m), "
@@ -195,7 +200,11 @@ def liti(
     if len(outputs) != len(etas):
         raise MergeError(f"LITI got {len(etas)} eta values but {len(outputs)} outputs; give one output per eta.")
     etas = [_checked(interpolation.check_eta, eta, allow_extrapolation=allow_extrapolation) for eta in etas]
+    repeated = sorted({eta for eta in etas if etas.count(eta) > 1})
+    if repeated:
+        raise MergeError(f"LITI got eta={repeated[0]:g} twice; each eta gives one output, give it once.")
     sources = [open_model(base), open_model(model)]
+    _check_distinct([("--base", 0, base, sources[0]), ("--models", 0, model, sources[1])], "liti")
     job = _Job("liti", sources, outputs, dtype, overwrite, max_shard_size, buffer_bytes, threads, progress)
     records = [{"eta": eta, "formula": "theta = (1 - eta) * theta_base + eta * theta_model"} for eta in etas]
     return job.run(WeightedSum([[1.0 - eta, eta] for eta in etas]), records)
@@ -207,11 +216,79 @@ def _model_list(models) -> list:
     return list(models)
 
 
-def _checked(check, *args, **kwargs):
+def _checked(check, *args, option: str | None = None, **kwargs):
+    """check(*args, **kwargs), its ValueError (or OverflowError) as a MergeError, prefixed with
+    `option` (the command line's name of the value) when the check's message does not name it."""
     try:
         return check(*args, **kwargs)
-    except ValueError as err:
-        raise MergeError(str(err)) from None
+    except (ValueError, OverflowError) as err:
+        message = str(err)
+        if option and option not in message:
+            message = f"{option}: {message}"
+        raise MergeError(message) from None
+
+
+def _weight_file_ids(source: ModelSource) -> frozenset:
+    """The identity of a source's weight files (device, inode): the same for a symbolic or a hard link."""
+    ids = set()
+    for file in source.weight_files:
+        try:
+            st = os.stat(file)
+        except OSError:
+            return frozenset()
+        ids.add((st.st_dev, st.st_ino))
+    return frozenset(ids)
+
+
+def _check_distinct(entries: list[tuple[str, int, object, ModelSource]], method: str) -> None:
+    """Refuse an input given twice, or a model that is the base: the same directory (its resolved
+    path: symbolic links, ./A and A/ are one directory) or the same weight files (links to them).
+
+    `entries`: (option, position in the option (0: a single value), the path as given, source).
+    Identity is by path and file, not by content: a copy of a model in another directory is a
+    different input (comparing contents would read every input once more before merging).
+    """
+    seen: list[tuple[str, int, object, ModelSource, frozenset]] = []
+    for option, position, given, source in entries:
+        ids = _weight_file_ids(source)
+        for first_option, first_position, first_given, first, first_ids in seen:
+            if source.path == first.path:
+                how = f"both are the directory {source.path}"
+            elif ids and ids == first_ids:
+                how = (f"{source.path} holds the very weight files of {first.path} "
+                       f"({', '.join(f.name for f in source.weight_files)}, linked)")
+            else:
+                continue
+            this = _named(option, position, given)
+            if first_option == "--base":
+                if method == "liti":
+                    effect = ("LITI between the base and itself gives the base at every eta. Pass the fine-tuned "
+                              "model as --models.")
+                else:
+                    effect = ("its task vector theta - theta_base is zero, so it only drags the merge towards the "
+                              "base. Remove it from --models.")
+                raise MergeError(f"{this} is the --base {str(first_given)!r} itself ({how}): {effect}")
+            raise MergeError(
+                f"{this} is the same model as {_named(first_option, first_position, first_given)} ({how}). "
+                + ("Averaging a model with itself only counts it twice: list each model once, and give it a "
+                   "larger share with --weights." if method == "linear" else
+                   "SLERP of a task vector with itself counts it twice: list each run once.")
+            )
+        seen.append((option, position, given, source, ids))
+
+
+def _named(option: str, position: int, given) -> str:
+    if position == 0:
+        return f"{option} {str(given)!r}"
+    return f"the {interpolation.ordinal(position)} of {option} ({str(given)!r})"
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def _parse_dtype(dtype) -> torch.dtype | None:
@@ -236,10 +313,13 @@ class _Job:
         self.primary = sources[0]  # its config (and side files) go to the output
         self.out_dtype = _parse_dtype(dtype)
         self.overwrite = overwrite
-        self.max_shard_bytes = _checked(parse_size, max_shard_size)
-        self.buffer_bytes = _checked(parse_size, buffer_bytes)
-        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-            raise MergeError(f"threads must be a positive integer or None (torch's setting), got {threads!r}.")
+        self.max_shard_bytes = _checked(parse_size, max_shard_size, option="--max-shard-size")
+        self.buffer_bytes = _checked(parse_size, buffer_bytes, option="--buffer-size")
+        if threads is not None:
+            cpus = available_cpus()
+            if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= cpus:
+                raise MergeError(f"--threads must be a whole number from 1 to {cpus} (the CPUs this process may use); "
+                                 f"got {threads!r}.")
         self.threads = threads
         self.progress = progress
         check_compatible(sources, mixed_dtypes=self.out_dtype is not None)
@@ -340,9 +420,10 @@ class _Job:
                 if not all_finite(ctx.reader.read(info, start, count, ctx.slots[0])):
                     return NonFiniteError(f"tensor {name!r} in {source.where(name)} holds NaN or Inf values; "
                                           "refusing to merge it.")
+        wider = " or write a wider dtype (--dtype float32)" if ctx.out_dtype.itemsize < 4 else ""
         return NonFiniteError(
             f"the merged tensor {name!r} is not finite: it overflows {ctx.out_dtype} (the inputs are finite). "
-            "Check the weights / eta, or write a wider dtype (--dtype float32)."
+            f"Check the weights / eta{wider}."
         )
 
     # -- the files beside the weights -----------------------------------------------------------

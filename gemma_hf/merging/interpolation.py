@@ -36,6 +36,7 @@ EMA: theta_ema <- (1 - mu) theta_ema + mu theta (:func:`ema_update`, in place).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -47,6 +48,9 @@ __all__ = [
     "slerp",
     "fold_slerp_coefficients",
     "slerp_task_vectors",
+    "FLOAT32_MAX",
+    "FLOAT32_TINY",
+    "check_coefficient",
     "check_weights",
     "check_eta",
     "ema_update",
@@ -59,6 +63,11 @@ PARALLEL_SIN_THRESHOLD = 1e-3
 ZERO_RELATIVE = 1e-6
 # Linear-merge weights must sum to 1 within this (absolute) tolerance, unless normalised.
 WEIGHT_SUM_TOLERANCE = 1e-6
+# The range of a merge coefficient (a weight, eta, 1 - eta): the kernels multiply float32 tensors
+# by it, so it is a float32 too; beyond the largest it overflows every product, below the smallest
+# normal one it rounds away (its model would silently count for nothing).
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
 
 
 def slerp_coefficients(uu: float, vv: float, uv: float, lam: float) -> tuple[float, float]:
@@ -147,6 +156,25 @@ def slerp_task_vectors(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
 # Parameter checks shared by the library and the CLI
 
 
+def check_coefficient(value: float, what: str) -> None:
+    """A coefficient the merge multiplies tensors by must survive the float32 arithmetic of the
+    kernels: at most FLOAT32_MAX in magnitude (else every product overflows), and either 0 or at
+    least FLOAT32_TINY (else it rounds to a subnormal or to 0, and its model silently counts for
+    nothing). `what` names the option, e.g. "--weights (normalised) 3rd weight"."""
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{what} is {value:g}, beyond the largest float32 ({FLOAT32_MAX:.4g}) that the merge computes "
+                         "with: every weighted tensor would overflow.")
+    if value != 0 and abs(value) < FLOAT32_TINY:
+        raise ValueError(f"{what} is {value:g}, below the smallest normal float32 ({FLOAT32_TINY:.4g}) that the merge "
+                         "computes with: it would round to 0 or lose its precision. Use 0, or a larger value.")
+
+
+def ordinal(i: int) -> str:
+    """1st, 2nd, 3rd, 4th, ... 11th, 21st: positions in an option's list of values, for messages."""
+    suffix = "th" if 10 <= i % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(i % 10, "th")
+    return f"{i}{suffix}"
+
+
 def check_weights(weights: Sequence[float] | None, count: int, *, normalize: bool = False,
                   allow_extrapolation: bool = False) -> list[float]:
     """The weights of a linear merge of `count` models, checked.
@@ -154,54 +182,78 @@ def check_weights(weights: Sequence[float] | None, count: int, *, normalize: boo
     None: uniform 1/count. Otherwise one finite weight per model, summing to 1 within
     WEIGHT_SUM_TOLERANCE -- a weighted average whose weights do not sum to 1 rescales every
     tensor (norms, embeddings) and is almost never intended. With `normalize`, weights are
-    divided by their sum instead (which must be positive). A negative weight extrapolates
-    beyond the models and needs `allow_extrapolation`.
+    divided by their sum instead (which must be positive, and representable: a sum that
+    overflows a float is refused). A negative weight extrapolates beyond the models and needs
+    `allow_extrapolation`. The weights used (after normalising) must fit the float32 arithmetic of
+    the merge (:func:`check_coefficient`). Messages name the command line's --weights.
     """
     if count < 1:
         raise ValueError("a linear merge needs at least one model.")
     if weights is None:
         return [1.0 / count] * count
-    weights = [float(w) for w in weights]
+    try:
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise ValueError(f"--weights must be numbers, got {list(weights)!r}.") from None
     if len(weights) != count:
-        raise ValueError(f"got {len(weights)} weights for {count} models; give one weight per model.")
+        raise ValueError(f"--weights got {len(weights)} values for {count} models; give one weight per model.")
     bad = [w for w in weights if not math.isfinite(w)]
     if bad:
-        raise ValueError(f"weights must be finite numbers, got {bad[0]}.")
-    total = math.fsum(weights)
+        raise ValueError(f"--weights must be finite numbers, got {bad[0]}.")
+    try:
+        total = math.fsum(weights)
+    except OverflowError:  # fsum raises on an intermediate overflow rather than return inf
+        total = math.inf
+    if not math.isfinite(total):
+        raise ValueError(
+            f"--weights {' '.join(f'{w:g}' for w in weights)} sum to more than the largest float "
+            f"({sys.float_info.max:.4g}); give weights of a usable size (e.g. their ratios: "
+            "--weights 1 1 --normalize for equal weights)."
+        )
     if normalize:
         if not total > 0:
-            raise ValueError(f"cannot normalise weights that sum to {total:g}; their sum must be positive.")
-        weights = [w / total for w in weights]
+            raise ValueError(f"--normalize cannot divide --weights that sum to {total:g}; their sum must be positive.")
+        normalised = [w / total for w in weights]
+        for i, (w, n) in enumerate(zip(weights, normalised), start=1):
+            if not math.isfinite(n):
+                raise ValueError(f"--normalize divides the {ordinal(i)} of --weights ({w:g}) by their sum {total:g}, "
+                                 "which overflows; the sum must not be tiny next to a weight.")
+        weights = normalised
     elif abs(total - 1.0) > WEIGHT_SUM_TOLERANCE:
         shown = " ".join(f"{w / total:.6g}" for w in weights) if total > 0 else None
         raise ValueError(
-            f"weights sum to {total:.6g}, not 1: a weighted average must sum to 1, or it rescales every "
+            f"--weights sum to {total:.6g}, not 1: a weighted average must sum to 1, or it rescales every "
             "tensor. Pass normalized weights"
             + (f" ({shown}), or --normalize / normalize=True to divide by the sum." if shown else ".")
         )
     if any(w < 0 for w in weights) and not allow_extrapolation:
         raise ValueError(
-            f"weight {min(weights):g} is negative: that extrapolates beyond the models. Pass "
+            f"--weights: weight {min(weights):g} is negative: that extrapolates beyond the models. Pass "
             "--allow-extrapolation / allow_extrapolation=True if that is intended."
         )
+    for i, w in enumerate(weights, start=1):
+        check_coefficient(w, f"the {ordinal(i)} of --weights" + (" (normalised)" if normalize else ""))
     return weights
 
 
 def check_eta(eta: float, *, allow_extrapolation: bool = False) -> float:
     """A LITI coefficient: finite and >= 0; at most 1 unless `allow_extrapolation` (eta > 1 moves
-    past the fine-tuned model, away from the initialisation)."""
+    past the fine-tuned model, away from the initialisation). eta and 1 - eta must fit the float32
+    arithmetic of the merge (:func:`check_coefficient`). Messages name the command line's --eta."""
     try:
         eta = float(eta)
     except (TypeError, ValueError):
-        raise ValueError(f"eta must be a number, got {eta!r}.") from None
+        raise ValueError(f"--eta must be a number, got {eta!r}.") from None
     if not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta must be a finite number >= 0, got {eta}.")
+        raise ValueError(f"--eta must be a finite number >= 0, got {eta}.")
     if eta > 1 and not allow_extrapolation:
         raise ValueError(
-            f"eta={eta:g} > 1 extrapolates past the model (theta = {1 - eta:g} * theta_init + {eta:g} * theta_M); "
+            f"--eta {eta:g} > 1 extrapolates past the model (theta = {1 - eta:g} * theta_init + {eta:g} * theta_M); "
             "LITI interpolates with eta in [0, 1]. Pass --allow-extrapolation / allow_extrapolation=True if "
             "that is intended."
         )
+    check_coefficient(eta, "--eta")
+    check_coefficient(1.0 - eta, f"1 - eta (--eta {eta:g})")
     return eta
 
 

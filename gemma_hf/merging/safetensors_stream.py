@@ -265,7 +265,7 @@ def parse_size(size: int | str) -> int:
             raise ValueError(f"cannot read a size from {size!r}; write e.g. 5GB, 500MB or 2GiB.")
         try:
             value = int(float(number) * _UNITS[unit])
-        except ValueError:
+        except (ValueError, OverflowError):  # not a number, NaN, or infinite ("infGB", "1e400GB")
             raise ValueError(f"cannot read a size from {size!r}; write e.g. 5GB, 500MB or 2GiB.") from None
     if value <= 0:
         raise ValueError(f"a size must be positive, got {size!r}.")
