@@ -176,6 +176,8 @@ class Distill(Method):
     # -- the run --------------------------------------------------------------------------------
     def build_model(self, run):
         args = run.recipe.method_args
+        if args.distill_mode == "offline":  # the first hook after the splits: before any model loads
+            check_cache_dataset(run, run.train_set)
         if args.student_init is None:
             return None
         from gemma_hf.distillation.student import student_from_teacher
@@ -242,15 +244,13 @@ class Distill(Method):
 
     def make_trainer(self, run, model, train_set, eval_set):
         """The offline trainer (cached teacher targets) or the on-policy one (GKD), by distill_mode."""
-        offline = run.recipe.method_args.distill_mode == "offline"
-        if offline:
-            check_cache_dataset(run, train_set)
+        offline = run.recipe.method_args.distill_mode == "offline"  # its cache was checked by build_model
         kwargs = run.trainer_kwargs(model, train_set, eval_set)
         teacher = self.teacher(run)  # loaded here in both modes: an offline run's held-out metrics use it too
         if offline:
             from gemma_hf.distillation.offline import make_offline_trainer
 
-            return make_offline_trainer(run, **kwargs)
+            return make_offline_trainer(run, rebuild=rebuild_command(run.recipe), **kwargs)
         from gemma_hf.distillation.trainer import make_distillation_trainer
 
         return make_distillation_trainer(run, teacher, **kwargs)
@@ -277,24 +277,45 @@ class Distill(Method):
         return lines
 
 
+def rebuild_command(recipe, label: str | None = None) -> str:
+    """The distill-cache command that writes (or repairs) this recipe's cache, with a reminder of the
+    command-line options the recipe was given (they are not in the file)."""
+    from .problems import COMMAND_LINE
+
+    label = label or (str(recipe.source) if recipe.source is not None else "RECIPE.yaml")
+    given = sorted(key for key, origin in recipe.origins.items() if origin == COMMAND_LINE)
+    also = f" with the same command-line options ({' '.join('--' + k for k in given)})" if given else ""
+    return f"`gemma-hf distill-cache --config {label}`{also}"
+
+
+def _repair_fix(command: str) -> str:
+    return (f"rebuild it: {command} (it rewrites the damaged and missing shards, same bytes, and keeps the others; "
+            "no need to delete anything)")
+
+
 def _check_cache(c) -> None:
-    """An existing cache must come from this recipe's teacher, tokenizer, K, temperature and mode;
-    a missing one is the machine's problem (write it first with gemma-hf distill-cache)."""
+    """An existing cache must come from this recipe's teacher, tokenizer, K, temperature, mode and
+    vocabulary, and its files be what was written (reader.check_cache_files: the structure, and every
+    shard's sha256 for caches up to HASH_AT_VALIDATION_BYTES; shard contents are checked when read). A
+    missing, unfinished or damaged cache is the machine's problem, not the recipe's (distill-cache writes,
+    finishes or repairs it: it must not be refused by this check)."""
     from pathlib import Path
 
     args = c.recipe.method_args
     directory = Path(args.cache_dir).expanduser()
+    command = rebuild_command(c.recipe, c.file_label)
     if not (directory / "manifest.json").is_file():
-        c.environment("cache_dir", f"{directory} holds no teacher cache yet",
-                      f"write it: gemma-hf distill-cache --config {c.file_label}")
+        c.environment("cache_dir", f"{directory} holds no teacher cache yet", f"write it: {command}")
         return
-    from gemma_hf.distillation.manifest import CacheError, CacheMismatchError, read_manifest
-    from gemma_hf.distillation.reader import check_compatible
+    from gemma_hf.distillation.manifest import CacheError, CacheMismatchError, DamagedCacheError, read_manifest
+    from gemma_hf.distillation.reader import check_cache_files, check_compatible
     try:
         manifest = read_manifest(directory)
         teacher = resolve(args.teacher_name_or_path, "teacher").path if args.teacher_name_or_path else None
+        config = _teacher_config(c)
         check_compatible(manifest, teacher=teacher, tokenizer=c.recipe.tokenizer_path, K=args.cache_top_k,
-                         temperature=args.cache_temperature, mode=args.cache_mode)
+                         temperature=args.cache_temperature, mode=args.cache_mode,
+                         vocab_size=config.vocab_size if config is not None else None)
     except CacheMismatchError as err:
         c.error("cache_dir", f"{directory} was written for another setting: {err}",
                 "write a new cache for this recipe (gemma-hf distill-cache), or point cache_dir at the right one")
@@ -304,7 +325,14 @@ def _check_cache(c) -> None:
         return
     if not manifest.get("complete", False):
         c.environment("cache_dir", f"{directory} is not complete (distill-cache was interrupted)",
-                      f"finish it: gemma-hf distill-cache --config {c.file_label}")
+                      f"finish it: {command}")
+        return
+    try:
+        check_cache_files(directory, manifest, hashes=None, rebuild=command)
+    except DamagedCacheError as err:
+        c.environment("cache_dir", f"{directory} is a damaged teacher cache: {err.detail}", _repair_fix(command))
+    except (CacheError, OSError) as err:
+        c.error("cache_dir", f"{directory} is not a usable teacher cache: {err}", "write it again with distill-cache")
 
 
 def _layers(spec: dict, num_layers: int) -> dict:
@@ -385,19 +413,48 @@ def cache_examples(train_set):
 
 
 def check_cache_dataset(run, train_set) -> None:
-    """The cache must cover exactly this run's training examples (same tokens, same order)."""
-    from gemma_hf.distillation.fingerprints import dataset_fingerprint
-    from gemma_hf.distillation.manifest import CacheMismatchError
-    from gemma_hf.distillation.reader import check_compatible
+    """The cache must cover exactly this run's training examples (same tokens, same order, as many):
+    its files are checked again (cheap structure), then the dataset fingerprint, the example count and
+    every shard's token hash against the training split (split into shard_size runs). Raises
+    RecipeError naming cache_dir: a cache of other examples is replaced, a damaged one rebuilt."""
+    from gemma_hf.distillation.fingerprints import TokenHash
+    from gemma_hf.distillation.manifest import CacheError, CacheMismatchError, DamagedCacheError
+    from gemma_hf.distillation.reader import check_cache_files, check_compatible
+    from gemma_hf.distillation.shards import shard_name
 
-    tokens = (list(r["prompt_ids"]) + list(r["completion_ids"]) for r in train_set)
+    recipe = run.recipe
+    directory, command = recipe.method_args.cache_dir, rebuild_command(recipe)
+
+    def refuse(message: str, fix: str):
+        return RecipeError(recipe.source, [Problem("cache_dir", message, fix, recipe.origin("cache_dir"))])
+
     try:
-        check_compatible(run.recipe.method_args.cache_dir, dataset=dataset_fingerprint(tokens))
+        manifest = check_cache_files(directory, rebuild=command)
+    except DamagedCacheError as err:
+        raise refuse(f"{directory} is a damaged teacher cache: {err.detail}", _repair_fix(command)) from None
+    except CacheError as err:
+        raise refuse(str(err), f"write it: {command}") from None
+    shard_size, whole, per_shard, count = manifest["shard_size"], TokenHash(), [], 0
+    for index, record in enumerate(train_set):
+        ids = list(record["prompt_ids"]) + list(record["completion_ids"])
+        whole.update(ids)
+        if index % shard_size == 0:
+            per_shard.append(TokenHash())
+        per_shard[-1].update(ids)
+        count += 1
+    try:
+        check_compatible(directory, dataset=whole.hexdigest())
     except CacheMismatchError as err:
-        raise RecipeError(run.recipe.source, [Problem(
-            "cache_dir", f"the cache holds other training examples than this recipe makes: {err}",
-            "write the cache from this recipe (gemma-hf distill-cache --config ...)", run.recipe.origin("cache_dir"))]
-        ) from None
+        raise refuse(f"the cache holds other training examples than this recipe makes: {err}",
+                     f"write the cache from this recipe: {command}") from None
+    entries = manifest["shards"]
+    wrong = [shard_name(i) for i in range(max(len(entries), len(per_shard)))
+             if i >= len(entries) or i >= len(per_shard) or entries[i]["tokens_sha256"] != per_shard[i].hexdigest()]
+    if wrong or manifest["dataset"]["num_examples"] != count:
+        raise refuse(f"{directory} is a damaged teacher cache: its manifest lists {len(entries)} shards of "
+                     f"{manifest['dataset']['num_examples']} examples for this recipe's training split of {count} "
+                     f"examples ({len(per_shard)} shards of {shard_size}); shards that disagree with the split: "
+                     f"{', '.join(wrong) or 'none'} (a shard entry removed or a count edited)", _repair_fix(command))
 
 
 def write_cache(recipe) -> dict:
@@ -432,4 +489,4 @@ def write_cache(recipe) -> dict:
 
 METHOD = Distill()
 
-__all__ = ["Distill", "DistillArguments", "METHOD", "write_cache", "check_cache_dataset"]
+__all__ = ["Distill", "DistillArguments", "METHOD", "write_cache", "check_cache_dataset", "rebuild_command"]
