@@ -306,3 +306,30 @@ def test_a_missing_model_or_tokenizer_or_bad_student_is_named(tmp_path, capsys, 
     path = write_recipe(tmp_path, method, yaml.safe_dump(recipe))
     for argv in (["validate", str(path), "--method", method], [method, "--config", str(path)]):
         expect_refusal(argv, capsys, f"- {key}", message, tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("change, key, message", [
+    ({"seq_kd": True, "lmbda": 1.0}, "seq_kd", "no effect with lmbda: 1"),
+    ({"distill_mode": "offline", "cache_dir": "{out}"}, "cache_dir", "is output_dir itself"),
+    ({"distill_mode": "offline", "cache_dir": "{out}/cache"}, "cache_dir", "lies inside output_dir"),
+    ({"distill_mode": "offline", "cache_dir": "{tmp}"}, "cache_dir", "contains output_dir"),
+    ({"distill_mode": "offline", "cache_dir": "{tmp}/.out.publish/cache"}, "cache_dir", "publish staging"),
+], ids=["seq-kd-with-lmbda-1", "cache-is-output-dir", "cache-inside-output-dir", "cache-contains-output-dir",
+        "cache-in-publish-staging"])
+def test_distill_options_that_do_nothing_or_lose_the_cache_are_named(tmp_path, capsys, change, key, message):
+    """Issue 22, case 8: seq_kd with lmbda 1 (every batch on-policy: the teacher's sequences are never
+    used) was accepted silently; a cache_dir in, equal to or around output_dir would be deleted by the
+    publish swap or the "empty it" advice. Both refused at validation, naming the keys; distill-cache
+    refuses the cache locations too."""
+    recipe = tiny_recipe("distill")
+    recipe.update(output_dir=str(tmp_path / "out"), max_steps=2)
+    recipe.update({k: v.format(out=tmp_path / "out", tmp=tmp_path) if isinstance(v, str) else v
+                   for k, v in change.items()})
+    path = write_recipe(tmp_path, "distill", yaml.safe_dump(recipe))
+    argvs = [["validate", str(path), "--method", "distill"], ["distill", "--config", str(path)]]
+    if key == "cache_dir":
+        argvs.append(["distill-cache", "--config", str(path)])
+    for argv in argvs:
+        err = expect_refusal(argv, capsys, f"- {key}", message, tmp_path=tmp_path)
+        assert ("lmbda" in err) if key == "seq_kd" else ("output_dir" in err), err
+    assert not any((tmp_path / "out").parent.glob(".out.*"))

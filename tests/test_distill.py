@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,8 @@ import yaml
 from safetensors.torch import load_file
 
 from gemma_hf.assets import gemma3_tokenizer_tiny, gemma_tokenizer_tiny
+from gemma_hf.distillation.shards import shard_name
+from tests.cache_damage import delete, drop_entry, flip_byte, rename, set_value
 from tests.clirun import cli
 from tests.tiny import make_teacher, shared_teacher
 
@@ -138,9 +141,17 @@ def cache_argv(teacher: Path, cache: Path, *extra) -> list:
             "--student_init", "{keep_layers: [0, 3]}", "--cache_shard_size", 8, *extra]
 
 
-def test_offline_distillation_from_the_cache(teacher, tmp_path):
-    cache = tmp_path / "cache"
+@pytest.fixture(scope="module")
+def offline_cache(teacher, tmp_path_factory) -> Path:
+    """The tiny offline recipe's cache (31 examples in shards of 8: 8, 8, 8, 7), written once by
+    `gemma-hf distill-cache`; tests that train on it only read it, a test that damages it works on a copy."""
+    cache = tmp_path_factory.mktemp("offline") / "cache"
     assert cli(cache_argv(teacher, cache)) == 0
+    return cache
+
+
+def test_offline_distillation_from_the_cache(teacher, offline_cache, tmp_path):
+    cache = offline_cache  # only read
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["complete"] and manifest["K"] == 16 and manifest["mode"] == "sampled"
     out = tmp_path / "run"
@@ -152,9 +163,8 @@ def test_offline_distillation_from_the_cache(teacher, tmp_path):
     assert run_json(out)["cache"]["K"] == 16
 
 
-def test_a_cache_of_another_teacher_is_refused_before_training(teacher, tmp_path, capsys):
-    cache = tmp_path / "cache"
-    assert cli(cache_argv(teacher, cache)) == 0
+def test_a_cache_of_another_teacher_is_refused_before_training(teacher, offline_cache, tmp_path, capsys):
+    cache = offline_cache
     other = make_teacher(tmp_path / "other", gemma3_tokenizer_tiny, "gemma3", seed=1)
     out = tmp_path / "run"
     code = cli(["distill", "--config", TINY_OFFLINE, "--teacher_name_or_path", other, "--cache_dir", cache,
@@ -163,6 +173,57 @@ def test_a_cache_of_another_teacher_is_refused_before_training(teacher, tmp_path
     err = capsys.readouterr().err
     assert "cache_dir" in err and "teacher" in err
     assert not out.exists()
+
+
+# -- a damaged cache: named, exit 2, nothing published, repaired by distill-cache -----------------
+
+def _offline_argv(teacher: Path, cache: Path, out: Path) -> list:
+    return ["distill", "--config", TINY_OFFLINE, "--teacher_name_or_path", teacher, "--cache_dir", cache,
+            "--student_init", "{keep_layers: [0, 3]}", "--output_dir", out, "--max_steps", 2, "--save_steps", 2,
+            "--eval_steps", 2]
+
+
+# (name, damage, the shard named, found by: "validation" (before any model loads; `validate --strict` too),
+#  "run start" (the training split against the manifest, before any model loads), "reading" (the shard's
+#  contents, when the trainer reads it: shard 0, read by the first step))
+DAMAGED_CACHES = [
+    ("entry-removed", drop_entry(1), shard_name(1), "validation"),
+    ("entry-and-file-removed", drop_entry(3, delete_file=True), shard_name(3), "run start"),
+    ("file-deleted", delete(2), shard_name(2), "validation"),
+    ("bytes-changed", flip_byte(1), shard_name(1), "validation"),
+    ("renamed", rename(2, 5), shard_name(2), "validation"),
+    ("id-out-of-range", set_value(0, "target_ids", (3, 2), 4096), shard_name(0), "reading"),
+    ("id-negative", set_value(0, "target_ids", (3, 2), -7), shard_name(0), "reading"),
+    ("nan-prob", set_value(0, "target_probs", (5, 1), float("nan")), shard_name(0), "reading"),
+]
+
+
+@pytest.mark.parametrize("name, damage, shard, found_by", DAMAGED_CACHES, ids=[c[0] for c in DAMAGED_CACHES])
+def test_a_damaged_cache_is_refused_naming_the_shard(teacher, offline_cache, tmp_path, capsys, name, damage, shard,
+                                                      found_by):
+    """Issue 22, case 5: a manifest with a shard entry removed (and num_examples edited) trained on fewer
+    examples with exit 0. Every damage is now exit 2 naming the shard and `gemma-hf distill-cache` as
+    the fix, no traceback, no run published; the fix works: distill-cache gives back the original bytes."""
+    from tests.clirun import run_cli
+
+    cache = tmp_path / "cache"
+    shutil.copytree(offline_cache, cache)
+    damage(cache)
+    out = tmp_path / "run"
+    code, _, err = run_cli(_offline_argv(teacher, cache, out), capsys)
+    assert code == 2, err[-3000:]
+    assert shard in err and "gemma-hf distill-cache --config" in err and "Traceback" not in err, err[-3000:]
+    assert not out.exists() and not (tmp_path / ".run.publish").exists()
+    if found_by in ("validation", "run start"):
+        assert "- cache_dir" in err and "damaged teacher cache" in err, err[-3000:]  # the recipe's refusal
+    if found_by == "validation":
+        code, _, err = run_cli(["validate", TINY_OFFLINE, "--method", "distill", "--strict", "--teacher_name_or_path",
+                                teacher, "--cache_dir", cache, "--student_init", "{keep_layers: [0, 3]}"], capsys)
+        assert code == 2 and shard in err and "distill-cache" in err, err[-3000:]
+
+    assert cli(cache_argv(teacher, cache)) == 0
+    files = lambda d: {p.name: p.read_bytes() for p in d.iterdir()}  # noqa: E731
+    assert files(cache) == files(offline_cache)  # repaired: the original bytes, manifest included
 
 
 def test_a_teacher_of_another_tokenizer_is_refused_naming_both(teacher, tmp_path, capsys):

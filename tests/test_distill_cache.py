@@ -1,8 +1,10 @@
-"""The offline teacher cache: sampling, round trip, manifest checks, kill -9 resumption, streaming memory."""
+"""The offline teacher cache: sampling, round trip, manifest checks, kill -9 resumption, damaged caches
+named and repaired, streaming memory."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,12 +17,13 @@ from gemma_hf.distillation.batches import CacheCollator
 from gemma_hf.distillation.cache import build_cache, example_tokens_and_positions
 from gemma_hf.distillation.fingerprints import dataset_fingerprint, teacher_fingerprint
 from gemma_hf.distillation.losses import sparse_cross_entropy
-from gemma_hf.distillation.manifest import MANIFEST, CacheError, CacheMismatchError, manifest_fields
+from gemma_hf.distillation.manifest import MANIFEST, CacheError, CacheMismatchError, DamagedCacheError, manifest_fields
 from gemma_hf.distillation.offline import CacheDataset
-from gemma_hf.distillation.reader import CacheReader, check_compatible
+from gemma_hf.distillation.reader import CacheReader, check_cache_files, check_compatible
 from gemma_hf.distillation.shards import CacheExample, shard_name
 from gemma_hf.distillation.targets import sample_targets, teacher_targets
 from gemma_hf.distillation.writer import CacheWriter
+from cache_damage import delete, drop_entry, edit_manifest, flip_byte, rename, set_value
 from tiny import make_ours, random_ids
 
 REPO = Path(__file__).resolve().parent.parent
@@ -281,6 +284,104 @@ def test_damaged_shard_is_refused_then_rewritten(tmp_path):
     assert runs[0] == 2 and files(tmp_path / "cache") == complete
 
 
+# ----------------------------------------------------------------------------- damaged caches
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One finished cache (shards of 4, 4 and 2 examples), its teacher and tokenizer; a test that damages
+    it works on a copy (`damaged_copy`)."""
+    root = tmp_path_factory.mktemp("built")
+    teacher = make_ours("gemma2")
+    tok = tokenizer_file(root / "tok")
+    build(teacher, root / "cache", tok)
+    return teacher, tok, root / "cache"
+
+
+def damaged_copy(cache: Path, directory: Path, damage) -> Path:
+    shutil.copytree(cache, directory)
+    damage(directory)
+    return directory
+
+
+# (name, damage, the shard named, what finds it, text of the message, the shards rewritten by the repair).
+# What finds it: "structure" (opening the cache: what validation checks), "sha256" (validation hashes a small
+# cache; the trainer hashes each shard it reads), "content" (a consistent manifest, wrong contents: found when
+# the shard is read).
+DAMAGED = [
+    ("entry-removed", drop_entry(1), shard_name(1), "structure", "not listed in manifest.json", []),
+    ("last-entry-removed", drop_entry(2), shard_name(2), "structure", "not in manifest.json", []),
+    ("file-deleted", delete(2), shard_name(2), "structure", "missing", [2]),
+    ("bytes-changed", flip_byte(1), shard_name(1), "sha256", "sha256 differs", [1]),
+    ("renamed", rename(1, 7), shard_name(1), "structure", "missing", [1]),
+    ("swapped", lambda d: [rename(0, 9)(d), rename(1, 0)(d), rename(9, 1)(d)], shard_name(0), "structure",
+     "wrong size", [0, 1]),
+    ("id-too-large", set_value(1, "target_ids", (3, 2), 257), shard_name(1), "content",
+     "target_ids outside the vocabulary [0, 257)", [1]),
+    ("id-negative", set_value(1, "target_ids", (0, 0), -1), shard_name(1), "content",
+     "target_ids outside the vocabulary", [1]),
+    ("id-changed-unrecorded", set_value(1, "target_ids", (3, 2), 257, record=False), shard_name(1), "sha256",
+     "sha256 differs", [1]),
+    ("nan-prob", set_value(2, "target_probs", (1, 5), float("nan")), shard_name(2), "content", "not finite", [2]),
+    ("negative-prob", set_value(0, "target_probs", (2, 0), -0.25), shard_name(0), "content", "outside [0, 1]", [0]),
+    ("probs-sum-above-1", set_value(0, "target_probs", (4, slice(None)), 0.5), shard_name(0), "content", "sum to",
+     [0]),
+    ("position-outside-example", set_value(0, "positions", 0, 10_000), shard_name(0), "content",
+     "lies outside its example", [0]),
+]
+
+
+@pytest.mark.parametrize("name, damage, shard, kind, text, rewritten", DAMAGED, ids=[case[0] for case in DAMAGED])
+def test_a_damaged_cache_is_named_then_repaired(built, tmp_path, name, damage, shard, kind, text, rewritten):
+    """Every artefact read back is checked against what was written: a damaged cache raises
+    DamagedCacheError (an InputError: exit 2) naming the shard and distill-cache as the fix, when it is
+    opened (structure) or when the damaged shard is read (sha256, contents); then re-running the writer
+    over it gives back the original bytes, running the teacher again only for the damaged shards."""
+    teacher, tok, cache = built
+    directory = damaged_copy(cache, tmp_path / "cache", damage)
+    with pytest.raises(DamagedCacheError) as err:
+        reader = CacheReader(directory)
+        assert kind != "structure", "the structure should have been refused when opening the cache"
+        list(reader)
+    message = str(err.value)
+    assert err.value.exit_code == 2 and shard in err.value.shards and shard in message, message
+    assert text in message and "gemma-hf distill-cache" in message, message
+    if kind == "sha256":  # a small cache is hashed at validation
+        with pytest.raises(DamagedCacheError, match="sha256 differs"):
+            check_cache_files(directory, hashes=None)
+    elif kind == "content":  # the manifest agrees with the files: only reading the shard tells
+        check_cache_files(directory, hashes=True)
+
+    runs = [0]
+    hook = teacher.model.register_forward_hook(lambda *args: runs.__setitem__(0, runs[0] + 1))
+    try:
+        build(teacher, directory, tok)
+    finally:
+        hook.remove()
+    assert files(directory) == files(cache)
+    assert runs[0] == sum(2 if index < 2 else 1 for index in rewritten)  # batches of 3: shards of 4, 4 and 2
+    assert len(list(CacheReader(directory, verify=True))) == 10
+
+
+def test_counts_that_disagree_with_the_shards_are_refused(built, tmp_path):
+    """The manifest's dataset counts must be the sum of its shards'. (A shard entry removed, its file
+    deleted and every count edited to match leaves a manifest consistent with itself: only the size of
+    the training split tells, test_distill.py.)"""
+    _, _, cache = built
+
+    def edit(manifest):
+        manifest["dataset"]["num_examples"] = 99
+    directory = damaged_copy(cache, tmp_path / "cache", lambda d: edit_manifest(d, edit))
+    with pytest.raises(DamagedCacheError, match="num_examples=99 but its shards sum to 10"):
+        CacheReader(directory)
+
+
+def test_an_unfinished_cache_is_not_called_damaged(built, tmp_path):
+    _, _, cache = built
+    directory = damaged_copy(cache, tmp_path / "cache", lambda d: edit_manifest(d, lambda m: m.update(complete=False)))
+    with pytest.raises(CacheError, match="unfinished") as err:
+        CacheReader(directory)
+    assert not isinstance(err.value, DamagedCacheError)
+
+
 # ----------------------------------------------------------------------------- streaming memory
 READER = """
 import sys
@@ -309,7 +410,7 @@ def synthetic_cache(directory: Path, shards: int, shard_size: int = 4, positions
     example = CacheExample(torch.randint(3, 1000, (positions + 1,), generator=gen, dtype=torch.int32),
                            torch.arange(positions, dtype=torch.int32),
                            torch.randint(0, 1000, (positions, k), generator=gen, dtype=torch.int32),
-                           torch.rand(positions, k, generator=gen).half())
+                           (torch.rand(positions, k, generator=gen) / k).half())  # a row sums to at most 1
     with CacheWriter(directory, fields, shard_size) as writer:
         for index in range(shards):
             writer.write_shard(index, [example] * shard_size)

@@ -10,7 +10,8 @@ One job per file; imports go one way, down this list's dependencies (nothing imp
   manifest.py      the cache manifest: manifest_fields, read_manifest, the cache's errors
   shards.py        the cache's shard files: CacheExample, their layout, checking and loading one
   writer.py        CacheWriter: atomic, resumable shard-by-shard writes
-  reader.py        CacheReader (streamed shard by shard), check_compatible
+  reader.py        CacheReader (streamed shard by shard, each shard verified as read), check_cache_files
+                   (the files against the manifest), check_compatible
   cache.py         build_cache: runs the teacher once and writes the cache (gemma-hf distill-cache)
   batches.py       the trainers' batches (prompt | completion; collated cache examples) and the
                    student's backbone and head as the losses take them (PEFT unwrapped)
@@ -32,8 +33,8 @@ from .losses import (
     sparse_cross_entropy,
     target_weights,
 )
-from .manifest import CacheError, CacheMismatchError, manifest_fields, read_manifest
-from .reader import CacheReader, check_compatible
+from .manifest import CacheError, CacheMismatchError, DamagedCacheError, manifest_fields, read_manifest
+from .reader import CacheReader, check_cache_files, check_compatible
 from .shards import CacheExample
 from .student import every_kth, parameter_counts, student_config, student_from_teacher
 from .targets import sample_targets, teacher_targets
@@ -43,6 +44,6 @@ __all__ = [
     "generalized_jsd", "sparse_cross_entropy", "target_weights", "mix_with_next_token", "next_token_mask",
     "sample_targets", "teacher_targets", "build_cache", "CacheWriter", "CacheReader", "CacheExample", "collate",
     "check_compatible", "manifest_fields", "read_manifest", "teacher_fingerprint", "tokenizer_fingerprint",
-    "dataset_fingerprint", "CacheError", "CacheMismatchError",
+    "dataset_fingerprint", "CacheError", "CacheMismatchError", "DamagedCacheError", "check_cache_files",
     "student_from_teacher", "student_config", "every_kth", "parameter_counts",
 ]

@@ -49,6 +49,28 @@ class CacheError(InputError):
     """A directory that is not a complete, valid distillation cache (message says why and the fix)."""
 
 
+# The fix of a damaged cache when the caller does not know the recipe (the recipe side names its file).
+REBUILD = "`gemma-hf distill-cache --config RECIPE.yaml` (the recipe that wrote it)"
+
+
+class DamagedCacheError(CacheError):
+    """A cache whose files disagree with what was written (manifest entries, sizes, sha256, headers, contents).
+
+    ``problems``: (shard file name or None for the manifest itself, what is wrong), every one found;
+    ``detail``: them as one sentence; ``shards``: the files named. ``str()`` adds the fix: rebuild it
+    with distill-cache, which rewrites damaged and missing shards (same bytes: sampling is seeded per
+    shard) and keeps the others."""
+
+    def __init__(self, directory, problems: Sequence[tuple[str | None, str]], rebuild: str = REBUILD):
+        self.directory, self.problems, self.rebuild = Path(directory), list(problems), rebuild
+        shown = [f"{name}: {what}" if name else what for name, what in self.problems[:5]]
+        more = len(self.problems) - len(shown)
+        self.detail = "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
+        self.shards = [name for name, _ in self.problems if name]
+        super().__init__(f"{self.directory} is a damaged distillation cache: {self.detail}. Rebuild it with {rebuild}: "
+                         "it rewrites the damaged and missing shards and keeps the others.")
+
+
 class CacheMismatchError(InputError):
     """A cache written for another teacher / tokenizer / dataset / sampling setting; `fields` names them."""
 
@@ -99,7 +121,8 @@ def read_manifest(directory) -> dict:
         raise CacheError(f"{directory} is not a distillation cache (no {MANIFEST}); write one with "
                          "`gemma-hf distill-cache`.") from None
     except (OSError, ValueError) as err:
-        raise CacheError(f"{path} cannot be read: {err}. Rebuild the cache.") from None
+        raise CacheError(f"{path} cannot be read: {err}. The cache cannot be repaired: remove {directory} and "
+                         "write it again with `gemma-hf distill-cache`.") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CacheError(f"{path} is not a gemma_hf distillation cache manifest (format {FORMAT!r}).")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -107,11 +130,12 @@ def read_manifest(directory) -> dict:
                          f"version {FORMAT_VERSION}. Rebuild the cache with this version.")
     missing = [k for k in (*IDENTITY_FIELDS, "shards", "complete") if k not in manifest]
     if missing or not isinstance(manifest["shards"], list):
-        raise CacheError(f"{path} lacks {missing or ['shards']}: the manifest is damaged. Rebuild the cache.")
+        raise CacheError(f"{path} lacks {missing or ['shards']}: the manifest is damaged beyond repair. Remove "
+                         f"{directory} and write the cache again with `gemma-hf distill-cache`.")
     return manifest
 
 
 __all__ = [
-    "manifest_fields", "read_manifest", "CacheError", "CacheMismatchError", "FORMAT", "FORMAT_VERSION", "MANIFEST",
-    "PROBS_DTYPES", "IDENTITY_FIELDS",
+    "manifest_fields", "read_manifest", "CacheError", "CacheMismatchError", "DamagedCacheError", "REBUILD", "FORMAT",
+    "FORMAT_VERSION", "MANIFEST", "PROBS_DTYPES", "IDENTITY_FIELDS",
 ]

@@ -23,31 +23,34 @@ from gemma_hf.trainer_utils import loss_only_prediction_step, plain_trainer_kwar
 
 from .batches import CacheCollator, backbone_of, completion_hidden, head_of
 from .losses import mix_with_next_token, next_token_nll, sparse_cross_entropy
+from .manifest import REBUILD
 from .reader import CacheReader
 
 
 class CacheDataset(IterableDataset):
-    """The cache's examples, in order, one shard in memory at a time (a DataLoader with one worker)."""
+    """The cache's examples, in order, one shard in memory at a time (a DataLoader with one worker);
+    each shard verified as it is read (reader.py). `rebuild`: the fix named for a damaged cache."""
 
-    def __init__(self, directory):
-        self.directory = directory
-        self.reader = CacheReader(directory)
+    def __init__(self, directory, rebuild: str = REBUILD):
+        self.directory, self.rebuild = directory, rebuild
+        self.reader = CacheReader(directory, rebuild=rebuild)
 
     def __iter__(self):
-        yield from CacheReader(self.directory)
+        yield from CacheReader(self.directory, rebuild=self.rebuild)
 
     def __len__(self):
         return len(self.reader)
 
 
-def make_offline_trainer(run, **kwargs):
+def make_offline_trainer(run, rebuild: str = REBUILD, **kwargs):
     """A Trainer whose loss is the sparse cross-entropy against the cached teacher targets; `kwargs`:
-    the engine's trainer arguments (its train_dataset is replaced by the cache)."""
+    the engine's trainer arguments (its train_dataset is replaced by the cache); `rebuild`: the command
+    a damaged shard's error names as the fix."""
     from transformers import Trainer
 
     kwargs = plain_trainer_kwargs(kwargs)
     distill = run.recipe.method_args
-    reader = CacheReader(distill.cache_dir)
+    reader = CacheReader(distill.cache_dir, rebuild=rebuild)
     mode, temperature = reader.mode, reader.temperature
     pad_id = run.tokenizer.pad_token_id
     kwargs.pop("train_dataset", None)
@@ -76,7 +79,7 @@ def make_offline_trainer(run, **kwargs):
 
         prediction_step = loss_only_prediction_step
 
-    return OfflineDistillTrainer(train_dataset=CacheDataset(distill.cache_dir),
+    return OfflineDistillTrainer(train_dataset=CacheDataset(distill.cache_dir, rebuild),
                                  data_collator=CacheCollator(pad_id, mode), **kwargs)
 
 

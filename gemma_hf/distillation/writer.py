@@ -8,8 +8,11 @@ A process killed at any point leaves complete shards and perhaps a stale tempora
 restart (same directory, same identity fields, else a CacheMismatchError naming them)
 temporary files are deleted, and a shard counts as complete when its file's size equals what
 its safetensors header describes, the header names the expected tensors, index and identity
-digest (a shard renamed into place before the manifest update is adopted this way), and its
+digest (a shard renamed into place before the manifest update is adopted this way), its bytes
+hash to the manifest's sha256 (when listed), its contents pass the reader's checks, and its
 token ids hash to those of the examples the run would put in it (a changed dataset is refused).
+Any other shard is rewritten, and finish() removes shard files the manifest does not list: so
+re-running the writer over a damaged cache (reader.py names the damage) repairs it.
 Sampling is deterministic: shard k draws from a generator seeded with
 sha256(seed, k), so the re-run writes exactly the bytes an uninterrupted run writes (on the same
 device type and thread configuration: the teacher's float results must not change).
@@ -45,7 +48,17 @@ from .manifest import (
     _identity,
     read_manifest,
 )
-from .shards import METADATA_KEY, CacheExample, load_shard, shard_header_info, shard_is_valid, shard_name
+from .shards import (
+    METADATA_KEY,
+    CacheExample,
+    load_shard,
+    load_shard_bytes,
+    shard_content_problem,
+    shard_header_info,
+    shard_is_valid,
+    shard_name,
+    split_examples,
+)
 
 _TMP = re.compile(r"^\.shard-\d+\.safetensors\.tmp$")
 _SHARD = re.compile(r"^shard-\d+\.safetensors$")
@@ -163,6 +176,13 @@ class CacheWriter:
                           positions_sha256: str | None = None) -> bool:
         """Whether shard `index` is on disk, whole and ours (adopting a shard the manifest missed).
 
+        Whole: its header is this cache's (shards.shard_header_problem), its bytes hash to the
+        manifest's sha256 when the manifest lists it, its contents pass the reader's checks
+        (shards.shard_content_problem) and its token ids and positions hash to what its header
+        records. A shard that fails any of these loses its file and manifest entry and is rewritten
+        (the same bytes: sampling is seeded per shard), which is how `gemma-hf distill-cache` repairs a
+        damaged cache; a manifest entry that disagrees with a whole shard is rewritten from the shard.
+
         With `tokens_sha256` (:func:`~gemma_hf.distillation.fingerprints.dataset_fingerprint` of the
         token ids of the examples that belong in the shard) and `positions_sha256` (the same hash of
         their target positions), a complete shard holding other ones raises CacheMismatchError: the
@@ -170,10 +190,19 @@ class CacheWriter:
         """
         path = self.directory / shard_name(index)
         info = shard_header_info(path) if path.exists() else None
-        if not shard_is_valid(info, index, self.identity_digest, self.manifest):
-            if self._entry(index) is not None:  # recorded, but the file is gone or damaged: rewrite it
+        entry = self._entry(index)
+        data = sha256 = None
+        whole = shard_is_valid(info, index, self.identity_digest, self.manifest)
+        if whole:
+            data = path.read_bytes()
+            sha256 = hashlib.sha256(data).hexdigest()
+            whole = (entry is None or entry.get("sha256") == sha256) and self._contents_match(data, info)
+        if not whole:
+            if entry is not None:  # recorded, but the file is gone or damaged: rewrite it
                 self.manifest["shards"] = [s for s in self.manifest["shards"] if s["index"] != index]
                 self._write_manifest()
+            if path.exists():  # not a whole shard of ours: never adopted later (write_shard asks again)
+                path.unlink()
             return False
         checks = (("token ids", info["tokens_sha256"], tokens_sha256),
                   ("target positions", info["positions_sha256"], positions_sha256))
@@ -184,11 +213,25 @@ class CacheWriter:
                 f"{index * self.shard_size}.."
                 f"{(index + 1) * self.shard_size - 1}: the dataset changed since the cache was started. Write the "
                 "cache for this dataset into another directory.", ["dataset"])
-        entry = self._entry(index)
-        size = path.stat().st_size
-        if entry is None or entry.get("bytes") != size:  # renamed into place, manifest not yet updated
-            self._set_entry(self._entry_of(index, info, size, hashlib.sha256(path.read_bytes()).hexdigest()))
+        expected = self._entry_of(index, info, len(data), sha256)
+        if entry != expected:  # renamed into place before the manifest update, or an entry edited since
+            self._set_entry(expected)
         return True
+
+    def _contents_match(self, data: bytes, info: Mapping) -> bool:
+        """The shard's contents pass the reader's checks and hash to the token ids and positions its
+        header records."""
+        try:
+            tensors = load_shard_bytes(data)
+        except Exception:  # noqa: BLE001 - safetensors' errors: not a shard
+            return False
+        if shard_content_problem(tensors, self.manifest) is not None:
+            return False
+        tokens, positions = TokenHash(), TokenHash()
+        for example in split_examples(tensors):
+            tokens.update(example.input_ids)
+            positions.update(example.positions)
+        return tokens.hexdigest() == info["tokens_sha256"] and positions.hexdigest() == info["positions_sha256"]
 
     @staticmethod
     def _entry_of(index: int, info: Mapping, size: int, sha256: str) -> dict:
@@ -267,6 +310,14 @@ class CacheWriter:
         if not shards or indices != list(range(len(shards))):
             missing = sorted(set(range(max(indices, default=-1) + 1)) - set(indices))
             raise CacheError(f"{self.directory}: cannot finish, shards {missing or [0]} are missing.")
+        short = [s["index"] for s in shards[:-1] if s["num_examples"] != self.shard_size]
+        if short:  # the reader (and a run's check of its training split) cut the dataset into shard_size runs
+            raise CacheError(f"{self.directory}: shards {short} hold fewer than shard_size={self.shard_size} examples; "
+                             "every shard but the last must hold shard_size.")
+        listed = {s["file"] for s in shards}
+        for path in self.directory.iterdir():  # shard files the manifest does not list (renamed ones): leftovers
+            if _SHARD.match(path.name) and path.name not in listed:
+                path.unlink()
         if dataset_fingerprint is None:
             h = TokenHash()
             for s in shards:
