@@ -67,6 +67,7 @@ class Evaluate(Method):
     trainer_config = "gemma_hf.recipes.evaluate:EvalRunArguments"
     arguments = EvalArguments
     trains = False
+    publishes_model = False
 
     def check(self, c) -> None:
         args = c.recipe.method_args

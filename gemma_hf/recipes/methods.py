@@ -76,6 +76,9 @@ class Method:
     # False for methods that train nothing (evaluation): their "training" group is a small dataclass of
     # our own (output_dir, seed, batch size), and the training checks do not apply.
     trains: ClassVar[bool] = True
+    # False for methods whose run directory holds no model (evaluation): a pipeline stage may not
+    # read a model from such a stage (`{from: NAME}`), nor make it the pipeline's final model.
+    publishes_model: ClassVar[bool] = True
     # What model_name_or_path is for, as messages say it, and the heads it may have
     # (gemma_hf.references.check_head, at validation).
     model_role: ClassVar[str] = "model to train"
