@@ -16,6 +16,13 @@ kind          written as                                  resolves to
 
 A string that looks like a path (starts with ``/``, ``.``, ``~``, has a file suffix, or has more
 or fewer than one ``/``) and does not exist is an error, not a Hub id.
+
+A model reference also has a role: the model a recipe trains or evaluates, a judge, a teacher and
+the model of ``gemma-hf chat`` / ``generate`` are causal LMs; a reward model is a sequence
+classifier. :func:`check_head` is the one check of a reference against its role, made at validation
+(before any weights load): it reads the head from config.json's ``architectures`` (a local path, an
+asset, a Hub id whose config is cached) or from the pipeline stage that will write the model
+(:data:`PENDING_STAGES`); a Hub id whose config is not downloaded cannot be checked and passes.
 """
 
 from __future__ import annotations
@@ -51,12 +58,23 @@ class PendingStage:
     name: str
     architecture: object = None  # GemmaHFConfig of the model the stage will write
     tokenizer_path: str | None = None  # the tokenizer the stage's run directory will hold
-    head: str = "causal-lm"
+    head: str | None = "causal-lm"  # None: the stage writes no model (an evaluation)
 
 
 # Pipeline validation declares the stages whose outputs later stages reference; outside a
 # pipeline a stage reference is an error.
 PENDING_STAGES: dict[str, PendingStage] = {}
+
+CAUSAL_LM = "causal-lm"
+SEQUENCE_CLASSIFICATION = "sequence-classification"
+# What a model of each head is, and what a role that needs it asks for, as messages say it.
+HEAD_NAMES = {CAUSAL_LM: "a causal LM", SEQUENCE_CLASSIFICATION: "a reward model"}
+HEAD_WANTED = {CAUSAL_LM: "a causal LM, which generates text",
+               SEQUENCE_CLASSIFICATION: "a sequence classifier with one output (a reward model)"}
+# Where a model of each head comes from, as a fix says it.
+HEAD_SOURCES = {CAUSAL_LM: "a causal LM: a base checkpoint (asset:gemma3-270m, a Hub id) or an sft, distill, rlhf or "
+                           "warp run directory",
+                SEQUENCE_CLASSIFICATION: "a reward model: a gemma-hf reward run directory"}
 
 
 @dataclass(frozen=True)
@@ -145,6 +163,79 @@ def resolve(text: str, what: str = "path") -> Reference:
     return Reference(text, "hub", None)
 
 
+def head_of_config(config: dict) -> str:
+    """The head of a checkpoint from its config dict: causal-lm, sequence-classification, or the name
+    of another head class (``architectures`` naming neither); no ``architectures``: a causal LM."""
+    archs = [str(a) for a in (config.get("architectures") or []) if a] if isinstance(config, dict) else []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return SEQUENCE_CLASSIFICATION
+    if not archs or any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in archs):
+        return CAUSAL_LM
+    return archs[0]
+
+
+def _cached_hub_config(repo_id: str) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # noqa: BLE001 - a malformed id and the like: not cached
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def head_of(text: str) -> tuple[str, str] | None:
+    """(head, what the reference is, in words) of the model ``text`` names, or None when that cannot
+    be known here: a Hub id whose config is not downloaded, a directory without a readable
+    config.json (its own checks report that), a reference that does not resolve (:func:`resolve`
+    reports it)."""
+    import json
+
+    if isinstance(text, str) and text.startswith(STAGE_SCHEME):
+        pending = PENDING_STAGES.get(text[len(STAGE_SCHEME):])
+        if pending is None or pending.head is None:
+            return None
+        return pending.head, (f"the output of pipeline stage {pending.name!r}: "
+                              f"{HEAD_NAMES.get(pending.head, pending.head)}")
+    try:
+        ref = resolve(text, "model")
+    except BadReference:
+        return None
+    config_file = ref.path / "config.json" if ref.is_local else _cached_hub_config(ref.text)
+    if config_file is None:
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    head = head_of_config(config)
+    archs = [str(a) for a in (config.get("architectures") or [])] if isinstance(config, dict) else []
+    what = HEAD_NAMES.get(head, f"a {head} checkpoint")
+    return head, f"{what} ({archs[0]})" if archs and head in HEAD_NAMES else what
+
+
+class WrongHead(BadReference):
+    """A model reference whose head does not fit its role (a reward model as a judge, ...)."""
+
+
+def check_head(text: str, role: str, heads: tuple[str, ...] | str = CAUSAL_LM) -> None:
+    """Raise :class:`WrongHead` when the model ``text`` names has none of ``heads`` (``role`` says
+    what it is for: "judge", "teacher", ...). Nothing is raised when the head cannot be known here
+    (see :func:`head_of`). Reads config.json only, never weights."""
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    found = head_of(text)
+    if found is None or found[0] in heads:
+        return
+    must = f"but {'an' if role[:1] in 'aeiou' else 'a'} {role} must be {' or '.join(HEAD_WANTED[h] for h in heads)}"
+    fix = f"point it at {' or '.join(HEAD_SOURCES[h] for h in heads)}"
+    if text.startswith(STAGE_SCHEME):
+        fitting = [name for name, pending in PENDING_STAGES.items() if pending.head in heads]
+        raise WrongHead(f"the {role} {{from: {text[len(STAGE_SCHEME):]}}} is {found[1]}, {must}",
+                        f"read it from a stage that writes one ({', '.join(fitting) or 'none comes before it'}), or "
+                        + fix[len("point it at "):].split(": ", 1)[-1])
+    raise WrongHead(f"the {role} {text!r} is {found[1]}, {must}", fix)
+
+
 def identity(text: str) -> str:
     """How a recipe's reference is recorded in a run directory someone else will read (recipe.yaml,
     run.json, the card): never a local absolute path. Assets, Hub ids and relative paths stay as
@@ -185,5 +276,6 @@ def hub_id_of(text: str) -> str | None:
     return text if is_hub_id(text) else None
 
 
-__all__ = ["identity", "hub_id_of", "ASSET_SCHEME", "STAGE_SCHEME", "PENDING_STAGES", "PendingStage", "BadReference", "Reference", "resolve", "resolve_asset", "is_hub_id",
-           "looks_like_path", "hub_offline"]
+__all__ = ["identity", "hub_id_of", "CAUSAL_LM", "SEQUENCE_CLASSIFICATION", "HEAD_NAMES", "head_of", "head_of_config",
+           "check_head", "WrongHead", "ASSET_SCHEME", "STAGE_SCHEME", "PENDING_STAGES", "PendingStage", "BadReference",
+           "Reference", "resolve", "resolve_asset", "is_hub_id", "looks_like_path", "hub_offline"]

@@ -48,13 +48,16 @@ def model_family(model_dir: str | Path) -> str:
                      f"gemma_hf, {', '.join(STOCK_MODEL_TYPES)})")
 
 
-def load_chat_model(model_dir: str | Path, dtype: str = "float32", tokenizer_dir: str | Path | None = None):
+def load_chat_model(model_dir: str | Path, dtype: str = "float32", tokenizer_dir: str | Path | None = None,
+                    role: str = "chat model"):
     """(model, tokenizer, family) for chatting with a checkpoint directory; InputError (naming the
-    file and the fix) for a directory that is not a whole Gemma causal LM."""
+    file and the fix) for a directory that is not a whole Gemma causal LM (``role`` names what the
+    model is for in that message: "chat model", "judge", ...)."""
     from transformers import AutoTokenizer
 
     from gemma_hf import GemmaHFForCausalLM
 
+    from .references import CAUSAL_LM, WrongHead, check_head
     from .rundir import model_files_complete, safetensors_complete, weight_files
 
     model_dir = Path(model_dir)
@@ -63,6 +66,10 @@ def load_chat_model(model_dir: str | Path, dtype: str = "float32", tokenizer_dir
         raise InputError(f"{model_dir} is not a model directory (no config.json"
                          + ("; it holds a LoRA adapter only: merge it, or use a run with merge_lora: true)" if adapter
                             else ")"))
+    try:  # a reward model loads as a causal LM without a word (its score head dropped, lm_head tied): refuse it
+        check_head(str(model_dir), role, CAUSAL_LM)
+    except WrongHead as err:
+        raise InputError(f"{err.message}; {err.fix}") from None
     family = model_family(model_dir)
     files = [f for f in weight_files(model_dir) if f.endswith(".safetensors")]
     if not files:

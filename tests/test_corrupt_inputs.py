@@ -287,7 +287,8 @@ def test_a_tokenizer_that_is_not_one_is_refused(checkpoint, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("method, change, key, message", [
-    ("distill", {"teacher_name_or_path": None}, "model_name_or_path", "missing"),
+    # The student is built from the teacher (student_init): the teacher is what is missing.
+    ("distill", {"teacher_name_or_path": None}, "teacher_name_or_path", "missing: distillation needs a teacher"),
     ("eval", {"model_name_or_path": None}, "model_name_or_path", "missing: the recipe names no model"),
     ("sft", {"tokenizer_name_or_path": None}, "tokenizer_name_or_path", "training from a preset needs a tokenizer"),
     ("distill", {"student_init": {"keep_layers": [99]}}, "student_init", "outside the teacher's 4 layers"),

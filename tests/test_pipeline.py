@@ -1,8 +1,10 @@
 """The pipeline on the tiny recipes: SFT -> reward -> RLHF -> evaluation in one directory.
 
 Killed mid-stage and re-run: the finished stages are skipped, the killed one resumes, the result is
-complete. Editing one stage's recipe re-runs exactly that stage and those after it. A typo in the
-last stage fails before the first one starts; a stage that fails at run time is named with its log.
+complete. Editing one stage's recipe re-runs exactly that stage and those after it; losing a stage's
+output re-runs it and the stages reading from it. A typo in the last stage, a stage output_dir, a
+model read from a stage that publishes none fail before the first stage starts; a stage that fails
+at run time is named with its log.
 """
 
 from __future__ import annotations
@@ -126,6 +128,106 @@ def test_a_typo_in_the_last_stage_fails_before_the_first_starts(tmp_path, capsys
                               str(tmp_path / "run")], capsys)
     assert code == 2 and "stages[3] (eval).max_new_tokenz" in err and "Did you mean 'max_new_tokens'" in err
     assert not (tmp_path / "run").exists() and time.time() - started < 120
+
+
+# (deleted stage, how, the stages that run again): issue 22 case 6a. A stage whose output is gone runs
+# again, and so does every stage reading from it (directly or through another); the others are kept.
+LOST = [
+    ("rlhf", "directory deleted", ["rlhf", "eval"]),  # the evaluation reads the rlhf stage; sft and reward are kept
+    ("eval", "run.json deleted", ["eval"]),  # nothing reads the evaluation
+]
+
+
+@pytest.mark.parametrize("stage,how,redone", LOST, ids=[f"{s}-{h.split()[0]}" for s, h, _ in LOST])
+def test_a_lost_stage_output_runs_again_with_the_stages_reading_it(killed_then_rerun, tmp_path, stage, how, redone):
+    path, out, _, _ = killed_then_rerun
+    before = manifest(out)
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    lost = copy / "stages" / stage
+    if how == "directory deleted":
+        shutil.rmtree(lost)
+    else:
+        (lost / "run.json").unlink()
+    again = run_here(path, copy)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing to do" not in again.stdout
+    after = manifest(copy)
+    assert {n: e["hash"] for n, e in after.items()} == {n: e["hash"] for n, e in before.items()}
+    assert all(e["status"] == "finished" for e in after.values())
+    for name in before:
+        if name in redone:
+            assert f"== stage {name} ({before[name]['method']}) ->" in again.stdout, name
+            assert after[name]["attempts"] == before[name]["attempts"] + 1
+        else:
+            assert f"stage {name} ({before[name]['method']}): finished earlier, skipped" in again.stdout, name
+            assert after[name] == before[name]
+    why = "is missing" if how == "directory deleted" else "holds no finished run"
+    assert f"stage {stage} ({before[stage]['method']}): its output {lost} {why}: it runs again" in again.stdout
+    # The published model was withdrawn and is published again: the final stage's, with a whole card.
+    assert json.loads((copy / "run.json").read_text())["method"] == "pipeline"
+    assert (copy / "model.safetensors").read_bytes() == (copy / "stages" / "rlhf" / "model.safetensors").read_bytes()
+    assert "judge_win_rate" in (copy / "README.md").read_text()
+    assert not any(p.name.startswith(".") for p in copy.iterdir())
+    assert "nothing to do" in run_here(path, copy).stdout
+
+
+def _edit_stage(index, **overrides):
+    return lambda data: data["stages"][index]["overrides"].update(overrides)
+
+
+def _more(method, **overrides):
+    """A fifth stage (after the evaluation)."""
+    recipe = {"sft": "sft.yaml", "rlhf": "rlhf.yaml"}[method]
+    return lambda data: data["stages"].append({"name": "more", "method": method,
+                                               "recipe": str(REPO / "recipes" / "tiny" / recipe),
+                                               "overrides": overrides})
+
+
+def _inline_output_dir(data):
+    data["stages"][3]["recipe"]["output_dir"] = "runs/eval"
+
+
+# (case, edit of the tiny pipeline, keys the message names, text): issue 22 case 6b (a stage's
+# output_dir, which the pipeline ignored without a word) and 6c (a model read from a stage that
+# publishes none, found only after every earlier stage had run).
+REFUSED = [
+    ("overrides-output-dir", _edit_stage(0, output_dir="runs/sft"), ["stages[0] (sft).overrides.output_dir"],
+     "a stage runs in the pipeline's directory, stages/sft"),
+    ("two-stages-one-output-dir",
+     lambda d: (_edit_stage(0, output_dir="runs/x")(d), _edit_stage(1, output_dir="runs/x")(d)),
+     ["stages[0] (sft).overrides.output_dir", "stages[1] (reward).overrides.output_dir"], "would be ignored"),
+    ("inline-recipe-output-dir", _inline_output_dir, ["stages[3] (eval).recipe.output_dir"],
+     "stages/eval: this output_dir would be ignored"),
+    ("from-eval", _more("sft", model_name_or_path={"from": "eval"}, preset=None, preset_overrides=None),
+     ["stages[4] (more).model_name_or_path"], "names a stage that publishes no model (method eval"),
+    ("from-eval-as-reward", _more("rlhf", model_name_or_path={"from": "sft"}, rewards=[{"model": {"from": "eval"}}]),
+     ["stages[4] (more).rewards[0].model"], "publishes no model"),
+]
+
+
+@pytest.mark.parametrize("case,edit,keys,text", REFUSED, ids=[r[0] for r in REFUSED])
+def test_a_stage_output_dir_or_a_model_from_a_modelless_stage_is_refused_before_anything_runs(
+        tmp_path, capsys, case, edit, keys, text):
+    require(gemma_tokenizer_tiny)
+    path = pipeline_file(tmp_path, edit)
+    for argv in (["pipeline", "--config", path, "--output_dir", tmp_path / "run"], ["validate", path]):
+        code, out, err = run_cli(argv, capsys)
+        assert code == 2, (argv, out, err)
+        assert all(f"- {key}: " in err for key in keys) and text in err and "fix: " in err, err
+        assert "Traceback" not in err and "== stage" not in out
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_files_output_dir_is_replaced_and_said(tmp_path, capsys):
+    """The shipped stage recipes are method recipes that also run on their own (each sets output_dir):
+    in a pipeline each stage runs in stages/NAME, and validation says so."""
+    require(gemma_tokenizer_tiny)
+    code, out, err = run_cli(["pipeline", "--config", pipeline_file(tmp_path), "--output_dir", tmp_path / "run",
+                              "--check"], capsys)
+    assert code == 0, err
+    assert (f"note: every stage runs in {tmp_path / 'run' / 'stages'}/NAME: the output_dir of the recipe files of "
+            "sft, reward, rlhf is not used") in out
 
 
 def test_a_failing_stage_is_named_with_its_log(tmp_path, capsys):

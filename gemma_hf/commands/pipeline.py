@@ -8,8 +8,10 @@ DESCRIPTION = """\
 Run a post-training pipeline: stages that are ordinary method recipes (sft, reward, distill, rlhf,
 warp, eval), each stage's output feeding the next ({from: STAGE}). Every stage is validated before
 the first one starts. The pipeline directory keeps each stage's run directory (stages/NAME), its
-log (logs/NAME.log) and manifest.json; running the same command again skips finished stages,
-resumes an interrupted one, and re-runs a stage whose recipe changed (and every stage after it).
+log (logs/NAME.log) and manifest.json (a stage's own output_dir is not used: an output_dir in a
+stage's overrides or inline recipe is refused, a recipe file's is replaced). Running the same command
+again skips finished stages, resumes an interrupted one, re-runs a stage whose recipe changed (and
+every stage after it) and a stage whose output directory was lost (and every stage reading from it).
 When all stages have finished, the final stage's model is published at the directory's root with
 a card covering the whole pipeline.
 
@@ -37,6 +39,8 @@ def pipeline_command(args: argparse.Namespace) -> int:
         recipes = check_pipeline(pipeline)
         print(f"ok: {args.config}: {len(recipes)} stages valid ({', '.join(f'{s.name} ({s.method})' for s in pipeline.stages)}), "
               f"output_dir {pipeline.output_dir}")
+        for note in pipeline.notes:
+            print(f"note: {note}")
         return 0
     manifest = run_pipeline(pipeline)
     from accelerate import PartialState

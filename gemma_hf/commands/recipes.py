@@ -239,6 +239,8 @@ def validate_command(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"ok: {args.recipe} is a valid pipeline: {len(pipeline.stages)} stages ("
                   + ", ".join(f"{s.name} ({s.method})" for s in pipeline.stages) + f"), output_dir {pipeline.output_dir}")
+            for note in pipeline.notes:
+                print(f"note: {note}")
         return 0
     method = args.method or method_of_file(args.recipe) or "sft"
     recipe = load_recipe(args.recipe, args.overrides, method=method)

@@ -80,7 +80,8 @@ class Contestant:
                         device=None, tokenizer_dir: str | Path | None = None) -> Contestant:
         from gemma_hf.sampling import load_chat_model
 
-        model, tokenizer, family = load_chat_model(model_dir, dtype=dtype, tokenizer_dir=tokenizer_dir)
+        model, tokenizer, family = load_chat_model(model_dir, dtype=dtype, tokenizer_dir=tokenizer_dir,
+                                                   role="evaluated model")
         if device is not None:
             model.to(device)
         return cls(name or str(model_dir), model, tokenizer, family)

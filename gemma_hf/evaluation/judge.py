@@ -221,7 +221,7 @@ class LMJudge:
         """A judge from a Gemma causal-LM directory (a run directory, the 270M asset, ...)."""
         from gemma_hf.sampling import load_chat_model
 
-        model, tokenizer, family = load_chat_model(model_dir, dtype=dtype, tokenizer_dir=tokenizer_dir)
+        model, tokenizer, family = load_chat_model(model_dir, dtype=dtype, tokenizer_dir=tokenizer_dir, role="judge")
         if device is not None:
             model.to(device)
         return cls(model, tokenizer, family, name=kwargs.pop("name", str(model_dir)), **kwargs)

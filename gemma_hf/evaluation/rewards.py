@@ -51,8 +51,14 @@ class RewardModelScorer:
         from transformers import AutoTokenizer
 
         from gemma_hf import GemmaHFForSequenceClassification
+        from gemma_hf.errors import InputError
+        from gemma_hf.references import SEQUENCE_CLASSIFICATION, WrongHead, check_head
         from gemma_hf.sampling import model_family
 
+        try:  # a causal LM loads as a sequence classifier with a random score head: refuse it
+            check_head(str(model_dir), "reward model", SEQUENCE_CLASSIFICATION)
+        except WrongHead as err:
+            raise InputError(f"{err.message}; {err.fix}") from None
         family = model_family(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or model_dir))
         model = GemmaHFForSequenceClassification.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).eval()

@@ -111,6 +111,7 @@ class Distill(Method):
              "probabilities stored once by `gemma-hf distill-cache` (Gemma 2 report, section 3.2).")
     data_format = "conversation"
     head = "causal-lm"
+    model_role = "student"
     trainer_config = "trl:SFTConfig"
     arguments = DistillArguments
     refused_keys = {
@@ -121,6 +122,9 @@ class Distill(Method):
     eval_on_start = False  # the held-out KL and loss before training are our own pass
 
     # -- validation -----------------------------------------------------------------------------
+    def builds_model(self, recipe) -> bool:
+        return recipe.method_args.student_init is not None
+
     def architecture(self, c):
         args = c.recipe.method_args
         if args.student_init is None:
@@ -148,10 +152,7 @@ class Distill(Method):
         c.in_range("cache_top_k", args.cache_top_k, args.cache_top_k >= 1, "1 or more")
         c.in_range("cache_temperature", args.cache_temperature, args.cache_temperature > 0, "a positive number")
         c.in_range("cache_shard_size", args.cache_shard_size, args.cache_shard_size >= 1, "1 or more")
-        if args.teacher_name_or_path is None:
-            c.error("teacher_name_or_path", "missing: distillation needs a teacher",
-                    "set teacher_name_or_path (a checkpoint or run directory, asset:gemma3-270m, a Hub id)")
-        teacher = _teacher_config(c)
+        teacher = _teacher_config(c)  # reports a missing or unusable teacher (once)
         if teacher is not None and recipe.architecture is not None:
             if teacher.vocab_size != recipe.architecture.vocab_size:
                 c.error("teacher_name_or_path", f"the teacher has {teacher.vocab_size} embedding rows, the student "
@@ -399,6 +400,8 @@ def _teacher_config(c):
     c._teacher_config = None
     text = c.recipe.method_args.teacher_name_or_path
     if text is None:
+        c.error("teacher_name_or_path", "missing: distillation needs a teacher",
+                "set teacher_name_or_path (a checkpoint or run directory, asset:gemma3-270m, a Hub id)")
         return None
     import json
 
@@ -407,6 +410,13 @@ def _teacher_config(c):
     except BadReference as err:
         (c.environment if err.environment else c.error)("teacher_name_or_path", err.message, err.fix)
         return None
+    if not c.role("teacher_name_or_path", text, "teacher"):  # a reward model has no next-token distribution
+        return None
+    if ref.kind == "stage":  # a pipeline stage's output: what that stage will write
+        from gemma_hf.references import PENDING_STAGES
+
+        c._teacher_config = PENDING_STAGES[text[len("stage:"):]].architecture
+        return c._teacher_config
     if not ref.is_local:
         c.note(f"the teacher {text} is read from the Hub when the run starts")
         return None

@@ -14,12 +14,11 @@ with the same fault points, and never overwritten.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gemma_hf.references import BadReference, identity, resolve
+from gemma_hf.references import CAUSAL_LM, SEQUENCE_CLASSIFICATION, BadReference, identity, resolve
 from gemma_hf.rundir import write_json, write_text
 
 from .distributed import on_main_process
@@ -64,9 +63,11 @@ class Evaluate(Method):
              "reward-model win rate and an LM judge's side-by-side win rate with 95% bootstrap intervals.")
     data_format = "prompt"
     head = "causal-lm"
+    model_role = "evaluated model"
     trainer_config = "gemma_hf.recipes.evaluate:EvalRunArguments"
     arguments = EvalArguments
     trains = False
+    publishes_model = False
 
     def check(self, c) -> None:
         args = c.recipe.method_args
@@ -79,7 +80,9 @@ class Evaluate(Method):
         if args.judge_name_or_path and not args.baseline_name_or_path:
             c.error("judge_name_or_path", "a side-by-side judgement needs a baseline",
                     "set baseline_name_or_path, or remove the judge")
-        for key in ("baseline_name_or_path", "reward_name_or_path", "judge_name_or_path"):
+        roles = {"baseline_name_or_path": ("baseline", CAUSAL_LM), "judge_name_or_path": ("judge", CAUSAL_LM),
+                 "reward_name_or_path": ("reward model", SEQUENCE_CLASSIFICATION)}
+        for key, (role, head) in roles.items():
             text = getattr(args, key)
             if text is None:
                 continue
@@ -90,10 +93,8 @@ class Evaluate(Method):
                 continue
             if ref.is_local and not (ref.path / "config.json").is_file():
                 c.error(key, f"{ref.path} is not a model directory (no config.json)", "point it at a run directory")
-            elif ref.is_local and key == "reward_name_or_path":
-                config = json.loads((ref.path / "config.json").read_text())
-                if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
-                    c.error(key, f"{ref.path} is not a reward model", "point it at a gemma-hf reward run directory")
+            else:
+                c.role(key, text, role, head)
         if args.judge_template is not None:
             from gemma_hf.evaluation.judge import check_template
 

@@ -76,6 +76,13 @@ class Method:
     # False for methods that train nothing (evaluation): their "training" group is a small dataclass of
     # our own (output_dir, seed, batch size), and the training checks do not apply.
     trains: ClassVar[bool] = True
+    # False for methods whose run directory holds no model (evaluation): a pipeline stage may not
+    # read a model from such a stage (`{from: NAME}`), nor make it the pipeline's final model.
+    publishes_model: ClassVar[bool] = True
+    # What model_name_or_path is for, as messages say it, and the heads it may have
+    # (gemma_hf.references.check_head, at validation).
+    model_role: ClassVar[str] = "model to train"
+    model_heads: ClassVar[tuple[str, ...]] = ("causal-lm",)
 
     def config_class(self) -> type:
         module, _, name = self.trainer_config.partition(":")
@@ -91,6 +98,11 @@ class Method:
         built from its teacher), else None: the shared model checks then read model_name_or_path /
         preset."""
         return None
+
+    def builds_model(self, recipe) -> bool:
+        """Whether the recipe's model is made by the method (then :meth:`architecture` says what it is,
+        when that can be known before the run) rather than read from model_name_or_path / preset."""
+        return False
 
     def check(self, c: "Checks") -> None:
         """Method-specific checks; report with ``c.error(key, message, fix)``."""

@@ -26,20 +26,31 @@ A pipeline file::
         overrides: {model_name_or_path: {from: rlhf}, baseline_name_or_path: {from: sft}}
     push: {repo_id: ORG/NAME, private: true}    # optional, off by default
 
-``{from: NAME}`` anywhere in a stage's values is the run directory of the earlier stage NAME.
-Every stage is validated before the first one starts (a typo in the last stage fails in the first
-second), with the outputs of earlier stages standing in as what they will be (their model's
-architecture and tokenizer).
+``{from: NAME}`` anywhere in a stage's values is the run directory of the earlier stage NAME, a
+stage that publishes a model (not an evaluation). Every stage is validated before the first one
+starts (a typo in the last stage fails in the first second), with the outputs of earlier stages
+standing in as what they will be (their model's architecture, head and tokenizer: a reward stage's
+output is refused as a judge, a policy's as a reward model).
+
+Each stage runs in ``stages/NAME`` of the pipeline directory, never anywhere else: an ``output_dir``
+in a stage's ``overrides`` or inline recipe is refused (it would be ignored), and the ``output_dir``
+of a referenced recipe file (a method recipe that also runs on its own) is replaced, which
+``gemma-hf validate`` and the run say.
 
 The pipeline directory holds ``stages/NAME/`` (each stage's run directory), ``logs/NAME.log``
 (each stage's output) and ``manifest.json``: per stage its method, the hash of its resolved recipe
 (which includes the hashes of the stages it reads from), its status (pending, running, finished,
 failed), its output, its wall time and its log. A re-run skips finished stages whose hash is
 unchanged, resumes an interrupted one (from its checkpoints), and re-runs a stage whose recipe
-changed and every stage after it. A failing stage is named with its log; the stages before it stay
-as they are. When every stage has finished, the final stage's model is published at the pipeline
-directory's root with a card that covers the whole pipeline (every stage's held-out results, the
-evaluation's table), and pushed if ``push`` says so.
+changed and every stage after it. A finished stage whose output directory is gone (or no longer
+holds a finished run) runs again, and so does every stage that reads from it, directly or through
+another stage: their results were made from the lost output, which a re-run need not reproduce bit
+for bit; the stages that do not read from it are kept. A failing stage is named with its log; the
+stages before it stay as they are. When every stage has finished, the final stage's model is
+published at the pipeline directory's root with a card that covers the whole pipeline (every
+stage's held-out results, the evaluation's table), and pushed if ``push`` says so. A finished
+pipeline whose stages must run again (a changed recipe, a lost output) withdraws that model
+(run.json, the card) until it is published again.
 """
 
 from __future__ import annotations
@@ -98,6 +109,7 @@ class Pipeline:
     final: str
     push: dict | None
     env: dict[str, str]
+    notes: list[str] = field(default_factory=list)  # said by `validate`, `--check` and the run
 
     def stage_dir(self, name: str) -> Path:
         return self.output_dir / "stages" / name
@@ -111,14 +123,26 @@ class Pipeline:
 # --------------------------------------------------------------------------------------------
 
 
-def _from_references(value: Any, known: list[str], where: str, problems: list[Problem], source: str, reads: set):
-    """``{from: NAME}`` -> ``"stage:NAME"`` throughout ``value``."""
+def _publishes_model(method: str) -> bool:
+    return get_method(method).publishes_model
+
+
+def _from_references(value: Any, known: dict[str, str], where: str, problems: list[Problem], source: str,
+                     reads: set):
+    """``{from: NAME}`` -> ``"stage:NAME"`` throughout ``value``; ``known``: the earlier stages' methods."""
     if isinstance(value, dict):
         if set(value) == {"from"}:
             name = value["from"]
+            models = [n for n, method in known.items() if _publishes_model(method)]
             if name not in known:
                 problems.append(Problem(where, f"{{from: {name!r}}} names no earlier stage",
-                                        f"use one of {known or '(none: this is the first stage)'}", source))
+                                        f"use one of {list(known) or '(none: this is the first stage)'}", source))
+                return value
+            if not _publishes_model(known[name]):
+                problems.append(Problem(where, f"{{from: {name!r}}} names a stage that publishes no model (method "
+                                        f"{known[name]}: its run directory holds results only)",
+                                        f"read a model from a stage that trains one: {models or '(none before it)'}",
+                                        source))
                 return value
             reads.add(name)
             return f"stage:{name}"
@@ -156,6 +180,8 @@ def read_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         stages_raw = []
     stages: list[Stage] = []
     names: list[str] = []
+    methods: dict[str, str] = {}  # the stages read so far: name -> method
+    replaced: list[str] = []  # stages whose recipe file's output_dir is replaced by stages/NAME
     for index, entry in enumerate(stages_raw):
         key = f"stages[{index}]"
         if not isinstance(entry, dict):
@@ -197,14 +223,27 @@ def read_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         if not isinstance(overrides_value, dict):
             problems.append(Problem(f"{key}.overrides", "expected a mapping of recipe keys", "write {key: value}", label))
             continue
+        # A stage runs in stages/NAME. An output_dir written for this stage (its overrides, its inline
+        # recipe) would be ignored: refused. A recipe file's is the file's own run (the shipped method
+        # recipes all set one): replaced, and said.
+        written = [f"{key} ({name}).overrides.output_dir"] if "output_dir" in overrides_value else []
+        if isinstance(recipe, dict) and "output_dir" in recipe:
+            written.append(f"{key} ({name}).recipe.output_dir")
+        for where in written:
+            problems.append(Problem(where, f"a stage runs in the pipeline's directory, stages/{name}: this output_dir "
+                                    "would be ignored", "remove it (the pipeline's output_dir places every stage)",
+                                    label))
+        if "output_dir" in values and not written:
+            replaced.append(name)
         values.update(overrides_value)
         values.pop("output_dir", None)
         reads: set[str] = set()
-        values = _from_references(values, names, key, problems, label, reads)
+        values = _from_references(values, methods, f"{key} ({name})", problems, label, reads)
         stages.append(Stage(name, method, values, source, sorted(reads)))
         names.append(name)
+        methods[name] = method
     final = raw.get("final")
-    model_stages = [s.name for s in stages if s.method != "eval"]
+    model_stages = [s.name for s in stages if _publishes_model(s.method)]
     if final is None and model_stages:
         final = model_stages[-1]
     if stages and final not in model_stages:
@@ -222,6 +261,9 @@ def read_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         raise RecipeError(label, problems)
     output_dir = Path(raw["output_dir"]).expanduser().resolve()
     pipeline = Pipeline(path, output_dir, stages, final, push, {str(k): str(v) for k, v in env.items()})
+    if replaced:
+        pipeline.notes.append(f"every stage runs in {output_dir / 'stages'}/NAME: the output_dir of the recipe files "
+                              f"of {', '.join(replaced)} is not used")
     _hash_stages(pipeline)
     return pipeline
 
@@ -259,17 +301,28 @@ def check_pipeline(pipeline: Pipeline) -> dict[str, Any]:
     recipes: dict[str, Any] = {}
     problems: list[Problem] = []
     PENDING_STAGES.clear()
+    invalid: list[str] = []
     try:
         for index, stage in enumerate(pipeline.stages):
+            broken = [name for name in stage.reads if name in invalid]
+            if broken:  # what it reads cannot stand in for the output yet: checked once that stage is fixed
+                invalid.append(stage.name)
+                problems.append(Problem(f"stages[{index}] ({stage.name})", f"not checked: it reads from "
+                                        f"{', '.join(broken)}, which has problems (above)",
+                                        f"fix {', '.join(broken)} (above); this stage is checked then",
+                                        str(pipeline.source)))
+                continue
             try:
                 recipe = load_recipe(None, values=stage_values(pipeline, stage, resolve_outputs=False),
                                      method=stage.method)
             except RecipeError as err:
+                invalid.append(stage.name)
                 problems.extend(Problem(f"stages[{index}] ({stage.name}).{p.key}", p.message, p.fix,
                                         str(pipeline.source)) for p in err.problems)
                 continue
             recipes[stage.name] = recipe
-            head = get_method(stage.method).head
+            method = get_method(stage.method)
+            head = method.head if method.publishes_model else None  # later stages' references are checked by it
             PENDING_STAGES[stage.name] = PendingStage(stage.name, recipe.architecture, recipe.tokenizer_path, head)
     finally:
         PENDING_STAGES.clear()
@@ -330,17 +383,22 @@ def run_pipeline(pipeline: Pipeline, resume: bool = True) -> dict:
     check_pipeline(pipeline)  # everything, before the first stage
     main = state.is_main_process
     rundir = RunDir(pipeline.output_dir)
+    if main:
+        for note in pipeline.notes:
+            print(f"note: {note}", flush=True)
     with open_run(rundir, state, lambda: _check_output_dir(pipeline), "pipeline directory"):
         manifest = read_manifest(pipeline)
         if rundir.is_finished():
-            changed = [s.name for s in pipeline.stages
-                       if manifest.get("stages", {}).get(s.name, {}).get("hash") != s.hash]
-            if not changed:
+            recorded = manifest.get("stages", {})
+            changed = [s.name for s in pipeline.stages if recorded.get(s.name, {}).get("hash") != s.hash]
+            lost = [s.name for s in pipeline.stages if not RunDir(pipeline.stage_dir(s.name)).is_finished()]
+            if not changed and not lost:
                 if main:
                     print(f"{pipeline.output_dir} holds this pipeline, finished: nothing to do", flush=True)
                 return manifest
-            # A stage's recipe changed: the published model is withdrawn (run.json, the card) until the
-            # changed stages and those after them have run again and the new final model is published.
+            # A stage's recipe changed, or its output is gone: the published model is withdrawn (run.json,
+            # the card) until those stages and the ones they affect have run again and the new final model
+            # is published.
             if main:
                 for name in ("run.json", "README.md"):
                     (pipeline.output_dir / name).unlink(missing_ok=True)
@@ -349,6 +407,7 @@ def run_pipeline(pipeline: Pipeline, resume: bool = True) -> dict:
         manifest.setdefault("stages", {})
         manifest["pipeline"] = str(pipeline.source.name)
         stale = False
+        redone: set[str] = set()  # stages run again because an output they depend on was lost
         for stage in pipeline.stages:
             entry = manifest["stages"].get(stage.name, {})
             out = pipeline.stage_dir(stage.name)
@@ -358,6 +417,26 @@ def run_pipeline(pipeline: Pipeline, resume: bool = True) -> dict:
                 if main and out.exists():
                     shutil.rmtree(out)
                 entry = {}
+            elif entry.get("status") == "finished" and not RunDir(out).is_finished():
+                # Its output was deleted (or is no longer a finished run): it runs again from the start,
+                # and so does every stage that reads from it (below).
+                why = "is missing" if not out.exists() else "holds no finished run"
+                if main:
+                    print(f"== stage {stage.name} ({stage.method}): its output {out} {why}: it runs again ==",
+                          flush=True)
+                redone.add(stage.name)
+            elif redone.intersection(stage.reads):
+                # It was made from an output that is gone: a re-run of that stage need not reproduce it bit
+                # for bit (GPU kernels, thread counts, library versions), so this one is redone from it.
+                if main:
+                    sources = ", ".join(sorted(redone.intersection(stage.reads)))
+                    print(f"== stage {stage.name} ({stage.method}): reads {sources}, which runs again: it runs again "
+                          "too ==", flush=True)
+                redone.add(stage.name)
+            if stage.name in redone:
+                if main and out.exists():
+                    shutil.rmtree(out)
+                entry = {"attempts": entry.get("attempts", 0)}
             if entry.get("status") == "finished" and RunDir(out).is_finished():
                 if main:
                     print(f"== stage {stage.name} ({stage.method}): finished earlier, skipped ==", flush=True)

@@ -64,6 +64,9 @@ class Reward(Method):
              "token) trained on preference pairs (chosen vs rejected answers) rendered in the family's chat format.")
     data_format = "preference"
     head = "sequence-classification"
+    # A reward model starts from a causal LM (a fresh score head) or from another reward model.
+    model_role = "reward model's initial model"
+    model_heads = ("causal-lm", "sequence-classification")
     trainer_config = "trl:RewardConfig"
     arguments = RewardArguments
     refused_keys = {

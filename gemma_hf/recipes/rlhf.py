@@ -81,6 +81,7 @@ class RLHF(Method):
              "towards the initial policy or an EMA anchor (WARP).")
     data_format = "prompt"
     head = "causal-lm"
+    model_role = "policy"
     trainer_config = "trl:RLOOConfig"
     arguments = RLHFArguments
     refused_keys = {

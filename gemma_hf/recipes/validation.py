@@ -20,7 +20,7 @@ from typing import Any
 
 from gemma_hf.chat import BOS, CONTROL_TOKENS, END_OF_TURN, EOS, FAMILIES, START_OF_TURN
 from gemma_hf.errors import suggestion
-from gemma_hf.references import BadReference, hub_offline, is_hub_id, resolve
+from gemma_hf.references import CAUSAL_LM, BadReference, WrongHead, check_head, hub_offline, is_hub_id, resolve
 from gemma_hf.rundir import RunDirError, safetensors_complete, weight_files
 
 from .data import read_dataset
@@ -59,6 +59,16 @@ class Checks:
 
     def given(self, key: str) -> bool:
         return key in self.recipe.values
+
+    def role(self, key: str, text: str, role: str, heads: tuple[str, ...] | str = CAUSAL_LM) -> bool:
+        """The model ``text`` (the value of ``key``) has a head its role allows
+        (gemma_hf.references.check_head); else the problem is reported. False when it was."""
+        try:
+            check_head(text, role, heads)
+        except WrongHead as err:
+            self.error(key, err.message, err.fix)
+            return False
+        return True
 
     def in_range(self, key: str, value: Any, ok: bool, expected: str) -> None:
         if not ok:
@@ -163,8 +173,8 @@ def _check_model(c: Checks):
 
     recipe, g, m = c.recipe, c.recipe.gemma, c.recipe.model
     made = get_method(recipe.method).architecture(c)
-    if made is not None:  # the method builds the model itself (a student from its teacher, ...)
-        return made
+    if made is not None or get_method(recipe.method).builds_model(recipe):
+        return made  # the method builds the model itself (a student from its teacher, ...); None: not known yet
     preset_arch = checkpoint_arch = None
     if m.model_name_or_path is None and g.preset is None:
         c.error("model_name_or_path", "missing: the recipe names no model",
@@ -233,6 +243,8 @@ def _check_model(c: Checks):
             else:
                 c.note(f"model {text} will be downloaded from the Hub when the run starts"
                        + ("" if preset_arch else "; set `preset` so its architecture is checked now"))
+        method = get_method(recipe.method)
+        c.role("model_name_or_path", text, method.model_role, method.model_heads)
     if preset_arch is not None and checkpoint_arch is not None:
         for name in ("family", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads"):
             if getattr(preset_arch, name) != getattr(checkpoint_arch, name):
@@ -291,6 +303,8 @@ def _check_tokenizer(c: Checks, architecture) -> None:
     recipe, g = c.recipe, c.recipe.gemma
     key = "tokenizer_name_or_path" if g.tokenizer_name_or_path else "model_name_or_path"
     text = g.tokenizer_name_or_path or recipe.model.model_name_or_path
+    if text is None and get_method(recipe.method).builds_model(recipe) and c.problems:
+        return  # the method makes the model (and its tokenizer) from a source already reported unusable
     if text is None:
         c.error("tokenizer_name_or_path", "missing: training from a preset needs a tokenizer",
                 "set tokenizer_name_or_path (e.g. asset:gemma-tokenizer for Gemma 1/2, asset:gemma3-tokenizer)")

@@ -195,7 +195,7 @@ def check_specs(specs: list[RewardSpec]) -> list[tuple[str, str, str]]:
     """(key, message, fix) for every spec that cannot be used here (validation: no weights loaded)."""
     import json
 
-    from gemma_hf.references import BadReference, resolve
+    from gemma_hf.references import SEQUENCE_CLASSIFICATION, BadReference, check_head, resolve
 
     problems = []
     for index, spec in enumerate(specs):
@@ -208,6 +208,7 @@ def check_specs(specs: list[RewardSpec]) -> list[tuple[str, str, str]]:
             continue
         try:
             ref = resolve(spec.target, "reward model")
+            check_head(spec.target, "reward model", SEQUENCE_CLASSIFICATION)  # also a pipeline stage's output
         except BadReference as err:
             problems.append((key, err.message, err.fix))
             continue
@@ -218,11 +219,7 @@ def check_specs(specs: list[RewardSpec]) -> list[tuple[str, str, str]]:
         except (OSError, ValueError) as err:
             problems.append((key, f"{ref.path} is not a model directory: {err}", "point it at a reward run directory"))
             continue
-        architectures = config.get("architectures") or []
-        if not any(a.endswith("ForSequenceClassification") for a in architectures):
-            problems.append((key, f"{ref.path} is a {architectures or 'causal LM'} checkpoint, not a reward model",
-                             "train one with gemma-hf reward and point at its run directory"))
-        elif len(config.get("id2label") or {0: 0}) != 1:
+        if len(config.get("id2label") or {0: 0}) != 1:
             problems.append((key, f"{ref.path} has {len(config['id2label'])} outputs; a reward model has one",
                              "use a gemma-hf reward run"))
     return problems
