@@ -192,8 +192,9 @@ def distill_cache_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_pipeline_file(path: str) -> bool:
-    """A pipeline file (top-level `stages:`), which `validate` checks as `gemma-hf pipeline --check` does."""
+def _has_top_level_key(path: str, key: str) -> bool:
+    """The YAML file at ``path`` sets ``key`` at its top level (read as text: the kind of a file is known
+    before it is parsed as that kind)."""
     import re
 
     try:
@@ -201,19 +202,17 @@ def _is_pipeline_file(path: str) -> bool:
             head = handle.read(1 << 20).decode("utf-8", errors="replace")
     except OSError:
         return False
-    return re.search(r"^stages:", head, re.MULTILINE) is not None
+    return re.search(rf"^{re.escape(key)}:", head, re.MULTILINE) is not None
+
+
+def _is_pipeline_file(path: str) -> bool:
+    """A pipeline file (top-level `stages:`), which `validate` checks as `gemma-hf pipeline --check` does."""
+    return _has_top_level_key(path, "stages")
 
 
 def _is_accelerate_config(path: str) -> bool:
     """An accelerate config file (`accelerate config` writes `compute_environment:` at the top level)."""
-    import re
-
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(1 << 20).decode("utf-8", errors="replace")
-    except OSError:
-        return False
-    return re.search(r"^compute_environment:", head, re.MULTILINE) is not None
+    return _has_top_level_key(path, "compute_environment")
 
 
 def validate_command(args: argparse.Namespace) -> int:
