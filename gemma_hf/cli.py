@@ -3,12 +3,17 @@
 
 One error handler for every subcommand: an error gemma_hf raises on purpose
 (gemma_hf.errors.GemmaHFError) prints its message and exits with its code (2 bad input, 1 a
-failure while running); `--debug` (or GEMMA_HF_DEBUG=1) also prints the traceback."""
+failure while running); `--debug` (or GEMMA_HF_DEBUG=1) also prints the traceback.
+
+One logging setup for every subcommand (:func:`setup_logging`): gemma_hf's own messages (progress of
+long steps such as an evaluation's generation and judging, notes, warnings) go to stderr; `-q/--quiet`
+keeps warnings and errors only, `-v/--verbose` adds debug messages."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 # Modules that contribute subcommands, in the order `gemma-hf --help` lists them.
@@ -27,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Gemma models and post-training recipes on the Hugging Face stack.",
     )
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error too")
+    volume = parser.add_mutually_exclusive_group()
+    # Own dests: a subcommand's options of the same name (validate --quiet) must not overwrite them.
+    volume.add_argument("-v", "--verbose", dest="log_verbose", action="store_true",
+                        help="also print gemma_hf's debug messages")
+    volume.add_argument("-q", "--quiet", dest="log_quiet", action="store_true",
+                        help="print only gemma_hf's warnings and errors (what a command prints as its result stays)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name in COMMAND_MODULES:
@@ -40,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("GEMMA_HF_DEBUG", "") not in ("", "0")
+    setup_logging(logging.DEBUG if args.log_verbose else logging.WARNING if args.log_quiet else logging.INFO)
     try:
         # Each subparser sets `func` (args -> exit code) via set_defaults.
         return int(args.func(args) or 0)
@@ -55,6 +67,35 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         close_process_group()
+
+
+class _Stderr(logging.Handler):
+    """Writes to the sys.stderr of the moment (a test's capture, a pipeline stage's tee), not the one
+    there was when the handler was made."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - logging must never be what fails a run
+            self.handleError(record)
+
+
+def setup_logging(level: int) -> None:
+    """gemma_hf's loggers print at ``level`` and above to stderr, "gemma-hf: message" (warnings with
+    their level). Called once per command; calling it again only changes the level. Records still
+    propagate to the root logger (pytest's caplog, an application's own handlers)."""
+    logger = logging.getLogger("gemma_hf")
+    logger.setLevel(level)
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
+        handler.setFormatter(_Format())
+        logger.addHandler(handler)
+
+
+class _Format(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "gemma-hf: " if record.levelno < logging.WARNING else f"gemma-hf {record.levelname.lower()}: "
+        return prefix + record.getMessage()
 
 
 def close_process_group() -> None:

@@ -302,3 +302,23 @@ def test_numbers_that_size_generation_are_bounded_by_the_model(tmp_path, capsys,
     code, _, err = run_cli(["validate", "--method", method, str(write(tmp_path, recipe))], capsys)
     expected = "max_completion_length" if key == "max_prompt_length" else key
     assert code == 2 and f"- {expected}" in err and text in err, err
+
+
+@pytest.mark.parametrize("flags,shown", [([], {"info", "warning"}), (["-q"], {"warning"}),
+                                         (["-v"], {"debug", "info", "warning"}), (["--quiet"], {"warning"})])
+def test_one_logging_setup_for_every_command(capsys, flags, shown):
+    """gemma_hf's messages reach stderr at the level -q / -v choose (eval's progress lines were invisible:
+    the CLI configured no logging), once each however often the CLI runs in one process."""
+    import logging
+
+    code, _, _ = run_cli([*flags, "validate", "--quiet", str(TINY)], capsys)
+    assert code == 0
+    code, _, _ = run_cli([*flags, "validate", "--quiet", str(TINY)], capsys)
+    log = logging.getLogger("gemma_hf.recipes.test")
+    log.debug("line-debug")
+    log.info("line-info")
+    log.warning("line-warning")
+    err = capsys.readouterr().err
+    assert {level for level in ("debug", "info", "warning") if f"line-{level}" in err} == shown, err
+    assert err.count("line-warning") == 1 and "gemma-hf warning: line-warning" in err
+    logging.getLogger("gemma_hf").setLevel(logging.INFO)
