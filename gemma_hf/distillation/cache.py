@@ -91,7 +91,7 @@ def build_cache(teacher, examples: Iterable[Mapping], directory, *, tokenizer, K
                     dataset_hash.update(ids)
                 if writer.shard_is_complete(index, shard_tokens.hexdigest(), shard_positions.hexdigest()):
                     if progress:
-                        progress(index, writer._entry(index), True)
+                        progress(index, writer.entry(index), True)
                     continue
                 generator = writer.generator(index, device)
                 written = []

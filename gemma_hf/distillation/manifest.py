@@ -103,7 +103,8 @@ def manifest_fields(*, teacher, tokenizer, K: int, temperature: float = 1.0, mod
     }
 
 
-def _identity(manifest: Mapping) -> dict:
+def identity_fields(manifest: Mapping) -> dict:
+    """The manifest's fields that say what its targets are (the writer and the reader hash the same ones)."""
     out = {k: manifest.get(k) for k in IDENTITY_FIELDS}
     out["teacher"] = {"fingerprint": (manifest.get("teacher") or {}).get("fingerprint")}  # the name is not identity
     return out
@@ -137,5 +138,5 @@ def read_manifest(directory) -> dict:
 
 __all__ = [
     "manifest_fields", "read_manifest", "CacheError", "CacheMismatchError", "DamagedCacheError", "REBUILD", "FORMAT",
-    "FORMAT_VERSION", "MANIFEST", "PROBS_DTYPES", "IDENTITY_FIELDS",
+    "FORMAT_VERSION", "MANIFEST", "PROBS_DTYPES", "IDENTITY_FIELDS", "identity_fields",
 ]

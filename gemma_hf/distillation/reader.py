@@ -33,7 +33,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from .fingerprints import _HEX64, dataset_fingerprint, sha_json, teacher_fingerprint, tokenizer_fingerprint
-from .manifest import MANIFEST, REBUILD, CacheError, CacheMismatchError, DamagedCacheError, _identity, read_manifest
+from .manifest import MANIFEST, REBUILD, CacheError, CacheMismatchError, DamagedCacheError, identity_fields, read_manifest
 from .shards import (
     CacheExample,
     load_shard_bytes,
@@ -123,7 +123,7 @@ def check_cache_files(directory, manifest: Mapping | None = None, *, hashes: boo
             if dataset.get(count) != total:
                 problems.append((None, f"{MANIFEST} records dataset {count}={dataset.get(count)!r} but its shards "
                                  f"sum to {total} (a shard entry removed or a count edited)"))
-    identity_digest = sha_json(_identity(manifest))
+    identity_digest = sha_json(identity_fields(manifest))
     hash_files = hashes or (hashes is None and cache_bytes(manifest) <= HASH_AT_VALIDATION_BYTES)
     for s in entries:
         name, path = s["file"], directory / s["file"]

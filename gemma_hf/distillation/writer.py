@@ -45,7 +45,7 @@ from .manifest import (
     CacheError,
     CacheMismatchError,
     _dump_manifest,
-    _identity,
+    identity_fields,
     read_manifest,
 )
 from .shards import (
@@ -112,9 +112,9 @@ class CacheWriter:
                 raise ValueError(f"CacheWriter: manifest_fields lacks {missing} (build them with manifest_fields()).")
             if (self.directory / MANIFEST).exists():
                 manifest = read_manifest(self.directory)
-                mismatched = [k for k in IDENTITY_FIELDS if _identity(manifest)[k] != _identity(fields)[k]]
+                mismatched = [k for k in IDENTITY_FIELDS if identity_fields(manifest)[k] != identity_fields(fields)[k]]
                 if mismatched:
-                    detail = "; ".join(f"{k}: cache {_identity(manifest)[k]!r}, now {_identity(fields)[k]!r}"
+                    detail = "; ".join(f"{k}: cache {identity_fields(manifest)[k]!r}, now {identity_fields(fields)[k]!r}"
                                        for k in mismatched)
                     raise CacheMismatchError(
                         f"{self.directory} holds a cache written with other settings ({detail}). A cache is resumed "
@@ -129,7 +129,7 @@ class CacheWriter:
                 manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **fields, "ids_dtype": "int32",
                             "shards": [], "dataset": None, "complete": False}
             self.manifest = manifest
-            self.identity_digest = sha_json(_identity(manifest))
+            self.identity_digest = sha_json(identity_fields(manifest))
             for stale in self.directory.iterdir():  # a kill during a shard write leaves its temporary file
                 if _TMP.match(stale.name):
                     stale.unlink()
@@ -153,7 +153,8 @@ class CacheWriter:
     def shard_size(self) -> int:
         return self.manifest["shard_size"]
 
-    def _entry(self, index: int) -> dict | None:
+    def entry(self, index: int) -> dict | None:
+        """The manifest's entry of shard ``index``, or None."""
         return next((s for s in self.manifest["shards"] if s["index"] == index), None)
 
     def _set_entry(self, entry: dict) -> None:
@@ -190,7 +191,7 @@ class CacheWriter:
         """
         path = self.directory / shard_name(index)
         info = shard_header_info(path) if path.exists() else None
-        entry = self._entry(index)
+        entry = self.entry(index)
         data = sha256 = None
         whole = shard_is_valid(info, index, self.identity_digest, self.manifest)
         if whole:
@@ -243,7 +244,7 @@ class CacheWriter:
     def write_shard(self, index: int, examples: Sequence[CacheExample]) -> dict:
         """Write shard `index` atomically (skipped when already complete); returns its manifest entry."""
         if self.shard_is_complete(index):
-            return self._entry(index)
+            return self.entry(index)
         tensors, info = self._shard_tensors(index, examples)
         from safetensors.torch import save
 
