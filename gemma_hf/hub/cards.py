@@ -20,7 +20,7 @@ from urllib.parse import quote
 import yaml
 
 from gemma_hf.model.configuration import GEMMA_FAMILIES
-from gemma_hf.references import hub_id_of, identity, is_hub_id
+from gemma_hf.references import CAUSAL_LM, SEQUENCE_CLASSIFICATION, head_of_config, hub_id_of, identity, is_hub_id
 from gemma_hf.rundir import RunDir, RunDirError
 
 from .checks import PIPELINE_TAGS, CardError, validate_card
@@ -77,8 +77,7 @@ class CardInputs:
 
     @property
     def head(self) -> str:
-        archs = self.config.get("architectures") or []
-        return "sequence-classification" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal-lm"
+        return SEQUENCE_CLASSIFICATION if head_of_config(self.config) == SEQUENCE_CLASSIFICATION else CAUSAL_LM
 
 
 def published_weight_files(run_dir: Path) -> list[str]:

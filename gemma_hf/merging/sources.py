@@ -26,6 +26,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..model.configuration import STOCK_MODEL_TYPES, GemmaHFConfig
 from ..model.safety import PICKLE_SUFFIXES
+from ..references import CAUSAL_LM, SEQUENCE_CLASSIFICATION, head_of_config
 from ..rundir import RunDir
 from .safetensors_stream import FLOAT_DTYPES, SafetensorsFormatError, TensorInfo, read_header
 
@@ -101,10 +102,8 @@ class ModelSource:
 
 
 def _head(config: dict) -> str:
-    archs = config.get("architectures") or []
-    if any(str(a).endswith("ForSequenceClassification") for a in archs):
-        return "sequence-classification"
-    return "causal-lm"
+    # Merges compare the two heads we train; any other architecture counts as a causal LM, as before.
+    return SEQUENCE_CLASSIFICATION if head_of_config(config) == SEQUENCE_CLASSIFICATION else CAUSAL_LM
 
 
 def architecture_of(source: ModelSource) -> dict:
