@@ -33,6 +33,7 @@ import importlib
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from gemma_hf.errors import InputError, suggestion
+from gemma_hf.references import CAUSAL_LM, SEQUENCE_CLASSIFICATION
 
 from .schema import REFUSED_TRAINING_KEYS, DataArguments, GemmaArguments, KeyInfo
 
@@ -50,7 +51,7 @@ METHOD_MODULES: dict[str, str] = {
     "eval": "gemma_hf.recipes.evaluate",
 }
 
-HEADS = ("causal-lm", "sequence-classification")
+HEADS = (CAUSAL_LM, SEQUENCE_CLASSIFICATION)
 
 
 class Method:
@@ -82,7 +83,7 @@ class Method:
     # What model_name_or_path is for, as messages say it, and the heads it may have
     # (gemma_hf.references.check_head, at validation).
     model_role: ClassVar[str] = "model to train"
-    model_heads: ClassVar[tuple[str, ...]] = ("causal-lm",)
+    model_heads: ClassVar[tuple[str, ...]] = (CAUSAL_LM,)
 
     def config_class(self) -> type:
         module, _, name = self.trainer_config.partition(":")

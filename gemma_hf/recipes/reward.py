@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from gemma_hf.tokenization import encode_conversation
 
-from .methods import Method
+from .methods import HEADS, Method
 from .plots import plot_histograms
 
 
@@ -66,7 +66,7 @@ class Reward(Method):
     head = "sequence-classification"
     # A reward model starts from a causal LM (a fresh score head) or from another reward model.
     model_role = "reward model's initial model"
-    model_heads = ("causal-lm", "sequence-classification")
+    model_heads = HEADS  # a reward model may start from a causal LM or another reward model
     trainer_config = "trl:RewardConfig"
     arguments = RewardArguments
     refused_keys = {
