@@ -121,6 +121,9 @@ class Distill(Method):
     }
     eval_on_start = False  # the held-out KL and loss before training are our own pass
 
+    def batches_records(self, recipe) -> bool:
+        return recipe.method_args.distill_mode != "offline"  # offline streams the teacher cache
+
     # -- validation -----------------------------------------------------------------------------
     def builds_model(self, recipe) -> bool:
         return recipe.method_args.student_init is not None

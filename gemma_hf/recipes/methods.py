@@ -108,6 +108,12 @@ class Method:
     def check(self, c: "Checks") -> None:
         """Method-specific checks; report with ``c.error(key, message, fix)``."""
 
+    def batches_records(self, recipe) -> bool:
+        """Whether the Trainer batches the training records as they are (per_device_train_batch_size of
+        them per step): then gradient_accumulation_steps is bounded by an epoch's batches at validation.
+        Not for methods that batch generations (RL) or stream a store of their own (offline distillation)."""
+        return self.trains
+
     # -- an orchestrating method (no trainer of its own) ------------------------------------------
     # True for methods whose run is not one trainer: the engine opens the run (lock, recovery, claim)
     # and hands it to orchestrate(), which runs what the method is made of (WARP: RL runs, merges,

@@ -93,6 +93,9 @@ class RLHF(Method):
     }
     eval_on_start = False  # held-out reward/KL before training are our own pass
 
+    def batches_records(self, recipe) -> bool:
+        return False  # a step's batch is generations of prompts (num_generations per prompt)
+
     def check(self, c) -> None:
         from gemma_hf.rl.rewards import RewardSpecError, check_specs, parse_specs
 

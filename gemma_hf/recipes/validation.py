@@ -534,10 +534,7 @@ def _check_accumulation(c: Checks, train_records: int) -> None:
     """gradient_accumulation_steps beyond an epoch's batches does not accumulate more: the Trainer ends
     each optimizer step at the epoch's end, so the key would silently mean 'one step per epoch'."""
     t = c.recipe.training
-    # The methods whose Trainer batches the training records as they are (RL batches generations; an
-    # offline distillation streams its cache).
-    if c.recipe.method not in ("sft", "reward", "distill") or train_records < 1 \
-            or getattr(c.recipe.method_args, "distill_mode", None) == "offline":
+    if train_records < 1 or not get_method(c.recipe.method).batches_records(c.recipe):
         return
     processes = int(os.environ.get("WORLD_SIZE", "1") or 1)
     batches = math.ceil(train_records / max(1, t.per_device_train_batch_size * processes))
