@@ -59,6 +59,8 @@ def tiny_recipe(method: str) -> dict:
                 recipe[key] = teacher
         if method == "distill":
             recipe["student_init"] = {"keep_layers": [0, 3]}
+    if method == "merge":  # two tiny models of one architecture in place of the recipe's two SFT runs
+        recipe["models"] = [str(shared_teacher(0)), str(shared_teacher(1))]
     return recipe
 
 

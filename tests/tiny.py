@@ -183,8 +183,9 @@ def make_teacher(path: Path, tokenizer_asset, family: str, seed: int) -> Path:
     return path
 
 
-def shared_teacher() -> "Path":
-    """One tiny Gemma 3 teacher (make_teacher, seed 0) per machine, for the subprocess tests
+def shared_teacher(seed: int = 0) -> "Path":
+    """One tiny Gemma 3 teacher (make_teacher, seed 0; another seed: another model of the same
+    architecture, e.g. the second input of a merge) per machine, for the subprocess tests
     (tests/faults.py): built once into the temp directory, atomically."""
     import os
     import shutil
@@ -194,10 +195,10 @@ def shared_teacher() -> "Path":
     from gemma_hf.assets import gemma3_tokenizer_tiny
 
     # v2: on the 4,096-entry tokenizer (v1 had the real 262k one)
-    path = Path(tempfile.gettempdir()) / "gemma_hf-tests-teacher-v2"
+    path = Path(tempfile.gettempdir()) / ("gemma_hf-tests-teacher-v2" + (f"-seed{seed}" if seed else ""))
     if not (path / "model.safetensors").is_file():
         scratch = Path(tempfile.mkdtemp(prefix="gemma_hf-tests-teacher-"))
-        make_teacher(scratch / "teacher", gemma3_tokenizer_tiny, "gemma3", seed=0)
+        make_teacher(scratch / "teacher", gemma3_tokenizer_tiny, "gemma3", seed=seed)
         try:
             os.rename(scratch / "teacher", path)
         except OSError:  # another process built it first

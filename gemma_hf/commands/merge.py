@@ -1,5 +1,8 @@
 """`gemma-hf merge`: average checkpoints -- linear, SLERP of task vectors (WARP), LITI.
 
+`gemma-hf merge --config R.yaml` is the recipe form: a merge run (gemma_hf.recipes.merge: a run
+directory with run.json, card, optional held-out evaluation; a pipeline stage `method: merge`).
+
 Exit codes (through gemma_hf.errors and the CLI's one handler): 0 success, 2 unusable input (the
 message says which file, tensor or option and why; nothing is written), 1 a failure while writing
 (disk, I/O). The library is gemma_hf.merging.
@@ -54,8 +57,9 @@ def register(subparsers) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    merge.add_argument("--method", required=True, choices=("linear", "slerp", "liti"))
-    merge.add_argument("--models", required=True, nargs="+", metavar="DIR",
+    merge.add_argument("--method", choices=("linear", "slerp", "liti"),
+                       help="the flag form's merge (required without --config)")
+    merge.add_argument("--models", nargs="+", metavar="DIR",
                        help="the models to average (linear, slerp: two or more; liti: exactly one)")
     merge.add_argument("--base", metavar="INIT", help="slerp, liti: the initialisation the task vectors start from")
     merge.add_argument("--weights", nargs="+", type=float, metavar="W",
@@ -64,7 +68,7 @@ def register(subparsers) -> None:
     merge.add_argument("--eta", type=float, help="liti: the interpolation coefficient, in [0, 1]")
     merge.add_argument("--allow-extrapolation", action="store_true",
                        help="allow negative linear weights and liti eta > 1")
-    merge.add_argument("--output", required=True, metavar="OUT", help="the merged model directory (must not exist)")
+    merge.add_argument("--output", metavar="OUT", help="the merged model directory (must not exist)")
     merge.add_argument("--overwrite", action="store_true",
                        help="replace OUT if it is an empty or a model directory (never other files or a run)")
     merge.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -77,6 +81,9 @@ def register(subparsers) -> None:
                        help="torch threads for the arithmetic, 1 to the CPUs available (default 1: the merge is "
                             "streaming I/O, and on a busy machine more threads are slower; try N on an idle many-core "
                             "machine)")
+    from .recipes import add_recipe_options
+
+    add_recipe_options(merge, "merge")
     merge.set_defaults(func=merge_command)
 
 
@@ -139,9 +146,61 @@ def _exact_sum(values: list[float]) -> float:
         return math.nan
 
 
+# The flag form's options and the recipe keys they set in the recipe form (`--config R.yaml --eta 0.3`).
+RECIPE_KEYS = {"method": "merge_method", "base": "base", "eta": "eta", "output": "output_dir",
+               "max_shard_size": "max_shard_size", "buffer_size": "buffer_size", "threads": "merge_threads"}
+
+
+def _as_overrides(args: argparse.Namespace) -> list[str]:
+    """The flag-form options given with --config, as recipe overrides (each sets the recipe key it names)."""
+    import json
+
+    from ..errors import InputError
+
+    if args.overwrite:
+        raise InputError("--overwrite applies to the flag form: a merge run never replaces a finished run (choose "
+                         "a new output_dir)")
+    if args.weights is not None and args.models is None:
+        raise InputError("--weights with --config needs --models too (one weight per model), or weights in the "
+                         "recipe's models: [{model: REF, weight: w}, ...]")
+    out: list[str] = []
+    for option, key in RECIPE_KEYS.items():
+        value = getattr(args, option)
+        if value is not None:
+            out += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    if args.models is not None:
+        if args.weights is not None and len(args.weights) != len(args.models):
+            raise InputError(f"--weights got {len(args.weights)} values for {len(args.models)} models; give one "
+                             "weight per model.")
+        models = [m if args.weights is None else {"model": m, "weight": w}
+                  for m, w in zip(args.models, args.weights or args.models)]
+        out += ["--models", json.dumps(models)]
+    for flag, key, on in (("--normalize", "normalize", args.normalize),
+                          ("--allow-extrapolation", "allow_extrapolation", args.allow_extrapolation)):
+        if on:
+            out += [f"--{key}", "true"]
+    if args.dtype != "auto":
+        out += ["--merge_dtype", args.dtype]
+    return out
+
+
 def merge_command(args: argparse.Namespace) -> int:
     from ..errors import GemmaHFError, InputError
 
+    if args.config or args.help_keys:  # the recipe form: a merge run (gemma_hf.recipes.merge)
+        args.overrides = _as_overrides(args) + list(args.overrides)
+        from .recipes import run_command
+
+        return run_command(args)
+    if args.overrides:
+        raise InputError(f"unrecognized arguments: {' '.join(args.overrides)} (see gemma-hf merge --help)")
+    if args.resume:
+        raise InputError("--resume applies to the recipe form (gemma-hf merge --config R.yaml --resume)")
+    missing = [flag for flag, value in (("--method", args.method), ("--models", args.models),
+                                        ("--output", args.output)) if value is None]
+    if missing:
+        raise InputError(f"gemma-hf merge needs {', '.join(missing)} (the flag form), or --config RECIPE.yaml "
+                         "(a merge run): see gemma-hf merge --help")
     problem = _usage_problem(args)
     if problem:
         raise InputError(problem)

@@ -60,17 +60,13 @@ def register(subparsers) -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     for name in METHOD_MODULES:
         method = get_method(name)
+        if method.shares_command:  # its command module's parser takes the recipe form (add_recipe_options)
+            continue
         sub = subparsers.add_parser(name, help=method.help, formatter_class=formatter,
                                     description=textwrap.fill(method.about, 96) + "\n\n"
                                     + COMMON_DESCRIPTION.format(name=name))
-        sub.add_argument("--config", metavar="RECIPE.yaml", help="the recipe file")
-        sub.add_argument("--resume", action="store_true",
-                         help="continue the unfinished run in output_dir from its latest complete checkpoint "
-                              "(starts fresh when there is none)")
-        sub.add_argument("--help-keys", action="store_true",
-                         help="list every recipe key with its type and meaning, and exit")
-        sub.set_defaults(func=run_command, method=name, overrides=[])
-        _collect_overrides(sub)
+        add_recipe_options(sub, name)
+        sub.set_defaults(func=run_command)
 
     cache = subparsers.add_parser(
         "distill-cache", help="run a distillation recipe's teacher once and store its sampled probabilities",
@@ -95,6 +91,19 @@ def register(subparsers) -> None:
     validate.add_argument("--quiet", action="store_true", help="print nothing when the recipe is valid")
     validate.set_defaults(func=validate_command, overrides=[])
     _collect_overrides(validate)
+
+
+def add_recipe_options(parser: argparse.ArgumentParser, name: str) -> None:
+    """--config, --resume, --help-keys and `--key value` recipe overrides on ``parser``: the recipe form of
+    `gemma-hf NAME` (also for a command with another form of its own: merge, generate)."""
+    parser.add_argument("--config", metavar="RECIPE.yaml", help="the recipe file")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the unfinished run in output_dir from its latest complete checkpoint "
+                             "(starts fresh when there is none)")
+    parser.add_argument("--help-keys", action="store_true",
+                        help="list every recipe key with its type and meaning, and exit")
+    parser.set_defaults(recipe_method=name, overrides=[])
+    _collect_overrides(parser)
 
 
 def method_of_file(path: str) -> str | None:
@@ -146,7 +155,7 @@ def print_keys(method: str) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    name = args.method
+    name = args.recipe_method
     if args.help_keys:
         print_keys(name)
         return 0

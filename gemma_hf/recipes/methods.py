@@ -49,6 +49,7 @@ METHOD_MODULES: dict[str, str] = {
     "rlhf": "gemma_hf.recipes.rlhf",
     "warp": "gemma_hf.recipes.warp",
     "eval": "gemma_hf.recipes.evaluate",
+    "merge": "gemma_hf.recipes.merge",
 }
 
 HEADS = (CAUSAL_LM, SEQUENCE_CLASSIFICATION)
@@ -84,6 +85,12 @@ class Method:
     # (gemma_hf.references.check_head, at validation).
     model_role: ClassVar[str] = "model to train"
     model_heads: ClassVar[tuple[str, ...]] = (CAUSAL_LM,)
+    # False for methods that run without data (a merge evaluates only when it is given datasets).
+    needs_data: ClassVar[bool] = True
+    # True when `gemma-hf NAME` is also another command's form (merge's flags, generate's one-shot
+    # prompts): that command's parser takes --config/--resume/--help-keys too (commands.recipes.
+    # add_recipe_options) and hands a recipe to the run; the method table adds no parser of its own.
+    shares_command: ClassVar[bool] = False
 
     def config_class(self) -> type:
         module, _, name = self.trainer_config.partition(":")
@@ -107,6 +114,17 @@ class Method:
 
     def check(self, c: "Checks") -> None:
         """Method-specific checks; report with ``c.error(key, message, fix)``."""
+
+    def data_format_for(self, recipe) -> str:
+        """The format of this recipe's records (conversation, preference, prompt): the method's own, unless
+        it depends on the recipe (a merge of reward models is evaluated on preference pairs)."""
+        return self.data_format
+
+    def tokenizer_reference(self, recipe) -> tuple[str, str | None]:
+        """(recipe key, reference) of the tokenizer the run uses: tokenizer_name_or_path, else the model's."""
+        if recipe.gemma.tokenizer_name_or_path:
+            return "tokenizer_name_or_path", recipe.gemma.tokenizer_name_or_path
+        return "model_name_or_path", recipe.model.model_name_or_path
 
     def batches_records(self, recipe) -> bool:
         """Whether the Trainer batches the training records as they are (per_device_train_batch_size of

@@ -165,6 +165,20 @@ def copy_model(src: Path, dst: Path, into_existing: bool = False) -> None:
         copy(tmp)
 
 
+def link_model(src: Path, dst: Path) -> None:
+    """The model files of ``src`` (and a merge's merge.json) in the existing directory ``dst``, as hard links
+    when both are on one filesystem (no second copy of the weights while a run is published), else copied."""
+    from gemma_hf.merging import MERGE_RECORD
+
+    names = [*weight_files(src), *MODEL_FILES, MERGE_RECORD, *[p.name for p in src.glob("*.py")]]
+    for name in dict.fromkeys(names):
+        if (src / name).is_file():
+            try:
+                os.link(src / name, dst / name)
+            except OSError:  # another filesystem, or links not allowed there
+                shutil.copy2(src / name, dst / name)
+
+
 def ensure_generation_stops(directory: Path, tokenizer) -> None:
     """generation_config.json must list <end_of_turn> among eos_token_id (also for adapter-only roots)."""
     from transformers import GenerationConfig

@@ -241,12 +241,12 @@ def read_mixture(recipe: Recipe, method: Method):
         part = recipe.data_parts.get(index)
         if part is None:
             family = recipe.family if recipe.family in FAMILIES else "gemma2"
-            part = read_dataset(spec, index, method.data_format, family, CONTROL_TOKENS)
+            part = read_dataset(spec, index, method.data_format_for(recipe), family, CONTROL_TOKENS)
             if part.problems:
                 raise RecipeError(recipe.source, [Problem(p.key, p.message, p.fix, recipe.origin(p.key))
                                                   for p in part.problems])
         parts.append(part)
-    return load_mixture(parts, method.data_format, recipe.training.seed)
+    return load_mixture(parts, method.data_format_for(recipe), recipe.training.seed)
 
 
 def prepare_splits(run: Run, mixture):

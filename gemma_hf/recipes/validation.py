@@ -300,16 +300,15 @@ def _check_family(c: Checks, architecture) -> None:
 
 
 def _check_tokenizer(c: Checks, architecture) -> None:
-    recipe, g = c.recipe, c.recipe.gemma
-    key = "tokenizer_name_or_path" if g.tokenizer_name_or_path else "model_name_or_path"
-    text = g.tokenizer_name_or_path or recipe.model.model_name_or_path
+    recipe = c.recipe
+    key, text = get_method(recipe.method).tokenizer_reference(recipe)
     if text is None and get_method(recipe.method).builds_model(recipe) and c.problems:
         return  # the method makes the model (and its tokenizer) from a source already reported unusable
     if text is None:
         c.error("tokenizer_name_or_path", "missing: training from a preset needs a tokenizer",
                 "set tokenizer_name_or_path (e.g. asset:gemma-tokenizer for Gemma 1/2, asset:gemma3-tokenizer)")
         return
-    if key == "model_name_or_path" and recipe.model_path is None:
+    if key != "tokenizer_name_or_path" and recipe.model_path is None:
         return  # the model problem is reported already
     try:
         ref = resolve(text, "tokenizer directory")
@@ -482,7 +481,8 @@ def _check_datasets(c: Checks) -> None:
     method = get_method(recipe.method)
     family = recipe.family if recipe.family in FAMILIES else "gemma2"
     if not recipe.data.datasets:
-        c.error("datasets", "missing: the recipe has no data", "add `datasets:\\n  - path: data.jsonl`")
+        if method.needs_data:
+            c.error("datasets", "missing: the recipe has no data", "add `datasets:\\n  - path: data.jsonl`")
         return
     forbidden = tuple(dict.fromkeys((*CONTROL_TOKENS, *getattr(c.tokenizer, "all_special_tokens", ()))))
     parts = {}
@@ -497,7 +497,7 @@ def _check_datasets(c: Checks) -> None:
                 continue
             c.note(f"{key}: Hub dataset {spec.path} is read (and each record checked) when the run starts")
             continue
-        part = read_dataset(spec, index, method.data_format, family, forbidden)
+        part = read_dataset(spec, index, method.data_format_for(recipe), family, forbidden)
         for problem in part.problems:
             (c.environment if problem.environment else c.error)(problem.key, problem.message, problem.fix)
         parts[index] = part
