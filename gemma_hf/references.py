@@ -59,6 +59,10 @@ class PendingStage:
     architecture: object = None  # GemmaHFConfig of the model the stage will write
     tokenizer_path: str | None = None  # the tokenizer the stage's run directory will hold
     head: str | None = "causal-lm"  # None: the stage writes no model (an evaluation)
+    # What the stage's directory holds: "model" (a run with a model), "data" (a generated dataset),
+    # "results" (an evaluation), "runs" (a sweep: one run per point, ``points`` of them).
+    publishes: str = "model"
+    points: int = 0
 
 
 # Pipeline validation declares the stages whose outputs later stages reference; outside a

@@ -639,6 +639,40 @@ def render_evaluation_card(run_dir: str | os.PathLike, *, name: str | None = Non
     return "\n".join(lines)
 
 
+def render_sweep_card(run_dir: str | os.PathLike, *, name: str | None = None) -> str:
+    """README.md of a sweep's directory (a pipeline stage with ``sweep:``): one run per point, each with its
+    values and held-out numbers; the runs are in stages/POINT (each with its own card). It holds no model
+    of its own (a merge stage averages its runs), so it has no Hub metadata."""
+    from gemma_hf import __version__
+
+    rundir = RunDir(run_dir)
+    try:
+        run = rundir.read_run()
+    except RunDirError as err:
+        raise CardError(f"{rundir.path} is not a complete sweep directory: {err}") from None
+    points = run.get("points") or []
+    keys = [k for k in dict.fromkeys(k for p in points for k in (p.get("summary") or {}))
+            if all(k in (p.get("summary") or {}) for p in points)][:8]
+    swept = list(dict.fromkeys(k for p in points for k in (p.get("values") or {})))
+    rows = [[p.get("name"), *[(p.get("values") or {}).get(k) for k in swept],
+             *[(p.get("summary") or {}).get(k) for k in keys]] for p in points]
+    title = name or rundir.path.resolve().name
+    lines = [
+        "---", "tags:", "- gemma_hf", "- sweep", "---", "",
+        f"# Sweep: {_cell(title)}", "",
+        f"{len(points)} runs of {_cell(run.get('title') or 'a hyper-parameter sweep')}"
+        + (f" from {_link(run['base_model'])}" if run.get("base_model") else "")
+        + f", one per point of the sweep over {', '.join(f'`{k}`' for k in swept) or 'its values'}, with gemma_hf "
+        f"{_cell(run.get('gemma_hf_version') or __version__)}. Each run is in `stages/POINT/` with its own card; the "
+        "numbers below are each run's held-out results (its eval.json).", "",
+        "## Points", "", _table(["point", *swept, *keys], rows), "",
+        _datasets_table(run.get("datasets") or []), "",
+        _table(["started", "finished", "wall time"], [[run.get("started") or "–", run.get("finished") or "–",
+                                                         _duration(run.get("wall_time_s"))]]), "",
+    ]
+    return "\n".join(lines)
+
+
 def write_card(
     run_dir: str | os.PathLike,
     *,
@@ -649,8 +683,11 @@ def write_card(
     """Render the card and write RUN_DIR/README.md atomically (temporary file, then rename).
     ``name``: the run's name when RUN_DIR is not its final place (the publish's staging directory).
     An evaluation directory (run.json's method "eval") gets its evaluation card."""
-    if _method_of(run_dir) == "eval":
+    method = _method_of(run_dir)
+    if method == "eval":
         text = render_evaluation_card(run_dir, name=name)
+    elif method == "sweep":
+        text = render_sweep_card(run_dir, name=name)
     else:
         text = render_card(run_dir, repo_id=repo_id, template=template, name=name)
     final = Path(run_dir) / "README.md"

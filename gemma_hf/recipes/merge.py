@@ -106,6 +106,9 @@ class MergeArguments:
                                                               "answer (chat health)."})
     heldout_loss: bool = field(default=True, metadata={"help": "Causal LMs: held-out loss on reference answers."})
     bootstrap_resamples: int = field(default=1000, metadata={"help": "Resamples of the 95% bootstrap intervals."})
+    max_length: int | None = field(
+        default=None, metadata={"help": "Reward models: the most tokens of a held-out conversation scored (longer "
+                                        "ones keep their first token and their end); default: the model's context."})
 
 
 @dataclass
@@ -236,8 +239,7 @@ class Merge(Method):
 
     def head_of_inputs(self, recipe) -> str:
         args = recipe.method_args
-        entries, _ = parse_models(args.models)
-        for text in [args.base, *(e.reference for e in entries)]:
+        for text in [args.base, *(text for text, _, _ in self.inputs(recipe))]:
             found = head_of(text) if text else None
             if found is not None:
                 return found[0]
@@ -251,8 +253,8 @@ class Merge(Method):
         args = recipe.method_args
         if args.merge_method != "linear" and isinstance(args.base, str):
             return args.base
-        entries, _ = parse_models(args.models)
-        return entries[0].reference if entries else None
+        models = self.inputs(recipe)  # a sweep: its first run
+        return models[0][0] if models else None
 
     def tokenizer_reference(self, recipe):
         if recipe.gemma.tokenizer_name_or_path:
@@ -308,6 +310,8 @@ class Merge(Method):
                                  args.bootstrap_resamples, 100), ("per_device_eval_batch_size",
                                  t.per_device_eval_batch_size, 1)):
             c.in_range(key, value, isinstance(value, int) and value >= low, f"{low} or more")
+        c.in_range("max_length", args.max_length, args.max_length is None or (isinstance(args.max_length, int)
+                   and args.max_length >= 2), "2 or more (or leave it out: the model's context)")
         c.in_range("seed", t.seed, isinstance(t.seed, int) and 0 <= t.seed < 2**32, "an integer in [0, 2**32)")
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         c.in_range("merge_threads", args.merge_threads, isinstance(args.merge_threads, int)
@@ -536,6 +540,8 @@ class Merge(Method):
         args, t = run.recipe.method_args, run.recipe.training
         scorer = RewardModelScorer.from_pretrained(path, batch_size=t.per_device_eval_batch_size,
                                                    device=run.state.device)
+        if args.max_length is not None:
+            scorer.max_length = args.max_length
         with torch.no_grad():
             chosen = scorer([r["prompt"] + r["chosen"] for r in items])
             rejected = scorer([r["prompt"] + r["rejected"] for r in items])

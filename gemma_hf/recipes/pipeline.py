@@ -57,8 +57,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -70,10 +72,10 @@ import yaml
 from accelerate import PartialState
 
 from gemma_hf.errors import GemmaHFError, suggestion
-from gemma_hf.faults import STAGE
+from gemma_hf.faults import STAGE, fault_point
 from gemma_hf.hub import push_to_hub
 from gemma_hf.references import PENDING_STAGES, PendingStage, identity
-from gemma_hf.rundir import MANIFEST, RunDir, now_iso, write_json, write_text
+from gemma_hf.rundir import MANIFEST, STAGES, RunDir, now_iso, write_json, write_text
 
 from .config import load_recipe, read_yaml, yaml_scalar
 from .distributed import on_main_process
@@ -81,14 +83,26 @@ from .engine import open_run, run_recipe
 from .methods import METHOD_MODULES, get_method
 from .problems import Problem, RecipeError
 from .publish import copy_model, finish, open_staging, record
+from .runtime import RunResult
 from .schema import shareable
 
 PIPELINE_KEYS = ("output_dir", "stages", "final", "push", "env")
-STAGE_KEYS = ("name", "method", "recipe", "overrides")
+STAGE_KEYS = ("name", "method", "recipe", "overrides", "sweep")
+# A sweep runs one full run per point: this many at most (a grid multiplies quickly; 32 runs of a stage
+# is already a large search for one pipeline, and every point is validated before the first runs).
+MAX_SWEEP_POINTS = 32
 
 
 class StageFailed(GemmaHFError):
     """A stage of the pipeline failed; the message names it and its log."""
+
+
+@dataclass
+class Point:
+    """One run of a sweep: its name (its directory under the stage's stages/) and the values it sets."""
+
+    name: str
+    values: dict[str, Any]
 
 
 @dataclass
@@ -99,6 +113,17 @@ class Stage:
     source: str  # the recipe file (or "inline")
     reads: list[str] = field(default_factory=list)  # the stages it takes output from
     hash: str = ""
+    points: list[Point] = field(default_factory=list)  # a sweep's runs (empty: one run)
+
+    @property
+    def publishes(self) -> str:
+        """What its directory holds for later stages: "model", "data", "results" or "runs" (a sweep)."""
+        if self.points:
+            return "runs"
+        method = get_method(self.method)
+        if getattr(method, "publishes_data", False):
+            return "data"
+        return "model" if method.publishes_model else "results"
 
 
 @dataclass
@@ -117,6 +142,9 @@ class Pipeline:
     def log(self, name: str) -> Path:
         return self.output_dir / "logs" / f"{name}.log"
 
+    def point_dir(self, stage: str, point: str) -> Path:
+        return self.stage_dir(stage) / STAGES / point
+
 
 # --------------------------------------------------------------------------------------------
 # Reading and checking
@@ -127,29 +155,104 @@ def _publishes_model(method: str) -> bool:
     return get_method(method).publishes_model
 
 
-def _from_references(value: Any, known: dict[str, str], where: str, problems: list[Problem], source: str,
-                     reads: set):
-    """``{from: NAME}`` -> ``"stage:NAME"`` throughout ``value``; ``known``: the earlier stages' methods."""
+_DATASET_PATH = re.compile(r"\.datasets\[\d+\]\.path$")
+_MERGE_MODELS = re.compile(r"\.models(\[\d+\](\.model)?)?$")
+
+
+def _from_references(value: Any, known: dict[str, Stage], where: str, problems: list[Problem], source: str,
+                     reads: set, method: str):
+    """``{from: NAME}`` -> ``"stage:NAME"`` throughout ``value``; ``known``: the earlier stages. What the
+    named stage publishes must fit the place: a model where a model is read, a generated dataset as a
+    dataset's path, a sweep's runs as a merge's models."""
     if isinstance(value, dict):
         if set(value) == {"from"}:
             name = value["from"]
-            models = [n for n, method in known.items() if _publishes_model(method)]
-            if name not in known:
+            if not isinstance(name, str) or name not in known:
                 problems.append(Problem(where, f"{{from: {name!r}}} names no earlier stage",
                                         f"use one of {list(known) or '(none: this is the first stage)'}", source))
                 return value
-            if not _publishes_model(known[name]):
-                problems.append(Problem(where, f"{{from: {name!r}}} names a stage that publishes no model (method "
-                                        f"{known[name]}: its run directory holds results only)",
-                                        f"read a model from a stage that trains one: {models or '(none before it)'}",
-                                        source))
+            kind = known[name].publishes
+            models = [n for n, stage in known.items() if stage.publishes == "model"]
+            as_data = bool(_DATASET_PATH.search(where))
+            problem = None
+            if as_data and kind != "data":
+                problem = (f"{{from: {name!r}}} is a dataset path, but stage {name!r} ({known[name].method}) publishes "
+                           f"{'a model' if kind == 'model' else 'no dataset'}",
+                           f"read data from a stage that generates it (method generate): "
+                           f"{[n for n, st in known.items() if st.publishes == 'data'] or '(none before it)'}")
+            elif not as_data and kind == "data":
+                problem = (f"{{from: {name!r}}} names a stage that publishes a dataset (method {known[name].method}), "
+                           "not a model", f"use it as a dataset: datasets: [{{path: {{from: {name}}}}}]")
+            elif kind == "runs" and not (method == "merge" and _MERGE_MODELS.search(where)):
+                problem = (f"{{from: {name!r}}} names a sweep: its output is {len(known[name].points)} runs, not one "
+                           "model", f"average them first: a merge stage with models: {{from: {name}}}")
+            elif kind == "results":
+                problem = (f"{{from: {name!r}}} names a stage that publishes no model (method {known[name].method}: "
+                           "its run directory holds results only)",
+                           f"read a model from a stage that trains one: {models or '(none before it)'}")
+            if problem is not None:
+                problems.append(Problem(where, problem[0], problem[1], source))
                 return value
             reads.add(name)
             return f"stage:{name}"
-        return {k: _from_references(v, known, f"{where}.{k}", problems, source, reads) for k, v in value.items()}
+        return {k: _from_references(v, known, f"{where}.{k}", problems, source, reads, method)
+                for k, v in value.items()}
     if isinstance(value, list):
-        return [_from_references(v, known, f"{where}[{i}]", problems, source, reads) for i, v in enumerate(value)]
+        return [_from_references(v, known, f"{where}[{i}]", problems, source, reads, method)
+                for i, v in enumerate(value)]
     return value
+
+
+def _sweep_points(spec: Any, method: str, where: str, problems: list[Problem], source: str) -> list[dict]:
+    """The override sets of a stage's ``sweep``: a grid ({key: [values]}) or an explicit list of sets."""
+    from .methods import key_index, refused_keys
+
+    if isinstance(spec, dict):
+        if not spec:
+            problems.append(Problem(where, "an empty sweep", "give {key: [value, ...]} (a grid) or remove sweep",
+                                    source))
+            return []
+        for key, values in spec.items():
+            if not isinstance(values, list) or not values:
+                problems.append(Problem(f"{where}.{key}", f"expected a non-empty list of values, got {values!r}",
+                                        f"write {key}: [v1, v2]", source))
+                return []
+        sets = [dict(zip(spec, combo)) for combo in itertools.product(*spec.values())]
+    elif isinstance(spec, list) and spec and all(isinstance(item, dict) and item for item in spec):
+        sets = [dict(item) for item in spec]
+    else:
+        problems.append(Problem(where, f"expected a grid {{key: [values]}} or a list of {{key: value}} sets, got "
+                                f"{spec!r}", "write sweep: {learning_rate: [1.0e-5, 2.0e-5], seed: [0, 1]}", source))
+        return []
+    index, refused = key_index(method), refused_keys(method)
+    for key in dict.fromkeys(k for point in sets for k in point):
+        if key == "output_dir":
+            problems.append(Problem(f"{where}.{key}", "each point runs in its own directory under the stage's",
+                                    "remove it from the sweep", source))
+        elif key in refused:
+            problems.append(Problem(f"{where}.{key}", f"not used by gemma-hf {method}: {refused[key]}",
+                                    "remove it from the sweep", source))
+        elif key not in index:
+            problems.append(Problem(f"{where}.{key}", f"not a key of {method} recipes.{suggestion(str(key), index)}",
+                                    f"sweep over {method} recipe keys (gemma-hf {method} --help-keys)", source))
+    if len(sets) > MAX_SWEEP_POINTS:
+        problems.append(Problem(where, f"{len(sets)} points: a sweep runs at most {MAX_SWEEP_POINTS} runs of a stage",
+                                "sweep fewer values (or split it into stages)", source))
+    seen = set()
+    for number, point in enumerate(sets):
+        text = json.dumps(point, sort_keys=True, default=str)
+        if text in seen:
+            problems.append(Problem(f"{where}[{number}]", f"the point {point} is listed twice",
+                                    "list each point once", source))
+        seen.add(text)
+    return sets
+
+
+def _point_name(number: int, values: dict) -> str:
+    """p<N>-key-value-...: readable, a valid directory name, never longer than 96 characters."""
+    text = "-".join(f"{k}-{v}" for k, v in values.items())
+    text = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")
+    return f"p{number}-{text}"[:96].rstrip("._-")
 
 
 def read_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
@@ -180,7 +283,7 @@ def read_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         stages_raw = []
     stages: list[Stage] = []
     names: list[str] = []
-    methods: dict[str, str] = {}  # the stages read so far: name -> method
+    known: dict[str, Stage] = {}  # the stages read so far
     replaced: list[str] = []  # stages whose recipe file's output_dir is replaced by stages/NAME
     for index, entry in enumerate(stages_raw):
         key = f"stages[{index}]"
@@ -238,17 +341,29 @@ def read_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         values.update(overrides_value)
         values.pop("output_dir", None)
         reads: set[str] = set()
-        values = _from_references(values, methods, f"{key} ({name})", problems, label, reads)
-        stages.append(Stage(name, method, values, source, sorted(reads)))
+        values = _from_references(values, known, f"{key} ({name})", problems, label, reads, method)
+        points: list[Point] = []
+        if entry.get("sweep") is not None:
+            if not _publishes_model(method):
+                problems.append(Problem(f"{key} ({name}).sweep", f"a {method} stage publishes no model: there is "
+                                        "nothing to sweep and merge", "sweep a stage that trains (or merges) a model",
+                                        label))
+            sets = _sweep_points(entry["sweep"], method, f"{key} ({name}).sweep", problems, label)
+            for number, point in enumerate(sets):
+                point = _from_references(point, known, f"{key} ({name}).sweep[{number}]", problems, label, reads,
+                                         method)
+                points.append(Point(_point_name(number, point), point))
+        stage = Stage(name, method, values, source, sorted(reads), points=points)
+        stages.append(stage)
         names.append(name)
-        methods[name] = method
+        known[name] = stage
     final = raw.get("final")
-    model_stages = [s.name for s in stages if _publishes_model(s.method)]
+    model_stages = [s.name for s in stages if s.publishes == "model"]
     if final is None and model_stages:
         final = model_stages[-1]
     if stages and final not in model_stages:
-        problems.append(Problem("final", f"{final!r} is not a stage that trains a model", f"use one of {model_stages}",
-                                label))
+        problems.append(Problem("final", f"{final!r} is not a stage that publishes one model", f"use one of "
+                                f"{model_stages}", label))
     push = raw.get("push")
     if push is not None and (not isinstance(push, dict) or "repo_id" not in push
                              or set(push) - {"repo_id", "private"}):
@@ -272,12 +387,16 @@ def _hash_stages(pipeline: Pipeline) -> None:
     hashes: dict[str, str] = {}
     for stage in pipeline.stages:
         text = json.dumps({"method": stage.method, "values": stage.values,
-                           "reads": {name: hashes[name] for name in stage.reads}}, sort_keys=True, default=str)
+                           "reads": {name: hashes[name] for name in stage.reads},
+                           **({"sweep": [[p.name, p.values] for p in stage.points]} if stage.points else {})},
+                          sort_keys=True, default=str)
         stage.hash = hashes[stage.name] = hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def stage_values(pipeline: Pipeline, stage: Stage, resolve_outputs: bool) -> dict[str, Any]:
-    """The stage's recipe values with its output_dir, and (when running) the real paths of the stages it reads."""
+def stage_values(pipeline: Pipeline, stage: Stage, resolve_outputs: bool, point: Point | None = None
+                 ) -> dict[str, Any]:
+    """The stage's recipe values with its output_dir, and (when running) the real paths of the stages it reads;
+    with ``point``, that sweep point's values and directory."""
 
     def swap(value):
         if isinstance(value, str) and value.startswith("stage:") and resolve_outputs:
@@ -290,6 +409,9 @@ def stage_values(pipeline: Pipeline, stage: Stage, resolve_outputs: bool) -> dic
 
     values = swap(json.loads(json.dumps(stage.values)))
     values["output_dir"] = str(pipeline.stage_dir(stage.name))
+    if point is not None:
+        values.update(swap(json.loads(json.dumps(point.values))))
+        values["output_dir"] = str(pipeline.point_dir(stage.name, point.name))
     if pipeline.env:
         values["env"] = {**pipeline.env, **(values.get("env") or {})}
     return values
@@ -312,18 +434,28 @@ def check_pipeline(pipeline: Pipeline) -> dict[str, Any]:
                                         f"fix {', '.join(broken)} (above); this stage is checked then",
                                         str(pipeline.source)))
                 continue
-            try:
-                recipe = load_recipe(None, values=stage_values(pipeline, stage, resolve_outputs=False),
-                                     method=stage.method)
-            except RecipeError as err:
+            recipe, failed = None, False
+            for point in stage.points or [None]:  # every point of a sweep, before the first runs
+                where = f"stages[{index}] ({stage.name})" + (f".sweep ({point.name})" if point else "")
+                try:
+                    checked = load_recipe(None, values=stage_values(pipeline, stage, False, point),
+                                          method=stage.method)
+                except RecipeError as err:
+                    failed = True
+                    problems.extend(Problem(f"{where}.{p.key}", p.message, p.fix, str(pipeline.source))
+                                    for p in err.problems)
+                    continue
+                recipe = recipe or checked
+            if failed or recipe is None:
                 invalid.append(stage.name)
-                problems.extend(Problem(f"stages[{index}] ({stage.name}).{p.key}", p.message, p.fix,
-                                        str(pipeline.source)) for p in err.problems)
                 continue
             recipes[stage.name] = recipe
             method = get_method(stage.method)
-            head = method.head if method.publishes_model else None  # later stages' references are checked by it
-            PENDING_STAGES[stage.name] = PendingStage(stage.name, recipe.architecture, recipe.tokenizer_path, head)
+            # later stages' references are checked by what it will publish
+            head = (method.head_of_inputs(recipe) if hasattr(method, "head_of_inputs") else method.head) \
+                if method.publishes_model else None
+            PENDING_STAGES[stage.name] = PendingStage(stage.name, recipe.architecture, recipe.tokenizer_path, head,
+                                                      publishes=stage.publishes, points=len(stage.points))
     finally:
         PENDING_STAGES.clear()
     if problems:
@@ -453,11 +585,15 @@ def run_pipeline(pipeline: Pipeline, resume: bool = True) -> dict:
             os.environ[STAGE] = stage.name  # stage-specific fault points (gemma_hf.faults)
             try:
                 with _logged(pipeline.log(stage.name)) if main else contextlib.nullcontext():
-                    recipe = load_recipe(None, values=stage_values(pipeline, stage, resolve_outputs=True),
-                                         method=stage.method)
-                    if recipe.environment_problems:
-                        raise RecipeError(f"stage {stage.name}", recipe.environment_problems)
-                    result = run_recipe(recipe, resume=True)
+                    if stage.points:
+                        result = run_sweep(pipeline, stage, entry, lambda: write_manifest(pipeline, manifest)
+                                           if main else None)
+                    else:
+                        recipe = load_recipe(None, values=stage_values(pipeline, stage, resolve_outputs=True),
+                                             method=stage.method)
+                        if recipe.environment_problems:
+                            raise RecipeError(f"stage {stage.name}", recipe.environment_problems)
+                        result = run_recipe(recipe, resume=True)
             except BaseException as err:
                 os.environ.pop(STAGE, None)
                 entry.update(status="failed", seconds=round(time.time() - started, 1),
@@ -478,6 +614,80 @@ def run_pipeline(pipeline: Pipeline, resume: bool = True) -> dict:
                 write_manifest(pipeline, manifest)
         on_main_process(state, lambda: publish_pipeline(pipeline, manifest), "publishing the pipeline")
     return manifest
+
+
+SWEEP_MARKER = {"method": "sweep"}  # the marker of an unfinished sweep directory (rundir.MARKER)
+
+
+def run_sweep(pipeline: Pipeline, stage: Stage, entry: dict, save_manifest) -> RunResult:
+    """Run (or continue) a sweep stage: one run per point in stages/NAME/stages/POINT (a finished point is
+    skipped, an interrupted one resumes from its checkpoints), then the sweep's directory is published
+    like a run (run.json lists every point with its held-out numbers, eval.json holds them flat, a card)."""
+    state = PartialState()
+    main = state.is_main_process
+    rundir = RunDir(pipeline.stage_dir(stage.name))
+    started, start = now_iso(), time.time()
+
+    def claim() -> str:
+        if rundir.is_finished():
+            return "finished"
+        if main:
+            rundir.path.mkdir(parents=True, exist_ok=True)
+            if not rundir.marker.exists():
+                write_json(rundir.marker, {**SWEEP_MARKER, "stage": stage.name, "started": started})
+        return "open"
+
+    with open_run(rundir, state, claim, "sweep directory") as status:
+        if status == "finished":
+            return RunResult(rundir.path, "sweep", rundir.read_eval() or {}, 0.0, 0)
+        rows = []
+        for number, point in enumerate(stage.points):
+            out = pipeline.point_dir(stage.name, point.name)
+            row = {"name": point.name, "values": point.values, "output": f"{STAGES}/{point.name}"}
+            if RunDir(out).is_finished():
+                if main:
+                    print(f"== sweep {stage.name}: point {number + 1}/{len(stage.points)} {point.name} finished "
+                          "earlier, skipped ==", flush=True)
+                row["status"] = "skipped"
+            else:
+                if main:
+                    print(f"== sweep {stage.name}: point {number + 1}/{len(stage.points)} {point.name} "
+                          f"({', '.join(f'{k}={v}' for k, v in point.values.items())}) -> {out} ==", flush=True)
+                point_start = time.time()
+                recipe = load_recipe(None, values=stage_values(pipeline, stage, True, point), method=stage.method)
+                if recipe.environment_problems:
+                    raise RecipeError(f"stage {stage.name}, point {point.name}", recipe.environment_problems)
+                run_recipe(recipe, resume=True)
+                row.update(status="finished", seconds=round(time.time() - point_start, 1))
+            row["summary"] = _numbers(RunDir(out).read_eval() or {})
+            rows.append(row)
+            entry["points"] = rows + [{"name": p.name, "values": p.values, "status": "pending"}
+                                      for p in stage.points[number + 1:]]
+            save_manifest()
+            fault_point(f"sweep:{point.name}")
+        on_main_process(state, lambda: _publish_sweep(stage, rundir, rows, started, start), "publishing the sweep")
+    return RunResult(rundir.path, "sweep", rundir.read_eval() or {}, time.time() - start, 0)
+
+
+def _numbers(evaluation: dict) -> dict:
+    return {k: v for k, v in evaluation.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _publish_sweep(stage: Stage, rundir: RunDir, rows: list[dict], started: str, start: float) -> None:
+    staged = open_staging(rundir)
+    first = RunDir(rundir.path / rows[0]["output"]).read_run() if rows else {}
+    write_json(staged.eval_json, {f"{row['name']}/{k}": v for row in rows for k, v in row["summary"].items()})
+    write_text(staged.recipe, f"# A sweep of stage {stage.name} ({stage.method}): each point's resolved recipe is "
+               f"its run's recipe.yaml (stages/POINT/recipe.yaml)\n"
+               + yaml.safe_dump({"method": stage.method, "sweep": [{"name": r["name"], **r["values"]} for r in rows]},
+                                sort_keys=False, allow_unicode=True, width=100))
+    run_info = record(
+        "sweep", f"a hyper-parameter sweep of {get_method(stage.method).title}", started, start,
+        head=first.get("head"), base_model=first.get("base_model"), family=first.get("family"),
+        datasets=first.get("datasets") or [], swept=stage.method,
+        points=[{k: v for k, v in row.items() if k != "status"} for row in rows],
+    )
+    finish(rundir, staged, run_info)
 
 
 def _check_output_dir(pipeline: Pipeline) -> str:
@@ -539,4 +749,4 @@ def publish_pipeline(pipeline: Pipeline, manifest: dict) -> None:
         push_to_hub(rundir.path, pipeline.push["repo_id"], private=pipeline.push.get("private", True))
 
 
-__all__ = ["Pipeline", "Stage", "StageFailed", "read_pipeline", "check_pipeline", "run_pipeline", "publish_pipeline"]
+__all__ = ["Pipeline", "Stage", "Point", "StageFailed", "run_sweep", "MAX_SWEEP_POINTS", "read_pipeline", "check_pipeline", "run_pipeline", "publish_pipeline"]
