@@ -2,8 +2,11 @@
 
 Runs recipes/gemma3-270m/post-training.yaml through the same code as `gemma-hf pipeline`: SFT
 (LoRA, Alpaca records) -> reward model (LoRA, LLaMA-Factory preference pairs) -> WARP (M = 2 RLOO
-runs with EMA anchors, SLERP of task vectors, LITI) -> evaluation of the final policy against the
-SFT model on the 24 instructions the SFT stage held out -> model card. Then prints what changed at
+runs with EMA anchors, SLERP of task vectors, LITI) -> the phase average of the SFT and WARP
+policies (a merge stage) -> evaluation of the final (WARP) policy and of the phase average, each
+against the SFT model, on the 24 instructions the SFT stage held out -> model card. The table of
+SFT, WARP and the average (held-out loss, chat health, reward-model win rate over SFT with 95%
+intervals) is printed. Then prints what changed at
 each stage (one line per stage with its wall time, the held-out numbers before/after), the
 evaluation table, the chat-health targets of the final model (on those held-out instructions,
 greedy, 96 new tokens: >= 90% end their turn, <= 5% repeat the prompt, distinct-2 >= 0.7), three
@@ -88,13 +91,13 @@ def run_pipeline_demo(output_dir: str | None) -> int:
                 reward, kl = point.get("reward"), point.get("kl_to_init")
                 print(f"  pareto {point.get('point', '?'):<10} reward {'-' if reward is None else f'{reward:+.4f}'}  "
                       f"KL to init {'-' if kl is None else f'{kl:.4f}'}")
-    evaluation = root / "evaluation.md"
+    evaluation = root / "stages" / "eval" / "evaluation.md"
     if evaluation.is_file():
-        print("\nEvaluation of the final model against the SFT model (held-out Alpaca instructions, greedy, 96 "
-              "new tokens):\n")
+        print("\nEvaluation of the final (WARP) model against the SFT model (held-out Alpaca instructions, greedy, "
+              "96 new tokens):\n")
         print(evaluation.read_text(encoding="utf-8"))
-    eval_stage = next(s for s in reversed(pipeline.stages) if s.method == "eval")
-    summary = json.loads((root / "stages" / eval_stage.name / "eval.json").read_text())
+    print(models_table(root))
+    summary = json.loads((root / "stages" / "eval" / "eval.json").read_text())
     print("Chat-health targets of the final model:")
     met = True
     for key, label, op, bound in TARGETS:
@@ -105,14 +108,45 @@ def run_pipeline_demo(output_dir: str | None) -> int:
               f"  (target {op} {bound:g})  {'met' if ok else 'NOT met'}")
 
     print("\nThree chat answers, side by side (greedy, at most 64 new tokens):")
-    _side_by_side({"base": str(_asset_270m()),
-                   "sft": str(root / "stages" / "sft"), "final": str(root)})
+    _side_by_side({"base": str(_asset_270m()), "sft": str(root / "stages" / "sft"), "final": str(root),
+                   "average": str(root / "stages" / "average")})
     print(textwrap.dedent(f"""
         Model card: {root / 'README.md'}
         Try it:  gemma-hf chat {root}
         Stage logs: {root / 'logs'};  manifest: {root / 'manifest.json'}
         Total demo time: {time.time() - start:.0f}s  (targets {'met' if met else 'NOT all met'})"""))
     return 0
+
+
+# The rows of the demo's table: (label, evaluation stage, side of that evaluation).
+TABLE_ROWS = (("SFT", "eval", "baseline"), ("WARP (final)", "eval", "model"),
+              ("phase average", "eval-average", "model"))
+
+
+def models_table(root: Path) -> str:
+    """SFT, WARP and their phase average side by side, on the same held-out instructions: held-out loss,
+    chat health and the reward model's win rate over SFT with its 95% interval (bootstrap over prompts)."""
+    def cell(value, fmt):
+        return "-" if value is None else fmt.format(value)
+
+    lines = ["\nSFT, WARP and their phase average on the same held-out instructions (greedy, 96 new tokens; "
+             "win rate: the reward model's, over the SFT model's answer, ties count half, 95% bootstrap interval "
+             "over prompts):\n",
+             "| model | held-out loss | ended turn | repeats prompt | distinct-2 | reward win rate vs SFT |",
+             "|---|---|---|---|---|---|"]
+    for label, stage, side in TABLE_ROWS:
+        path = root / "stages" / stage / "eval.json"
+        if not path.is_file():
+            continue
+        e = json.loads(path.read_text())
+        win = "-" if side == "baseline" else (
+            f"{e['reward_win_rate']:.1%} [{e['reward_win_rate_ci_low']:.1%}, {e['reward_win_rate_ci_high']:.1%}]"
+            if isinstance(e.get("reward_win_rate"), (int, float)) else "-")
+        lines.append(f"| {label} | {cell(e.get(f'{side}_heldout_loss'), '{:.3f}')} | "
+                     f"{cell(e.get(f'{side}_ended_turn_rate'), '{:.1%}')} | "
+                     f"{cell(e.get(f'{side}_repeat_prompt_rate'), '{:.1%}')} | "
+                     f"{cell(e.get(f'{side}_distinct_2'), '{:.3f}')} | {win} |")
+    return "\n".join(lines) + "\n"
 
 
 def _asset_270m() -> Path:

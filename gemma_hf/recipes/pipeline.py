@@ -722,11 +722,15 @@ def publish_pipeline(pipeline: Pipeline, manifest: dict) -> None:
         for key, value in evaluation.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) or value is None:
                 results[f"{st.name}/{key}"] = value
-    eval_stage = next((s for s in reversed(pipeline.stages) if s.method == "eval"), None)
-    if eval_stage is not None:
+    tables = []  # every evaluation stage's table, under its stage's name (one stage: its table as it is)
+    eval_stages = [s for s in pipeline.stages if s.method == "eval"]
+    for eval_stage in eval_stages:
         table = pipeline.stage_dir(eval_stage.name) / "evaluation.md"
         if table.is_file():
-            write_text(staged / "evaluation.md", table.read_text(encoding="utf-8"))
+            heading = f"### Stage {eval_stage.name}\n\n" if len(eval_stages) > 1 else ""
+            tables.append(heading + table.read_text(encoding="utf-8").strip() + "\n")
+    if tables:
+        write_text(staged / "evaluation.md", "\n".join(tables))
     write_json(staged.eval_json, results)
     first = RunDir(pipeline.stage_dir(pipeline.stages[0].name)).read_run()
     final_run = final.read_run()
