@@ -61,6 +61,7 @@ def tiny_recipe(method: str) -> dict:
             recipe["student_init"] = {"keep_layers": [0, 3]}
     if method == "merge":  # two tiny models of one architecture in place of the recipe's two SFT runs
         recipe["models"] = [str(shared_teacher(0)), str(shared_teacher(1))]
+        recipe.pop("chat_family", None)  # the teachers' family is read from them
     return recipe
 
 

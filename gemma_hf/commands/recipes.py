@@ -256,8 +256,11 @@ def validate_command(args: argparse.Namespace) -> int:
         raise _environment_error(recipe)
     if args.quiet:
         return 0
-    model = recipe.model.model_name_or_path or (f"preset {recipe.gemma.preset} (random weights)" if recipe.gemma.preset
-                                                 else "a model the method builds (e.g. a student from its teacher)")
+    from gemma_hf.recipes.methods import get_method
+
+    model = get_method(recipe.method).describe_model(recipe) or recipe.model.model_name_or_path or (
+        f"preset {recipe.gemma.preset} (random weights)" if recipe.gemma.preset
+        else "a model the method builds (e.g. a student from its teacher)")
     lora = " + QLoRA" if recipe.model.load_in_4bit or recipe.model.load_in_8bit else " + LoRA" if recipe.model.use_peft else ""
     records = sum(part.num_examples for part in recipe.data_parts.values())
     print(f"ok: {args.recipe} is a valid {recipe.method} recipe: {model}{lora}, {recipe.family} chat format, "

@@ -262,6 +262,11 @@ class Merge(Method):
         return ("base" if recipe.method_args.merge_method != "linear" and recipe.method_args.base
                 else "models[0]"), self.primary(recipe)
 
+    def describe_model(self, recipe) -> str | None:
+        args = recipe.method_args
+        base = f" from {args.base}" if args.merge_method != "linear" and args.base else ""
+        return f"the {args.merge_method} merge of {len(self.inputs(recipe))} models{base}"
+
     def builds_model(self, recipe) -> bool:
         return True
 

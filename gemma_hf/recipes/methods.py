@@ -120,6 +120,10 @@ class Method:
         it depends on the recipe (a merge of reward models is evaluated on preference pairs)."""
         return self.data_format
 
+    def describe_model(self, recipe) -> str | None:
+        """What `gemma-hf validate` says the recipe's model is, when model_name_or_path does not say it."""
+        return None
+
     def tokenizer_reference(self, recipe) -> tuple[str, str | None]:
         """(recipe key, reference) of the tokenizer the run uses: tokenizer_name_or_path, else the model's."""
         if recipe.gemma.tokenizer_name_or_path:
