@@ -59,6 +59,9 @@ class PendingStage:
     architecture: object = None  # GemmaHFConfig of the model the stage will write
     tokenizer_path: str | None = None  # the tokenizer the stage's run directory will hold
     head: str | None = "causal-lm"  # None: the stage writes no model (an evaluation)
+    # What the stage's run directory is read as: "model", "data" (a generate stage's dataset: a later stage's
+    # datasets may read it), "results" (an evaluation) or "runs" (a sweep's directory).
+    publishes: str = "model"
 
 
 # Pipeline validation declares the stages whose outputs later stages reference; outside a
