@@ -311,7 +311,7 @@ class Generate(Method):
                 item = json.loads(line)
                 messages, provenance = item["messages"], item["provenance"]
                 answer, length = messages[-1]["content"], provenance["answer_tokens"]
-                reason = None
+                reason = None if answer.strip() else "unusable"
                 try:
                     canonical({"messages": messages}, "conversation", "messages", family, forbidden)
                 except RecordError:
