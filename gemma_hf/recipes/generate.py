@@ -258,6 +258,10 @@ class Generate(Method):
             fault_point(f"generate:shard-{k}")
 
         kept, removed = self.filter(run, tokenizer, [shards_dir / f"shard-{k:05d}.jsonl" for k in range(count)])
+        if not kept:  # published all the same: the counts say why; an SFT recipe reading it refuses it
+            print(f"warning: the filters removed every answer ({', '.join(f'{k} {v}' for k, v in removed.items() if v)})"
+                  ": the dataset is empty; loosen the filters (a new output_dir) or use a teacher that ends its turns",
+                  flush=True)
         staged = open_staging(rundir)
         write_text(staged / DATASET, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
         shards = [{"file": f"{SHARDS}/shard-{k:05d}.jsonl", "prompts": len(items[k * args.shard_size:
