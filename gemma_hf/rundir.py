@@ -13,6 +13,10 @@ Layout of a finished run (``output_dir/``)::
     README.md            the model card
     checkpoints/checkpoint-N/   Trainer checkpoints (resume with --resume)
 
+A run that publishes data instead of a model (``gemma-hf generate``) holds its dataset
+(``conversations.jsonl``, named by run.json's ``dataset``), its manifest, recipe.yaml, run.json and
+README.md.
+
 While training, ``output_dir`` holds only ``checkpoints/``, ``metrics.jsonl`` and working files
 whose names start with a dot (the marker ``.gemma-hf-run.json``, ``.before.json``): it never looks
 finished. The finished files are written into the sibling ``.{name}.publish/``; the checkpoints are
@@ -50,6 +54,9 @@ BEFORE = ".before.json"  # results computed before training, kept for a resumed 
 STAGES = "stages"  # the sub-runs and merges of a multi-stage method (WARP, a pipeline)
 LOGS = "logs"  # a pipeline's per-stage logs
 MANIFEST = "manifest.json"  # a pipeline's record of its stages
+# The dataset a run that publishes data holds (a generate run: the teacher's answers as conversations);
+# run.json names it under "dataset", and readers (a later recipe's datasets) find it through RunDir.dataset_file.
+DATASET = "conversations.jsonl"
 # What the publish moves from the working directory into the finished run (gemma_hf.recipes.publish).
 CARRIED = (CHECKPOINTS, STAGES, LOGS, MANIFEST)
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -234,6 +241,17 @@ class RunDir:
     def read_metrics(self) -> list[dict]:
         return read_metrics(self.metrics)
 
+    def dataset_file(self) -> Path | None:
+        """The dataset a finished run that publishes data holds (run.json's "dataset", a file name inside
+        the run directory), or None when the run publishes none (or is not a finished run)."""
+        try:
+            name = self.read_run().get("dataset")
+        except RunDirError:
+            return None
+        if not isinstance(name, str) or not name or Path(name).name != name or name.startswith("."):
+            return None
+        return self.path / name
+
     def plot_files(self) -> list[str]:
         """Plots, relative to the run directory, loss.png first."""
         if not self.plots.is_dir():
@@ -312,4 +330,4 @@ def now_iso() -> str:
 
 __all__ = ["RunDir", "RunDirError", "checkpoint_is_complete", "read_metrics", "write_metrics", "write_json",
            "write_text", "now_iso", "safetensors_complete", "CARRIED", "STAGES", "LOGS", "MANIFEST", "weight_files", "model_files_complete",
-           "RECIPE", "RUN_JSON", "EVAL_JSON", "METRICS", "PLOTS", "CHECKPOINTS", "ADAPTER", "CARD", "MARKER"]
+           "DATASET", "RECIPE", "RUN_JSON", "EVAL_JSON", "METRICS", "PLOTS", "CHECKPOINTS", "ADAPTER", "CARD", "MARKER"]

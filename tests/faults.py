@@ -49,10 +49,10 @@ def recipe_of(method: str) -> Path:
 
 def tiny_recipe(method: str) -> dict:
     """The method's tiny recipe as a dict, with the tiny teacher (tests/tiny.py: shared_teacher) in place
-    of the real 270M that the distill and eval recipes name: validating those loads the teacher's
+    of the real 270M that the distill, eval and generate recipes name: validating those loads the teacher's
     262k-entry tokenizer, seconds per call, in tests about something else (bad values, bad records)."""
     recipe = yaml.safe_load(recipe_of(method).read_text())
-    if method in ("distill", "eval"):
+    if method in ("distill", "eval", "generate"):
         teacher = str(shared_teacher())
         for key in ("teacher_name_or_path", "model_name_or_path", "baseline_name_or_path", "judge_name_or_path"):
             if recipe.get(key) == "asset:gemma3-270m":

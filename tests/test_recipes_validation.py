@@ -289,6 +289,7 @@ BOUNDED = [
     ("distill", "max_new_tokens", 10**9, "max_position_embeddings"),
     ("distill", "cache_top_k", 10**9, "the vocabulary has 4096 entries"),
     ("eval", "max_new_tokens", 10**9, "max_position_embeddings"),
+    ("generate", "max_new_tokens", 10**9, "max_position_embeddings"),
 ]
 
 

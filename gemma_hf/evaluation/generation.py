@@ -74,6 +74,7 @@ def generate_answers(
     *,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    top_k: int | None = None,
     seed: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Answer]:
@@ -81,7 +82,8 @@ def generate_answers(
 
     ``conversations``: held-out items (see :mod:`gemma_hf.evaluation.prompts`): a conversation that
     ends with a model turn is answered anew from the user turn before it (the final model turn, the
-    reference, is dropped). Greedy unless ``temperature > 0``. ``progress(done, total)`` is called
+    reference, is dropped). Greedy unless ``temperature > 0``; ``top_k`` (0: off) when sampling, else the
+    model's generation config decides (transformers' default: 50). ``progress(done, total)`` is called
     after each batch.
     """
     if max_new_tokens < 1:
@@ -101,6 +103,8 @@ def generate_answers(
     sampling = temperature > 0
     options = (dict(do_sample=True, temperature=temperature, top_p=top_p) if sampling
                else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
+    if sampling and top_k is not None:
+        options["top_k"] = top_k
     if sampling and seed is not None:
         torch.manual_seed(seed)
 

@@ -639,6 +639,77 @@ def render_evaluation_card(run_dir: str | os.PathLike, *, name: str | None = Non
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# The card of a generate run (teacher-written SFT data: no model, a dataset)
+# ---------------------------------------------------------------------------------------------
+
+GENERATION_MANIFEST = "generation.json"  # written by gemma_hf.recipes.generate
+GENERATION_SAMPLES = 3  # records the card shows
+
+
+def render_generation_card(run_dir: str | os.PathLike, *, name: str | None = None) -> str:
+    """README.md of a generate run: the teacher (identity and weights fingerprint), the sampling settings,
+    what each filter removed, the sources, a few records, how to train on it and the recipe; read from
+    run.json, generation.json and the dataset in the directory."""
+    from gemma_hf import __version__
+
+    rundir = RunDir(run_dir)
+    try:
+        run = rundir.read_run()
+        manifest = rundir.read_json(rundir / GENERATION_MANIFEST, "the generation manifest")
+        recipe_text = rundir.recipe.read_text(encoding="utf-8")
+        dataset = rundir.dataset_file()
+        if dataset is None:
+            raise RunDirError("run.json names no dataset")
+        with dataset.open(encoding="utf-8") as handle:
+            samples = [json.loads(line) for _, line in zip(range(GENERATION_SAMPLES), handle)]
+    except (OSError, ValueError, RunDirError) as err:
+        raise CardError(f"{rundir.path} is not a complete generate run directory: {err}") from None
+    if not isinstance(manifest, dict):
+        raise CardError(f"{rundir / GENERATION_MANIFEST} must hold a JSON object")
+    title = name or rundir.path.resolve().name
+    teacher = manifest.get("teacher") or {}
+    counts, settings = manifest.get("counts") or {}, manifest.get("settings") or {}
+    filters, removed = manifest.get("filters") or {}, counts.get("removed") or {}
+    throughput = manifest.get("throughput") or {}
+    filter_rows = [[f"`{key}`", "on" if value is True else "off" if value in (False, None) else value,
+                    removed.get(key, 0)] for key, value in filters.items()]
+    sample_lines = []
+    for record in samples:
+        messages = record.get("messages") or []
+        prompt = next((m.get("content") for m in reversed(messages[:-1]) if m.get("role") == "user"), "")
+        answer = messages[-1].get("content") if messages else ""
+        sample_lines += [f"- **prompt**: {_cell(prompt)}", f"  **teacher**: {_cell(answer)}"]
+    lines = [
+        "---", "tags:", "- gemma_hf", "- synthetic", "- sft", "---", "",
+        f"# Teacher-written SFT data: {_cell(title)}", "",
+        f"{counts.get('kept', '?')} conversations: {_link(str(teacher.get('model')))} answered "
+        f"{counts.get('prompts', '?')} prompts ({counts.get('answers', '?')} answers) in the "
+        f"{_cell(settings.get('family'))} chat format, written with gemma_hf "
+        f"{_cell(run.get('gemma_hf_version') or __version__)}. Every record of `{dataset.name}` carries its "
+        "provenance (teacher and weights fingerprint, settings, seed and shard, source dataset and record index); "
+        f"`{GENERATION_MANIFEST}` holds the counts, the settings and each shard's sha256.", "",
+        "## Teacher and settings", "",
+        _table(["", ""], [["teacher", _link(str(teacher.get("model")))],
+                          ["weights fingerprint", f"{str(teacher.get('fingerprint'))[:16]}…"],
+                          *[[key, settings.get(key)] for key in ("temperature", "top_p", "top_k", "max_new_tokens",
+                                                                  "num_answers")],
+                          ["seed", manifest.get("seed")], ["prompts per shard", manifest.get("shard_size")],
+                          ["answers/s", throughput.get("answers_per_second")],
+                          ["wall time", _duration(run.get("wall_time_s"))]]), "",
+        "## Filters", "",
+        "Each record removed is counted by the first filter that removed it (in this order).", "",
+        _table(["filter", "setting", "removed"], filter_rows), "",
+        "## Sources", "", _datasets_table(manifest.get("sources") or run.get("datasets") or []), "",
+        "## Records", "", *(sample_lines or ["No record was kept."]), "",
+        "## Training on it", "",
+        _fenced("datasets:\n  - path: RUN_DIR            # this directory (or RUN_DIR/" + dataset.name
+                + "; {from: STAGE} in a pipeline)", "yaml"), "",
+        "## Recipe", "", _fenced(recipe_text, "yaml"), "",
+    ]
+    return "\n".join(lines)
+
+
 def render_sweep_card(run_dir: str | os.PathLike, *, name: str | None = None) -> str:
     """README.md of a sweep's directory (a pipeline stage with ``sweep:``): one run per point, each with its
     values and held-out numbers; the runs are in stages/POINT (each with its own card). It holds no model
@@ -682,10 +753,13 @@ def write_card(
 ) -> Path:
     """Render the card and write RUN_DIR/README.md atomically (temporary file, then rename).
     ``name``: the run's name when RUN_DIR is not its final place (the publish's staging directory).
-    An evaluation directory (run.json's method "eval") gets its evaluation card."""
+    An evaluation directory (run.json's method "eval") gets its evaluation card, a generate run its dataset card,
+    a sweep's directory its list of runs."""
     method = _method_of(run_dir)
     if method == "eval":
         text = render_evaluation_card(run_dir, name=name)
+    elif method == "generate":
+        text = render_generation_card(run_dir, name=name)
     elif method == "sweep":
         text = render_sweep_card(run_dir, name=name)
     else:

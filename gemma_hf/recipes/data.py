@@ -42,6 +42,7 @@ class ReadDataset:
     source: Source
     format: str | None
     records: list[dict] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)  # each record's index in its source (a split slice counts from 0)
     problems: list[DatasetProblem] = field(default_factory=list)
     bad_records: int = 0
 
@@ -100,6 +101,7 @@ def read_dataset(spec: DatasetSpec, index: int, data_format: str, family: str,
                 record = {spec.columns.get(name, name): value for name, value in record.items()}
             try:
                 out.records.append(canonical(record, data_format, fmt, family, forbidden_tokens))
+                out.rows.append(row)
             except RecordError as err:
                 out.bad_records += 1
                 if len(out.problems) < MAX_PROBLEMS_PER_DATASET:

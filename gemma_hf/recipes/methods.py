@@ -50,6 +50,7 @@ METHOD_MODULES: dict[str, str] = {
     "warp": "gemma_hf.recipes.warp",
     "eval": "gemma_hf.recipes.evaluate",
     "merge": "gemma_hf.recipes.merge",
+    "generate": "gemma_hf.recipes.generate",
 }
 
 HEADS = (CAUSAL_LM, SEQUENCE_CLASSIFICATION)
@@ -81,6 +82,9 @@ class Method:
     # False for methods whose run directory holds no model (evaluation): a pipeline stage may not
     # read a model from such a stage (`{from: NAME}`), nor make it the pipeline's final model.
     publishes_model: ClassVar[bool] = True
+    # True for methods whose run directory holds a dataset (generate: a teacher's answers as conversations,
+    # gemma_hf.rundir.RunDir.dataset_file): a later recipe's (or pipeline stage's) datasets may read it.
+    publishes_data: ClassVar[bool] = False
     # What model_name_or_path is for, as messages say it, and the heads it may have
     # (gemma_hf.references.check_head, at validation).
     model_role: ClassVar[str] = "model to train"

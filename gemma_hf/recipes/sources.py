@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gemma_hf.references import BadReference, resolve
+from gemma_hf.rundir import RunDir
 
 from .schema import DatasetSpec
 
@@ -45,7 +46,19 @@ def resolve_source(spec: DatasetSpec, key: str) -> Source:
         raise SourceError(key, err.message, err.fix, err.environment) from None
     if ref.kind == "hub":
         return Source("hub", ref.text, spec.path)
+    if ref.kind == "stage":  # a pipeline stage's output, before the stage has run (validation reads nothing)
+        raise SourceError(key, f"{spec.path!r} is the output of a pipeline stage that has not run yet",
+                          "read it in a pipeline, from a stage that publishes data (method: generate)")
     local = ref.path
+    if ref.kind == "run":  # a finished run directory that publishes data (generate): its dataset file
+        dataset = RunDir(local).dataset_file()
+        if dataset is None:
+            raise SourceError(key, f"{local} is a run directory that holds no dataset (it publishes a model or "
+                              "results)", "point path at a generate run, or at a data file")
+        if not dataset.is_file():
+            raise SourceError(key, f"{local}: its dataset {dataset.name} is missing",
+                              "re-run the generate recipe that wrote it")
+        local = dataset
     if local.is_file():
         if local.suffix.lower() not in FILE_BUILDERS:
             raise SourceError(key, f"{local} has an unsupported extension {local.suffix!r}",

@@ -20,7 +20,17 @@ from typing import Any
 
 from gemma_hf.chat import BOS, CONTROL_TOKENS, END_OF_TURN, EOS, FAMILIES, START_OF_TURN
 from gemma_hf.errors import suggestion
-from gemma_hf.references import CAUSAL_LM, BadReference, WrongHead, check_head, hub_offline, is_hub_id, resolve
+from gemma_hf.references import (
+    CAUSAL_LM,
+    PENDING_STAGES,
+    STAGE_SCHEME,
+    BadReference,
+    WrongHead,
+    check_head,
+    hub_offline,
+    is_hub_id,
+    resolve,
+)
 from gemma_hf.rundir import RunDirError, safetensors_complete, weight_files
 
 from .data import read_dataset
@@ -490,6 +500,9 @@ def _check_datasets(c: Checks) -> None:
         key = f"datasets[{index}]"
         if not 0 < spec.fraction <= 1:
             c.error(f"{key}.fraction", f"{spec.fraction} is not in (0, 1]", "use a share such as 0.5 (1 = all records)")
+        if spec.path.startswith(STAGE_SCHEME) and spec.path[len(STAGE_SCHEME):] in PENDING_STAGES:
+            _check_pending_dataset(c, key, spec.path[len(STAGE_SCHEME):])
+            continue
         if not (spec.path.startswith("asset:") or Path(spec.path).expanduser().exists()) and _is_hub_dataset(spec.path):
             if hub_offline():
                 c.environment(f"{key}.path", f"{spec.path!r} is neither a local file nor available: it would be a "
@@ -504,6 +517,20 @@ def _check_datasets(c: Checks) -> None:
     recipe.data_parts = parts
     if len(parts) == len(recipe.data.datasets):
         _check_split_sizes(c, list(parts.values()))
+
+
+def _check_pending_dataset(c: Checks, key: str, name: str) -> None:
+    """A dataset read from a pipeline stage that has not run yet (`{from: NAME}`): accepted, unread, when the
+    stage publishes data (a generate stage); its records are read and checked when the stage has run."""
+    publishes = PENDING_STAGES[name].publishes
+    if publishes == "data":
+        c.note(f"{key}: {{from: {name}}} is read when the stage has run (its records are checked then)")
+        return
+    what = {"model": "a model", "results": "evaluation results", "runs": "a sweep's runs"}.get(publishes, publishes)
+    fitting = [n for n, pending in PENDING_STAGES.items() if pending.publishes == "data"]
+    c.error(f"{key}.path", f"{{from: {name}}}: stage {name!r} publishes {what}, not a dataset",
+            f"read data from a stage that generates it ({', '.join(fitting) or 'none comes before this one'}: "
+            "method generate), or give a data file")
 
 
 def _is_hub_dataset(path: str) -> bool:
