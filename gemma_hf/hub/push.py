@@ -11,6 +11,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gemma_hf.rundir import LOGS, TENSORBOARD_EVENTS
+
 from .cards import published_weight_files, refuse_adapter_only, write_card
 from .checks import CardError, validate_card
 
@@ -136,9 +138,10 @@ def _is_link(root: Path, relative: str) -> bool:
 def upload_plan(run_dir: str | os.PathLike, *, card_pending: bool = False) -> UploadPlan:
     """Decide exactly what a push uploads: card, model config + safetensors weights (+ shard index),
     the model code written by save_pretrained (top-level *.py), tokenizer files, generation config,
-    recipe.yaml, run.json, metrics.jsonl, eval.json and the images under plots/. Only regular files
+    recipe.yaml, run.json, metrics.jsonl, eval.json, the images under plots/ and TensorBoard's event files
+    under logs/ (``logs/**/events.out.tfevents.*``, written by ``report_to: tensorboard``). Only regular files
     inside the run directory: never checkpoints/, adapter/, pickle files, hidden files, or anything
-    reached through a symbolic link. Images under plots/ that are links are left out (and listed);
+    reached through a symbolic link. Images and event files that are links are left out (and listed);
     a link among the model, tokenizer and run files is refused, as is a run without README.md,
     config, safetensors weights, tokenizer or recipe, and a planned file whose name the Hub cannot
     hold (:func:`hub_name_problem`: a control character, ...), dry run or not.
@@ -171,7 +174,14 @@ def upload_plan(run_dir: str | os.PathLike, *, card_pending: bool = False) -> Up
             if p.is_file() and p.suffix.lower() in _PLOT_SUFFIXES
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
         )
-    _refuse_unholdable_names(root, candidates)  # the images under plots/ too
+    logs = root / LOGS
+    if logs.is_dir():  # TensorBoard's event files: the Hub shows them in the repository's metrics tab
+        candidates += sorted(
+            p.relative_to(root).as_posix()
+            for p in logs.rglob(TENSORBOARD_EVENTS)
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
+    _refuse_unholdable_names(root, candidates)  # the images under plots/ and the event files too
     files = sorted(name for name in dict.fromkeys(candidates) if not _is_link(root, name))
     everything = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink())
     skipped_files = [f for f in everything if f not in files]
