@@ -293,6 +293,15 @@ def push_to_hub(
         )
     api = api if api is not None else HfApi(token=token)
     network = _network_errors()
+    # The Hub's own check of the card's metadata, before anything is created (offline: validate_card above).
+    try:
+        validate_card_on_hub((root / "README.md").read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise HubError(
+            f"the Hub refuses the metadata of {root / 'README.md'} (ModelCard.validate): {str(err).strip()[:500]}. "
+            f"Nothing was uploaded; fix the run's files and re-render the card (gemma-hf card {root}).") from None
+    except network as err:
+        raise _hub_failure("validating the model card", repo_id, err) from err
     try:
         api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
     except network as err:
@@ -323,6 +332,14 @@ def push_to_hub(
         raise _hub_failure("uploading", repo_id, err) from err
     result.commit_url = str(getattr(commit, "commit_url", commit))
     return result
+
+
+def validate_card_on_hub(text: str) -> None:
+    """huggingface_hub's ModelCard.validate: the Hub's validate-yaml endpoint checks the metadata
+    (ValueError with the Hub's reason when it refuses it)."""
+    from huggingface_hub import ModelCard
+
+    ModelCard(text, ignore_metadata_errors=False).validate(repo_type="model")
 
 
 def run_dir_name(root: Path) -> str:
