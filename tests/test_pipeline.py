@@ -277,7 +277,9 @@ def test_the_pipeline_card_summarises_each_stage_once(killed_then_rerun):
     _, out, _, _ = killed_then_rerun
     text = hub.render_card(out)
     body = text.split("\n---\n", 1)[1]
-    assert body.count("\n# ") == 1 and body.count("after a pipeline of 4 stages (sft → reward → rlhf → eval)") == 1
+    headings = [line for line in body.splitlines() if line.startswith("# ")]
+    assert headings == ["# run", "# Resolved pipeline (from pipeline.yaml); {from: NAME} is written stage:NAME"]
+    assert body.count("after a pipeline of 4 stages (sft → reward → rlhf → eval)") == 1  # (the 2nd: recipe comment)
     assert "**run**" not in body
     datasets = section(text, "### Datasets")
     assert datasets.count("alpaca_en_demo.json") == 1 and datasets.count("dpo_en_demo.json") == 1
