@@ -51,6 +51,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 
 from .io import sha256_file
+from .progress import progress
 
 __all__ = [
     "AssetUnavailable",
@@ -224,37 +225,57 @@ def _fetch_once(name: str, build: Callable[[Path, Path], dict]) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _run(cmd: list[str], *, package: str, cwd: Path | None = None, env: Mapping[str, str] | None = None) -> str:
-    """Run a registry client; any failure becomes AssetUnavailable naming the package and command."""
+def _run(cmd: list[str], *, package: str, cwd: Path | None = None, env: Mapping[str, str] | None = None,
+         watch: Path | None = None) -> str:
+    """Run a registry client; any failure becomes AssetUnavailable naming the package and command.
+
+    The client's output is captured (its tail goes into the error); progress is the size of what it
+    has written so far under ``watch`` (a download or install directory), shown by gemma_hf.progress.
+    """
     shown = " ".join(cmd)
     log.info("$ %s", shown)
     try:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             cmd,
             cwd=cwd,
             env=None if env is None else {**os.environ, **env},
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=COMMAND_TIMEOUT_S,
         )
     except FileNotFoundError:
         raise AssetUnavailable(f"cannot fetch {package}: `{cmd[0]}` is not installed (command: {shown})") from None
-    except subprocess.TimeoutExpired:
-        raise AssetUnavailable(f"cannot fetch {package}: `{shown}` ran over {COMMAND_TIMEOUT_S}s") from None
+    deadline = time.monotonic() + COMMAND_TIMEOUT_S
+    written = 0
+    with proc, progress(f"{package}: written", unit="B") as bar:
+        while True:
+            try:
+                stdout, stderr = proc.communicate(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    proc.communicate()
+                    raise AssetUnavailable(f"cannot fetch {package}: `{shown}` ran over {COMMAND_TIMEOUT_S}s") from None
+                if watch is not None:
+                    now = _dir_size(watch)
+                    bar.update(now - written)
+                    written = now
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        tail = "\n".join((stderr or stdout).strip().splitlines()[-15:])
         raise AssetUnavailable(f"cannot fetch {package}: `{shown}` exited with {proc.returncode}:\n{tail}")
-    return proc.stdout
+    return stdout
 
 
-def _pip(*args: str, package: str, cwd: Path | None = None) -> str:
+def _pip(*args: str, package: str, cwd: Path | None = None, watch: Path | None = None) -> str:
     # sys.executable's pip honours the configured index (pip.conf); nothing goes into this venv.
-    return _run([sys.executable, "-m", "pip", *args, "--disable-pip-version-check"], package=package, cwd=cwd)
+    return _run([sys.executable, "-m", "pip", *args, "--disable-pip-version-check"], package=package, cwd=cwd,
+                watch=watch)
 
 
 def _npm_pack(spec: str, dest: Path) -> tuple[Path, dict]:
     """``npm pack spec`` into ``dest``; returns the tarball and npm's report (integrity, shasum)."""
-    out = _run(["npm", "pack", spec, "--json", "--ignore-scripts"], package=f"npm {spec}", cwd=dest)
+    out = _run(["npm", "pack", spec, "--json", "--ignore-scripts"], package=f"npm {spec}", cwd=dest, watch=dest)
     report: dict = {}
     with contextlib.suppress(ValueError, IndexError, TypeError):
         report = json.loads(out)[0]
@@ -568,13 +589,13 @@ def _build_gemma3_270m_gguf(out: Path, work: Path) -> dict:
     _pip(
         "install", "--target", str(target), "--only-binary", ":all:", "--no-compile",
         "--no-warn-script-location", "--quiet", GEMMA3_270M_PACKAGE,
-        package=f"PyPI {GEMMA3_270M_PACKAGE} (and its four -partN packages)",
+        package=f"PyPI {GEMMA3_270M_PACKAGE} (and its four -partN packages)", watch=work,
     )
     gguf_path = out / GEMMA3_270M_GGUF_FILE
     stdout = _run(
         [sys.executable, "-c", _ASSEMBLE_SNIPPET, str(gguf_path)],
         package=f"PyPI {GEMMA3_270M_PACKAGE}",
-        env={"PYTHONPATH": str(target), "PYTHONDONTWRITEBYTECODE": "1"},
+        env={"PYTHONPATH": str(target), "PYTHONDONTWRITEBYTECODE": "1"}, watch=out,
     )
     info = json.loads(stdout.strip().splitlines()[-1])
     data_dir = Path(info["package_dir"]) / "data"
@@ -719,7 +740,7 @@ def _build_llamafactory_data(out: Path, work: Path) -> dict:
     # (hatchling) and that backend's own dependencies from source too -- minutes on a cold cache.
     _pip(
         "download", "--no-deps", "--no-binary", "llamafactory", "--dest", str(work), "--quiet", LLAMAFACTORY_PACKAGE,
-        package=f"PyPI {LLAMAFACTORY_PACKAGE} (source distribution)",
+        package=f"PyPI {LLAMAFACTORY_PACKAGE} (source distribution)", watch=work,
     )
     sdists = sorted(work.glob("llamafactory-0.9.5.tar.gz"))
     if len(sdists) != 1:
@@ -769,7 +790,12 @@ ASSETS: dict[str, Callable[[], Path]] = {
 
 
 def _dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    total = 0
+    for f in path.rglob("*"):
+        with contextlib.suppress(OSError):  # a file a running client just removed or renamed
+            if f.is_file():
+                total += f.stat().st_size
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,12 +12,13 @@ Layout of a finished run (``output_dir/``)::
     eval.json            held-out results before/after and sample answers
     README.md            the model card
     checkpoints/checkpoint-N/   Trainer checkpoints (resume with --resume)
+    logs/                the trackers' local logs (report_to): tensorboard/ (event files), wandb/
 
 A run that publishes data instead of a model (``gemma-hf generate``) holds its dataset
 (``conversations.jsonl``, named by run.json's ``dataset``), its manifest, recipe.yaml, run.json and
 README.md.
 
-While training, ``output_dir`` holds only ``checkpoints/``, ``metrics.jsonl`` and working files
+While training, ``output_dir`` holds only ``checkpoints/``, ``metrics.jsonl``, ``logs/`` and working files
 whose names start with a dot (the marker ``.gemma-hf-run.json``, ``.before.json``): it never looks
 finished. The finished files are written into the sibling ``.{name}.publish/``; the checkpoints are
 moved into it; then two renames swap it into place (``output_dir`` -> ``.{name}.old``,
@@ -52,7 +53,9 @@ CARD = "README.md"
 MARKER = ".gemma-hf-run.json"
 BEFORE = ".before.json"  # results computed before training, kept for a resumed run
 STAGES = "stages"  # the sub-runs and merges of a multi-stage method (WARP, a pipeline)
-LOGS = "logs"  # a pipeline's per-stage logs
+LOGS = "logs"  # a pipeline's per-stage logs (NAME.log); a training run's tracker logs (report_to)
+TENSORBOARD = "tensorboard"  # logs/tensorboard/: TensorBoard's event files of a training run
+TENSORBOARD_EVENTS = "events.out.tfevents.*"  # the names TensorBoard gives its event files
 MANIFEST = "manifest.json"  # a pipeline's record of its stages
 # The dataset a run that publishes data holds (a generate run: the teacher's answers as conversations);
 # run.json names it under "dataset", and readers (a later recipe's datasets) find it through RunDir.dataset_file.
@@ -61,6 +64,24 @@ DATASET = "conversations.jsonl"
 CARRIED = (CHECKPOINTS, STAGES, LOGS, MANIFEST)
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _PLOT_SUFFIXES = (".png", ".svg", ".jpg", ".jpeg")
+
+
+def run_name_of(output_dir: str | os.PathLike) -> str:
+    """The name trackers show for a run (TrainingArguments.run_name when the recipe sets none): the
+    directory's name, prefixed by the runs it is a stage of -- ``demo/sft`` for a pipeline's stage
+    ``demo/stages/sft``, ``warp/iter-0/run-1`` for a WARP sub-run ``warp/stages/iter-0/run-1``."""
+    path = Path(os.path.abspath(output_dir))
+    names = [path.name]
+    while True:
+        up = path.parents
+        if len(up) > 1 and up[0].name == STAGES and up[1].name:  # OWNER/stages/NAME
+            names[:0] = [up[1].name]
+            path = up[1]
+        elif len(up) > 2 and up[1].name == STAGES and up[2].name:  # OWNER/stages/GROUP/NAME
+            names[:0] = [up[2].name, up[0].name]
+            path = up[2]
+        else:
+            return "/".join(names)
 
 
 class RunDirError(InputError):
@@ -329,5 +350,6 @@ def now_iso() -> str:
 
 
 __all__ = ["RunDir", "RunDirError", "checkpoint_is_complete", "read_metrics", "write_metrics", "write_json",
-           "write_text", "now_iso", "safetensors_complete", "CARRIED", "STAGES", "LOGS", "MANIFEST", "weight_files", "model_files_complete",
-           "DATASET", "RECIPE", "RUN_JSON", "EVAL_JSON", "METRICS", "PLOTS", "CHECKPOINTS", "ADAPTER", "CARD", "MARKER"]
+           "write_text", "now_iso", "safetensors_complete", "CARRIED", "STAGES", "LOGS", "TENSORBOARD", "TENSORBOARD_EVENTS",
+           "run_name_of", "MANIFEST", "weight_files", "model_files_complete", "DATASET", "RECIPE", "RUN_JSON", "EVAL_JSON",
+           "METRICS", "PLOTS", "CHECKPOINTS", "ADAPTER", "CARD", "MARKER"]

@@ -141,7 +141,9 @@ def test_card_metadata_is_valid_hub_metadata(run_dir):
         # eval.json's numbers, on the held-out split, datasets named by identity (no local path)
         "model-index": [{"name": "gemma2-tiny-sft", "results": [{
             "task": {"type": "text-generation"},
-            "dataset": {"name": "held-out split of tatsu-lab/alpaca, local:alpaca_en_demo.json", "type": "held-out"},
+            # dataset type: the ids (a Hub id, a local file's own name), never "held-out" (the split)
+            "dataset": {"name": "held-out split of tatsu-lab/alpaca, alpaca_en_demo (local:alpaca_en_demo.json)",
+                        "type": "tatsu-lab/alpaca+alpaca_en_demo", "split": "held-out"},
             "metrics": [{"type": "accuracy", "value": 0.8125, "name": "accuracy"},
                         {"type": "win_rate", "value": 0.55, "name": "win_rate"}]}]}],
     }

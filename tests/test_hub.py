@@ -57,6 +57,21 @@ def run_dir(tmp_path, monkeypatch):
     return run
 
 
+@pytest.fixture(autouse=True)
+def hub_card_checks(monkeypatch):
+    """The Hub's card validation (ModelCard.validate, an HTTP call) replaced by a recorder: no test
+    reaches the network. A test makes it refuse by setting ``refusal``."""
+    seen = {"texts": [], "refusal": None}
+
+    def validate(text):
+        seen["texts"].append(text)
+        if seen["refusal"]:
+            raise ValueError(seen["refusal"])
+
+    monkeypatch.setattr("gemma_hf.hub.push.validate_card_on_hub", validate)
+    return seen
+
+
 def fake_api(*, private_repo: bool = True) -> mock.MagicMock:
     api = mock.create_autospec(HfApi, instance=True)
     api.create_repo.return_value = f"https://huggingface.co/{REPO}"
@@ -118,6 +133,18 @@ def test_push_calls_create_repo_then_one_upload_folder(run_dir):
     assert "checkpoints/*" in kwargs["ignore_patterns"] and "*.bin" in kwargs["ignore_patterns"]
     assert result.commit_url.endswith("/commit/abc123") and result.plan.files == plan.files
     assert [c[0] for c in api.method_calls] == ["create_repo", "repo_info", "upload_folder"]
+
+
+def test_the_hub_validates_the_card_before_anything_is_created(run_dir, hub_card_checks):
+    api = fake_api()
+    hub.push_to_hub(run_dir, REPO, token="hf_test", api=api)
+    assert hub_card_checks["texts"] == [(run_dir / "README.md").read_text()]
+    hub_card_checks["refusal"] = '"model-index[0].results[0].dataset.type" is required'
+    api = fake_api()
+    with pytest.raises(HubError, match=r"the Hub refuses the metadata of .*README.md \(ModelCard.validate\): "
+                                       r"\"model-index.*Nothing was uploaded.*gemma-hf card"):
+        hub.push_to_hub(run_dir, REPO, token="hf_test", api=api)
+    assert api.method_calls == []
 
 
 def test_public_push(run_dir):

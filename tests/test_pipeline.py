@@ -265,3 +265,36 @@ def test_nothing_pushed_holds_a_local_path(killed_then_rerun):
     card = hub.validate_card(out / "README.md")
     assert card.data.base_model is None or "/" in card.data.base_model
     assert card.data.to_dict().get("model-index"), "the card's metadata carries the evaluation results"
+
+
+def test_the_pipeline_card_summarises_each_stage_once(killed_then_rerun):
+    """The pipeline's card: one title and one summary paragraph, each dataset once (no per-stage copies
+    with split "train" or "–"), a start time, a row per stage (method, data, key hyper-parameters, before
+    -> after), and model-index entries on each stage's own data (its id, split "held-out")."""
+    from gemma_hf import hub
+    from tests.test_cards import section
+
+    _, out, _, _ = killed_then_rerun
+    text = hub.render_card(out)
+    body = text.split("\n---\n", 1)[1]
+    headings = [line for line in body.splitlines() if line.startswith("# ")]
+    assert headings == ["# run", "# Resolved pipeline (from pipeline.yaml); {from: NAME} is written stage:NAME"]
+    assert body.count("after a pipeline of 4 stages (sft → reward → rlhf → eval)") == 1  # (the 2nd: recipe comment)
+    assert "**run**" not in body
+    datasets = section(text, "### Datasets")
+    assert datasets.count("alpaca_en_demo.json") == 1 and datasets.count("dpo_en_demo.json") == 1
+    assert "| train |" not in datasets and "| – |" not in datasets
+    assert "sft (200), rlhf (100), eval (100)" in datasets
+    run_row = section(text, "### Run").splitlines()[-1]
+    assert not run_row.startswith("| – |") and run_row.startswith("| 20")
+    stages = section(text, "### Hyperparameters")
+    assert "sets no common training hyperparameters" not in stages
+    for stage, method in (("sft", "sft"), ("reward", "reward"), ("rlhf", "rlhf"), ("eval", "eval")):
+        assert sum(line.startswith(f"| `{stage}` | {method} |") for line in stages.splitlines()) == 1
+    sft_row = next(line for line in stages.splitlines() if line.startswith("| `sft` |"))
+    assert "learning_rate=0.003" in sft_row and "max_steps=4" in sft_row and "eval_loss " in sft_row and " → " in sft_row
+    results = hub.validate_card(text).data.to_dict()["model-index"][0]["results"]
+    types = {r["dataset"]["type"] for r in results}
+    assert types <= {"alpaca_en_demo", "dpo_en_demo"} and all(r["dataset"]["split"] == "held-out" for r in results)
+    reward = next(r for r in results if r["dataset"]["type"] == "dpo_en_demo")
+    assert all(m["name"].startswith("reward/") for m in reward["metrics"])

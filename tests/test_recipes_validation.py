@@ -323,3 +323,33 @@ def test_one_logging_setup_for_every_command(capsys, flags, shown):
     assert {level for level in ("debug", "info", "warning") if f"line-{level}" in err} == shown, err
     assert err.count("line-warning") == 1 and "gemma-hf warning: line-warning" in err
     logging.getLogger("gemma_hf").setLevel(logging.INFO)
+
+
+def test_report_to_an_uninstalled_tracker_is_refused_with_its_install_command(tmp_path, capsys, monkeypatch):
+    """Refused before any model loads (exit 2), the fix naming the install command."""
+    import importlib.util
+
+    path = write(tmp_path, base_recipe(tmp_path))
+    real = importlib.util.find_spec
+    missing = {"wandb", "tensorboard"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
+    code, _, err = run_cli(["sft", "--config", str(path), "--report_to", "wandb"], capsys)
+    assert code == 2 and "report_to" in err and "wandb is not installed" in err and "pip install wandb" in err
+    code, _, err = run_cli(["sft", "--config", str(path), "--report_to", "tensorboard"], capsys)
+    assert code == 2 and "pip install tensorboard" in err and "gemma_hf[track]" in err
+    # transformers' TensorBoard callback also writes with tensorboardX: installed is installed
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "tensorboardX" else None if name in missing else real(name, *a))
+    assert not load_recipe(path, ["--report_to", "tensorboard"]).environment_problems
+
+
+def test_run_name_is_the_run_directory_with_the_runs_it_belongs_to(tmp_path):
+    from gemma_hf.rundir import run_name_of
+
+    assert run_name_of(tmp_path / "my-run") == "my-run"
+    assert run_name_of(tmp_path / "demo" / "stages" / "sft") == "demo/sft"  # a pipeline's stage
+    assert run_name_of(tmp_path / "warp" / "stages" / "iter-0" / "run-1") == "warp/iter-0/run-1"  # a WARP run
+    assert run_name_of(tmp_path / "demo" / "stages" / "warp" / "stages" / "iter-1" / "run-0") == "demo/warp/iter-1/run-0"
+    path = write(tmp_path, base_recipe(tmp_path))
+    assert load_recipe(path, ["--output_dir", str(tmp_path / "p" / "stages" / "sft")]).training.run_name == "p/sft"
+    assert load_recipe(path, ["--run_name", "mine"]).training.run_name == "mine"

@@ -27,7 +27,8 @@ def tiny_run(tmp_path_factory):
     require(llamafactory_data)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = tmp_path_factory.mktemp("tiny") / "run"
-    assert cli(["sft", "--config", str(TINY), "--output_dir", str(out)]) == 0
+    # report_to tensorboard: the shared run also proves the tracker logs (test_tensorboard_...).
+    assert cli(["sft", "--config", str(TINY), "--output_dir", str(out), "--report_to", "tensorboard"]) == 0
     return out
 
 
@@ -58,6 +59,30 @@ def test_run_directory_contract(tiny_run):
     resolved = yaml.safe_load((tiny_run / "recipe.yaml").read_text())
     assert resolved["output_dir"] == identity(str(tiny_run)) and not resolved["output_dir"].startswith("/")
     assert load_recipe(tiny_run / "recipe.yaml").values["learning_rate"] == 3e-3
+
+
+def test_tensorboard_writes_readable_event_files_in_logs(tiny_run):
+    """report_to: tensorboard writes its event files in the run's logs/ (not checkpoints/runs/), they hold
+    the logged scalars (the same numbers as metrics.jsonl), and a push uploads them (the metrics tab)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gemma_hf import hub
+
+    events = sorted((tiny_run / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and not (tiny_run / "checkpoints" / "runs").exists()
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    scalars = accumulator.Tags()["scalars"]
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "eval/loss"} <= set(scalars)
+    metrics = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    logged = {m["step"]: m["loss"] for m in metrics if "loss" in m}
+    assert {e.step: e.value for e in accumulator.Scalars("train/loss")} == pytest.approx(logged)
+    assert [e.step for e in accumulator.Scalars("eval/loss")] == [0, 4, 8]
+    plan = hub.upload_plan(tiny_run)
+    assert [f for f in plan.files if f.startswith("logs/")] == [e.relative_to(tiny_run).as_posix() for e in events]
+    # the Trainer's arguments (TensorBoard's "args" text): the run is named after its directory
+    args = json.loads(accumulator.Tensors("args/text_summary")[0].tensor_proto.string_val[0])
+    assert args["run_name"] == "run" and args["report_to"] == ["tensorboard"]
 
 
 def test_held_out_loss_drops(tiny_run):

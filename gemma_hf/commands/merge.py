@@ -214,7 +214,6 @@ def merge_command(args: argparse.Namespace) -> int:
         max_shard_size=DEFAULT_MAX_SHARD_SIZE if args.max_shard_size is None else args.max_shard_size,
         buffer_bytes=DEFAULT_BUFFER_BYTES if args.buffer_size is None else args.buffer_size,
         threads=DEFAULT_THREADS if args.threads is None else args.threads,
-        progress=_progress if sys.stderr.isatty() else None,
     )
     try:
         if args.method == "linear":
@@ -229,14 +228,8 @@ def merge_command(args: argparse.Namespace) -> int:
         raise  # bad input (MergeError, exit 2): the message names the file, tensor or option
     except OSError as err:
         raise GemmaHFError(f"writing {args.output} failed, nothing was written: {err}") from err
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
     # After the merge, so that a refusal prints its one line only.
     for warning in _no_effect_warnings(args):
         print(f"warning: {warning}", file=sys.stderr)
     print(f"merged {len(args.models) + (args.base is not None)} checkpoints: {result.summary()}")
     return 0
-
-
-def _progress(done: int, total: int) -> None:
-    print(f"\rmerging: {100 * done / max(total, 1):5.1f}% of {total / 1e9:.2f} GB", end="", file=sys.stderr, flush=True)

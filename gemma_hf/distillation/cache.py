@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
+from ..progress import progress as report_progress
 from .fingerprints import TokenHash
 from .losses import default_chunk_size
 from .manifest import manifest_fields
@@ -95,27 +96,30 @@ def build_cache(teacher, examples: Iterable[Mapping], directory, *, tokenizer, K
                     continue
                 generator = writer.generator(index, device)
                 written = []
-                for start in range(0, len(shard), batch_size):
-                    batch = shard[start:start + batch_size]
-                    width = max(len(ids) for ids, _ in batch)
-                    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.int64)
-                    attention_mask = torch.zeros(len(batch), width, dtype=torch.int64)
-                    positions_mask = torch.zeros(len(batch), width, dtype=torch.bool)
-                    for row, (ids, positions) in enumerate(batch):
-                        input_ids[row, :len(ids)] = torch.tensor(ids)
-                        attention_mask[row, :len(ids)] = 1
-                        positions_mask[row, positions] = True
-                    target_ids, probs = teacher_targets(teacher, input_ids.to(device), attention_mask.to(device),
-                                                        positions_mask.to(device), K, temperature, mode, generator,
-                                                        chunk)
-                    target_ids, probs = target_ids.cpu(), probs.cpu()
-                    row0 = 0
-                    for ids, positions in batch:
-                        rows = slice(row0, row0 + len(positions))
-                        written.append(CacheExample(torch.tensor(ids, dtype=torch.int32),
-                                                    torch.tensor(positions, dtype=torch.int32),
-                                                    target_ids[rows], probs[rows]))
-                        row0 += len(positions)
+                with report_progress(f"teacher cache, shard {index}", total=len(shard), unit="examples",
+                                     leave=False) as bar:
+                    for start in range(0, len(shard), batch_size):
+                        batch = shard[start:start + batch_size]
+                        width = max(len(ids) for ids, _ in batch)
+                        input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.int64)
+                        attention_mask = torch.zeros(len(batch), width, dtype=torch.int64)
+                        positions_mask = torch.zeros(len(batch), width, dtype=torch.bool)
+                        for row, (ids, positions) in enumerate(batch):
+                            input_ids[row, :len(ids)] = torch.tensor(ids)
+                            attention_mask[row, :len(ids)] = 1
+                            positions_mask[row, positions] = True
+                        target_ids, probs = teacher_targets(teacher, input_ids.to(device), attention_mask.to(device),
+                                                            positions_mask.to(device), K, temperature, mode, generator,
+                                                            chunk)
+                        target_ids, probs = target_ids.cpu(), probs.cpu()
+                        row0 = 0
+                        for ids, positions in batch:
+                            rows = slice(row0, row0 + len(positions))
+                            written.append(CacheExample(torch.tensor(ids, dtype=torch.int32),
+                                                        torch.tensor(positions, dtype=torch.int32),
+                                                        target_ids[rows], probs[rows]))
+                            row0 += len(positions)
+                        bar.update(len(batch))
                 entry = writer.write_shard(index, written)
                 if progress:
                     progress(index, entry, False)

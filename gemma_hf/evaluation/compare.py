@@ -215,7 +215,7 @@ def _answers(who: Contestant, items, max_new_tokens: int, batch_size: int) -> li
         raise ValueError(f"{who.name}: neither answers nor a model (with tokenizer and family) to answer with")
     log.info("generating answers of %s (%d prompts)", who.name, len(items))
     return generate_answers(who.model, who.tokenizer, items, who.family, max_new_tokens=max_new_tokens,
-                            batch_size=batch_size)
+                            batch_size=batch_size, description=f"answers of {who.name}")
 
 
 def _rate_keys(prefix: str, result: dict) -> dict:

@@ -27,6 +27,7 @@ import torch
 
 from gemma_hf.chat import END_OF_TURN, encode_chat, stop_token_ids
 from gemma_hf.errors import InputError
+from gemma_hf.progress import batch_starts
 
 from .prompts import held_out
 
@@ -77,6 +78,7 @@ def generate_answers(
     top_k: int | None = None,
     seed: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    description: str = "generating answers",
 ) -> list[Answer]:
     """The model's next turn for each conversation, in order.
 
@@ -84,7 +86,7 @@ def generate_answers(
     ends with a model turn is answered anew from the user turn before it (the final model turn, the
     reference, is dropped). Greedy unless ``temperature > 0``; ``top_k`` (0: off) when sampling, else the
     model's generation config decides (transformers' default: 50). ``progress(done, total)`` is called
-    after each batch.
+    after each batch; ``description`` names the step in the progress report (gemma_hf.progress).
     """
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -114,7 +116,7 @@ def generate_answers(
     model.eval()
     device = model.device
     try:
-        for start in range(0, len(order), batch_size):
+        for start in batch_starts(len(order), batch_size, description, unit="prompts"):
             rows = order[start:start + batch_size]
             width = max(len(all_ids[i]) for i in rows)
             budget = max_new_tokens

@@ -38,6 +38,8 @@ from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 
+from gemma_hf.progress import batch_starts
+
 from .prompts import answer_text, held_out, plain_text
 from .winrate import BASELINE, MODEL, TIE, combine_preferences, win_rate
 
@@ -264,7 +266,8 @@ class LMJudge:
         try:
             with torch.no_grad():
                 ids_tensor = torch.tensor([self.choice_ids[k] for k in verdict_keys], device=device)
-                for start in range(0, len(encoded), self.batch_size):
+                for start in batch_starts(len(encoded), self.batch_size, "judging (both orders)",
+                                          unit="judgements"):
                     rows = encoded[start:start + self.batch_size]
                     width = max(len(r) for r in rows)
                     # Left padding: every row's last token sits in the last column.

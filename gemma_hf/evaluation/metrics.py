@@ -31,6 +31,8 @@ import math
 import re
 from collections.abc import Sequence
 
+from gemma_hf.progress import batch_starts
+
 from .prompts import answer_text, has_control_token, held_out
 
 REPEAT_WORDS = 8  # how many leading words of the prompt an answer must repeat to count as a repeat
@@ -83,7 +85,7 @@ def heldout_loss(model, tokenizer, conversations: Sequence, family: str, batch_s
     model.eval()
     try:
         with torch.no_grad():
-            for start in range(0, len(encoded), batch_size):
+            for start in batch_starts(len(encoded), batch_size, "held-out loss", unit="conversations"):
                 rows = encoded[start:start + batch_size]
                 width = max(len(ids) for ids, _ in rows)
                 input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows], device=model.device)

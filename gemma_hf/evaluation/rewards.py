@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from gemma_hf.progress import batch_starts
+
 from .prompts import MODEL_ROLES, answer_text, held_out, plain_text
 from .winrate import outcome_of_scores, win_rate
 
@@ -88,7 +90,8 @@ class RewardModelScorer:
         device = self.model.device
         try:
             with torch.no_grad():
-                for start in range(0, len(encoded), self.batch_size):
+                for start in batch_starts(len(encoded), self.batch_size, "scoring with the reward model",
+                                          unit="answers"):
                     rows = encoded[start:start + self.batch_size]
                     width = max(len(r) for r in rows)
                     input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)

@@ -21,7 +21,7 @@ import yaml
 
 from gemma_hf.model.configuration import GEMMA_FAMILIES
 from gemma_hf.references import CAUSAL_LM, SEQUENCE_CLASSIFICATION, head_of_config, hub_id_of, identity, is_hub_id
-from gemma_hf.rundir import RunDir, RunDirError
+from gemma_hf.rundir import STAGES, RunDir, RunDirError
 
 from .checks import PIPELINE_TAGS, CardError, validate_card
 
@@ -74,6 +74,15 @@ class CardInputs:
     evaluation: dict | None
     plots: list[str]
     weight_files: list[str]
+    name: str | None = None  # the run's name when path is its publish staging directory
+
+    def stage_dir(self, stage: str) -> Path:
+        """A pipeline's stage directory: stages/NAME here, or in the working directory while the publish
+        renders the card in its staging directory (stages/ moves in at the swap)."""
+        here = self.path / STAGES / stage
+        if here.is_dir() or not self.name:
+            return here
+        return self.path.parent / self.name / STAGES / stage
 
     @property
     def head(self) -> str:
@@ -483,6 +492,87 @@ print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_to
 
 
 # ---------------------------------------------------------------------------------------------
+# A pipeline's card: each stage once (method, data, key hyper-parameters, before -> after, time)
+
+# Held-out results a stage row shows before -> after, the first two present (the full table is under Evaluation).
+_STAGE_ROW_SKIPS = ("seed", "per_device_eval_batch_size")  # in the stage's own recipe, not what distinguishes it
+_HEADLINE_RESULTS = ("eval_loss", "accuracy", "margin", "reward", "kl_to_init", "win_rate")
+
+
+def _stage_record(run: CardInputs, stage) -> dict | None:
+    try:
+        return RunDir(run.stage_dir(str(stage))).read_run()
+    except (RunDirError, OSError):
+        return None
+
+
+def _stage_recipe(run: CardInputs, stage: str) -> dict:
+    try:
+        recipe = yaml.safe_load((run.stage_dir(stage) / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return recipe if isinstance(recipe, dict) else {}
+
+
+def _dataset_label(recorded) -> str:
+    path = str(recorded.get("path", "?") if isinstance(recorded, dict) else recorded)
+    return path.split(":", 1)[-1] if path.startswith("asset:") else path
+
+
+def _pipeline_stages_table(run: CardInputs) -> str:
+    stages = run.run.get("stages") or []
+    if not stages:
+        return "run.json lists no stages."
+    rows = []
+    for stage in stages:
+        name = str(stage.get("name"))
+        record = _stage_record(run, name) or {}
+        recipe = _flatten(_stage_recipe(run, name))
+        data = "; ".join(dict.fromkeys(
+            f"{_dataset_label(d)} ({_cell(d.get('num_examples')) if isinstance(d, dict) else '?'})"
+            for d in record.get("datasets") or [])) or "–"
+        hyper = ", ".join(f"{k.rsplit('.', 1)[-1]}={_cell(v)}" for k, v in recipe.items()
+                          if k.rsplit(".", 1)[-1] in HYPERPARAMETER_KEYS and k.rsplit(".", 1)[-1] not in _STAGE_ROW_SKIPS
+                          and v is not False and not isinstance(v, (dict, list))) or "–"
+        evaluation = RunDir(run.stage_dir(name)).read_eval() if run.stage_dir(name).is_dir() else None
+        evaluation = evaluation or {}
+        changes = [f"{key} {_cell(evaluation[f'{key}_before'])} → {_cell(evaluation[f'{key}_after'])}"
+                   for key in _HEADLINE_RESULTS
+                   if _is_number(evaluation.get(f"{key}_before")) and _is_number(evaluation.get(f"{key}_after"))][:2]
+        if not changes and record.get("method") == "eval":
+            changes = [f"{k} {_cell(evaluation[k])}" for k in ("reward_win_rate", "judge_win_rate") if _is_number(evaluation.get(k))]
+        rows.append([_Raw(f"`{_cell(name)}`"), stage.get("method") or record.get("method"), data, hyper,
+                     "; ".join(changes) or "–", _duration(stage.get("seconds"))])
+    final = run.run.get("final_stage")
+    return (f"The model in this repository is stage `{_cell(final)}`'s. Each stage's run directory (recipe, "
+            "metrics, card) is under `stages/NAME/` in the pipeline directory.\n\n"
+            + _table(["stage", "method", "data (examples)", "key hyper-parameters", "held-out before → after",
+                      "time"], rows))
+
+
+def _pipeline_datasets_table(run: CardInputs) -> str:
+    """Each dataset once, with the stages that read it and how many of its examples each took."""
+    used: dict[str, list[str]] = {}
+    for stage in run.run.get("stages") or []:
+        record = _stage_record(run, stage.get("name")) or {}
+        for d in record.get("datasets") or []:
+            path = str(d.get("path", "?") if isinstance(d, dict) else d)
+            count = d.get("num_examples") if isinstance(d, dict) else None
+            used.setdefault(path, []).append(f"{stage.get('name')}" + (f" ({_cell(count)})" if count is not None else ""))
+    if not used:
+        return _datasets_table(run.run["datasets"])
+    return _table(["dataset", "stages (examples)"], [[_link(p, dataset=True), ", ".join(s)] for p, s in used.items()])
+
+
+def _started(run: CardInputs):
+    """run.json's start, or for a pipeline whose record lacks it, its first stage's."""
+    if run.run.get("started"):
+        return run.run["started"]
+    starts = [(_stage_record(run, s.get("name")) or {}).get("started") for s in run.run.get("stages") or []]
+    return min((s for s in starts if s), default=None)
+
+
+# ---------------------------------------------------------------------------------------------
 # Rendering
 
 
@@ -515,23 +605,55 @@ def card_data(run: CardInputs, title: str | None = None):
     return ModelCardData(**kwargs)
 
 
-def _eval_results(run: CardInputs, datasets: list) -> list:
-    """model-index entries: eval.json's numbers measured after training (names without the _before
-    ones, which describe the starting point), on the run's held-out split."""
+def _dataset_id(recorded) -> tuple[str, str]:
+    """(id, name) of a recorded dataset for model-index: its Hub id when known (a Hub dataset, an asset
+    that reproduces one), else the data's own name -- the file's stem (``alpaca_en_demo`` for
+    ``asset:llamafactory-data/alpaca_en_demo.json`` or ``local:alpaca_en_demo.json``) -- with the
+    recorded reference as its name."""
+    text = identity(recorded) if isinstance(recorded, str) else str(recorded)
+    hub = hub_id_of(text) or (text if _looks_like_hub_id(text, dataset=True) else None)
+    if hub:
+        return hub, hub
+    base = text.split(":", 1)[-1].rstrip("/").rsplit("/", 1)[-1] or text
+    stem = re.sub(r"(\.(jsonl?|csv|parquet|txt|arrow|tsv))?(-[0-9a-f]{12})?$", "", base) or base
+    return stem, f"{stem} ({text})" if stem != text else stem
+
+
+def _eval_entries(evaluation: dict, datasets: list, task: str, prefix: str = "") -> list:
+    """EvalResults of eval.json's numbers measured after training (not the _before ones, which describe
+    the starting point) on the held-out split of ``datasets``: dataset_type is the dataset's id (Hub id
+    or the data's own name; a mixture's ids joined by "+"), dataset_split "held-out"."""
     from huggingface_hub import EvalResult
 
-    evaluation = run.evaluation or {}
-    task = PIPELINE_TAGS[run.head]
-    names = dict.fromkeys(identity(d) if isinstance(d, str) else str(d) for d in datasets)
-    held_out = "held-out split of " + ", ".join(names) if datasets else "held-out"
+    ids = list(dict.fromkeys(_dataset_id(d.get("path") if isinstance(d, dict) else d) for d in datasets))
+    if not ids:
+        return []
+    dataset_type = "+".join(i for i, _ in ids)[:200]
+    dataset_name = ("held-out split of " + ", ".join(n for _, n in ids))[:200]
     out = []
     for key, value in evaluation.items():
-        if not _is_number(value) or not math.isfinite(value) or key.endswith("_before") or "num_" in key:
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):]
+        if not _is_number(value) or not math.isfinite(value) or name.endswith("_before") or "num_" in name:
             continue
         name = key[: -len("_after")] if key.endswith("_after") else key
-        out.append(EvalResult(task_type=task, dataset_type="held-out", dataset_name=held_out[:200], metric_type=name,
-                              metric_value=float(value), metric_name=name))
-    return out[:40]
+        out.append(EvalResult(task_type=task, dataset_type=dataset_type, dataset_name=dataset_name,
+                              dataset_split="held-out", metric_type=name, metric_value=float(value), metric_name=name))
+    return out
+
+
+def _eval_results(run: CardInputs, datasets: list) -> list:
+    """model-index entries (:func:`_eval_entries`); a pipeline's per stage, on that stage's data."""
+    evaluation = run.evaluation or {}
+    task = PIPELINE_TAGS[run.head]
+    if run.run.get("method") == "pipeline":
+        out = []
+        for stage in run.run.get("stages") or []:
+            stage_run = _stage_record(run, stage.get("name"))
+            out += _eval_entries(evaluation, (stage_run or {}).get("datasets") or [], task, f"{stage.get('name')}/")
+        return out[:40]
+    return _eval_entries(evaluation, datasets, task)[:40]
 
 
 def render_card(
@@ -547,6 +669,7 @@ def render_card(
     from gemma_hf import __version__
 
     run = read_run(run_dir)
+    run.name = name
     template = Path(template) if template is not None else CARD_TEMPLATE
     if not template.is_file():
         raise CardError(
@@ -560,10 +683,18 @@ def render_card(
     base = str(run.run["base_model"])
     title = repo_id.split("/")[-1] if repo_id else (name or run.path.resolve().name)
     method_name = str(run.run.get("title") or method)  # run.json's title: the method's own (Method.title)
+    pipeline = method == "pipeline"
+    distinct = len(dict.fromkeys(str(d.get("path") if isinstance(d, dict) else d) for d in run.run["datasets"]))
+    if pipeline:
+        stages = [str(s.get("name")) for s in run.run.get("stages") or []]
+        what = f"a pipeline of {len(stages)} stages ({' → '.join(stages)})"
+    else:
+        what = method_name
+    # The title is the heading above; the paragraph says what the run did, once (the tables below give the facts).
     summary = (
-        f"**{_cell(title)}** is `{_cell(base)}` ({_family_name(family)}) after {method_name}, "
-        f"trained with gemma_hf {_cell(run.run.get('gemma_hf_version') or '?')} on "
-        f"{len(run.run['datasets'])} dataset(s). The facts and numbers below were read from the run directory."
+        f"`{_cell(base)}` ({_family_name(family)}) after {what}, trained with gemma_hf "
+        f"{_cell(run.run.get('gemma_hf_version') or '?')} on {distinct} dataset(s). The facts and numbers below "
+        "were read from the run directory."
     )
     card = ModelCard.from_template(
         card_data(run, title),
@@ -581,9 +712,9 @@ def render_card(
         usage_block=_usage_block(run.head, repo_id or "path/to/this/model"),
         repo_id=repo_id or "path/to/this/model",
         stock_model_type=GEMMA_FAMILIES[config.family].stock_model_type,
-        datasets_table=_datasets_table(run.run["datasets"]),
-        hyperparameters_table=_hyperparameters_table(run.recipe),
-        run_table=_run_table(run.run),
+        datasets_table=_pipeline_datasets_table(run) if pipeline else _datasets_table(run.run["datasets"]),
+        hyperparameters_table=_pipeline_stages_table(run) if pipeline else _hyperparameters_table(run.recipe),
+        run_table=_run_table({**run.run, "started": _started(run)}),
         recipe_block=_fenced(run.recipe_text, "yaml"),
         metrics_table=_metrics_section(run.metrics),
         plots_md=_plots_section(run.plots),

@@ -11,6 +11,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gemma_hf.rundir import LOGS, TENSORBOARD_EVENTS
+
 from .cards import published_weight_files, refuse_adapter_only, write_card
 from .checks import CardError, validate_card
 
@@ -136,9 +138,10 @@ def _is_link(root: Path, relative: str) -> bool:
 def upload_plan(run_dir: str | os.PathLike, *, card_pending: bool = False) -> UploadPlan:
     """Decide exactly what a push uploads: card, model config + safetensors weights (+ shard index),
     the model code written by save_pretrained (top-level *.py), tokenizer files, generation config,
-    recipe.yaml, run.json, metrics.jsonl, eval.json and the images under plots/. Only regular files
+    recipe.yaml, run.json, metrics.jsonl, eval.json, the images under plots/ and TensorBoard's event files
+    under logs/ (``logs/**/events.out.tfevents.*``, written by ``report_to: tensorboard``). Only regular files
     inside the run directory: never checkpoints/, adapter/, pickle files, hidden files, or anything
-    reached through a symbolic link. Images under plots/ that are links are left out (and listed);
+    reached through a symbolic link. Images and event files that are links are left out (and listed);
     a link among the model, tokenizer and run files is refused, as is a run without README.md,
     config, safetensors weights, tokenizer or recipe, and a planned file whose name the Hub cannot
     hold (:func:`hub_name_problem`: a control character, ...), dry run or not.
@@ -171,7 +174,14 @@ def upload_plan(run_dir: str | os.PathLike, *, card_pending: bool = False) -> Up
             if p.is_file() and p.suffix.lower() in _PLOT_SUFFIXES
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
         )
-    _refuse_unholdable_names(root, candidates)  # the images under plots/ too
+    logs = root / LOGS
+    if logs.is_dir():  # TensorBoard's event files: the Hub shows them in the repository's metrics tab
+        candidates += sorted(
+            p.relative_to(root).as_posix()
+            for p in logs.rglob(TENSORBOARD_EVENTS)
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
+    _refuse_unholdable_names(root, candidates)  # the images under plots/ and the event files too
     files = sorted(name for name in dict.fromkeys(candidates) if not _is_link(root, name))
     everything = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink())
     skipped_files = [f for f in everything if f not in files]
@@ -283,6 +293,15 @@ def push_to_hub(
         )
     api = api if api is not None else HfApi(token=token)
     network = _network_errors()
+    # The Hub's own check of the card's metadata, before anything is created (offline: validate_card above).
+    try:
+        validate_card_on_hub((root / "README.md").read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise HubError(
+            f"the Hub refuses the metadata of {root / 'README.md'} (ModelCard.validate): {str(err).strip()[:500]}. "
+            f"Nothing was uploaded; fix the run's files and re-render the card (gemma-hf card {root}).") from None
+    except network as err:
+        raise _hub_failure("validating the model card", repo_id, err) from err
     try:
         api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
     except network as err:
@@ -313,6 +332,14 @@ def push_to_hub(
         raise _hub_failure("uploading", repo_id, err) from err
     result.commit_url = str(getattr(commit, "commit_url", commit))
     return result
+
+
+def validate_card_on_hub(text: str) -> None:
+    """huggingface_hub's ModelCard.validate: the Hub's validate-yaml endpoint checks the metadata
+    (ValueError with the Hub's reason when it refuses it)."""
+    from huggingface_hub import ModelCard
+
+    ModelCard(text, ignore_metadata_errors=False).validate(repo_type="model")
 
 
 def run_dir_name(root: Path) -> str:

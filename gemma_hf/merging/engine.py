@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_directory, existing_output_refusal
+from ..progress import progress as report_progress
 from . import interpolation
 from .kernels import FLOAT64_BELOW_NUMEL, Kernel, NonFiniteOutput, Slerp, WeightedSum, Workspace, all_finite, pieces
 from .safetensors_stream import DTYPE_CODES, FLOAT_DTYPES, ShardWriter, TensorInfo, TensorSpec, parse_size, plan_shards
@@ -379,6 +380,7 @@ class _Job:
         written = 0
         with contextlib.ExitStack() as stack:
             stack.enter_context(ctx.reader)
+            bar = stack.enter_context(report_progress(f"{self.method} merge", total=total_bytes * len(self.outputs), unit="B"))
             try:
                 tmps = [stack.enter_context(atomic_directory(out, overwrite=self.overwrite)) for out in self.outputs]
             except FileExistsError as err:  # created since the checks
@@ -394,6 +396,7 @@ class _Job:
                         except NonFiniteOutput:
                             raise self._non_finite(ctx, spec.name, infos) from None
                         written += spec.nbytes
+                        bar.update(spec.nbytes * len(self.outputs))
                         if self.progress is not None:
                             self.progress(written, total_bytes)
                     for writer in writers:

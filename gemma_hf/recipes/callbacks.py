@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -30,9 +31,48 @@ from transformers.trainer_callback import ExportableState
 from gemma_hf.errors import GemmaHFError
 from gemma_hf.faults import fault_point
 
-from gemma_hf.rundir import read_metrics, write_metrics
+from gemma_hf.rundir import TENSORBOARD, read_metrics, write_metrics
 
 SUMMARY_KEYS = ("train_runtime", "train_loss")
+
+
+class TrackerLogs(TrainerCallback):
+    """The trackers of ``report_to`` keep their local logs in the run directory's ``logs/`` (moved into
+    the finished run by the publish, rundir.CARRIED): TensorBoard's event files in
+    ``logs/tensorboard/`` (a push uploads them: the Hub's metrics tab reads them), W&B's files in
+    ``logs/wandb/``. Without this, TensorBoard would write under ``checkpoints/runs/``, which the
+    publish keeps but no push uploads.
+
+    Library behaviour relied on (transformers 5.23, integrations/integration_utils.py): the
+    TensorBoardCallback reads TENSORBOARD_LOGGING_DIR when the Trainer builds it (default:
+    ``args.output_dir/runs``); the WandbCallback calls ``wandb.init`` in on_train_begin, and wandb
+    reads WANDB_DIR then. The report_to callbacks come before the callbacks a Trainer is given, so
+    this one's on_train_begin runs after theirs. The variables are set from the Trainer's arguments
+    (Run.trainer_kwargs) to the start of training, then restored: the next run in this process (a
+    pipeline's next stage, a WARP sub-run) sets its own."""
+
+    def __init__(self, logs: Path, report_to):
+        wanted = set(report_to or [])
+        values = {}
+        if "tensorboard" in wanted:
+            values["TENSORBOARD_LOGGING_DIR"] = str(logs / TENSORBOARD)
+        if "wandb" in wanted:
+            values["WANDB_DIR"] = str(logs)
+        self.saved = {name: os.environ.get(name) for name in values}
+        if values:
+            logs.mkdir(parents=True, exist_ok=True)
+            os.environ.update(values)
+
+    def restore(self) -> None:
+        for name, value in self.saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self.saved = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.restore()
 
 
 class TrainingDiverged(GemmaHFError):

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from gemma_hf.errors import did_you_mean, suggestion
+from gemma_hf.rundir import run_name_of
 
 from .coercion import Mismatch, annotation, arms, coerce, describe, show, type_name
 from .methods import get_method, groups, key_index, method_names, refused_keys
@@ -379,6 +380,8 @@ def load_recipe(
     config_fields = {f.name for f in dataclasses.fields(spec.config_class())}
     if spec.trains:  # the Trainer's own output_dir holds the checkpoints; the run directory is ours
         group_values["training"]["output_dir"] = str(output_dir / "checkpoints")
+    if "run_name" in config_fields and "run_name" not in typed:  # what trackers call the run (rundir.run_name_of)
+        group_values["training"]["run_name"] = run_name_of(output_dir)
     for claimed in spec.claimed_keys & config_fields:
         group_values["training"].setdefault(claimed, False)  # TRL's own version of a key we own stays off
     if ("use_cpu" in config_fields and "use_cpu" not in typed and int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from gemma_hf.chat import CONTROL_TOKENS, FAMILIES, stop_token_ids
-from gemma_hf.rundir import RunDir
+from gemma_hf.rundir import LOGS, RunDir
 
-from .callbacks import FiniteGuard, MetricsCallback, SaveAtEnd, SavedFaultPoint, TokenCount
+from .callbacks import FiniteGuard, MetricsCallback, SaveAtEnd, SavedFaultPoint, TokenCount, TrackerLogs
 from .data import load_mixture, read_dataset, split_held_out
 from .methods import Method
 from .problems import Problem, RecipeError
@@ -114,7 +114,8 @@ class Run:
         if "logging_nan_inf_filter" not in self.recipe.values:
             args.logging_nan_inf_filter = False  # log a NaN loss as NaN (FiniteGuard stops the run anyway)
         callbacks = [MetricsCallback(self.rundir.metrics, fresh=self.resume_from is None),
-                     FiniteGuard(lambda: self.rundir.latest_complete_checkpoint()[0]), SaveAtEnd(), TokenCount(), SavedFaultPoint()]
+                     FiniteGuard(lambda: self.rundir.latest_complete_checkpoint()[0]), SaveAtEnd(), TokenCount(), SavedFaultPoint(),
+                     TrackerLogs(self.rundir.path / LOGS, args.report_to)]
         return dict(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                     processing_class=self.tokenizer, peft_config=peft_config_for(self), callbacks=callbacks)
 

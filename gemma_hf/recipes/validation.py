@@ -609,8 +609,12 @@ def _check_misc(c: Checks) -> None:
         c.environment("deepspeed", "DeepSpeed is not installed", "pip install deepspeed (needs a CUDA toolchain)")
     for integration in t.report_to or []:
         package = REPORTING_PACKAGES.get(integration)
-        if package and importlib.util.find_spec(package) is None:
-            c.environment("report_to", f"{integration} is not installed", f"pip install {package}, or report_to: none")
+        # transformers' TensorBoardCallback writes with torch.utils.tensorboard (needs tensorboard) or tensorboardX.
+        alternatives = [package, "tensorboardX"] if integration == "tensorboard" else [package]
+        if package and all(importlib.util.find_spec(name) is None for name in alternatives):
+            extra = " (or pip install 'gemma_hf[track]')" if integration == "tensorboard" else ""
+            c.environment("report_to", f"{integration} is not installed",
+                          f"pip install {package}{extra}, or report_to: none")
 
 
 __all__ = ["cached_tokenizer", "Checks", "check_recipe", "ATTN_IMPLEMENTATIONS", "cuda_available"]

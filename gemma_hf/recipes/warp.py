@@ -184,6 +184,8 @@ class Warp(RLHF):
             values["eval_before_training"] = False  # the Pareto view evaluates the init on the same prompts
         if recipe.env:
             values["env"] = dict(recipe.env)
+        if "run_name" in values:  # each run its own tracker name (else rundir.run_name_of: WARP_DIR/iter-I/run-M)
+            values["run_name"] = f"{values['run_name']}/{name}"
         sub = load_recipe(None, values=values, method="rlhf")
         started = time.time()
         if PartialState().is_main_process:
