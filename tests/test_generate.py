@@ -227,3 +227,44 @@ def test_the_two_forms_of_the_command_keep_apart(recipe, tmp_path, capsys):
     code, _, err = run_cli(["generate", str(shared_teacher())], capsys)
     assert code == 2 and "needs --prompt" in err
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# In a pipeline: {from: STAGE} of a generate stage is a dataset, read once the stage has run
+# --------------------------------------------------------------------------------------------
+
+
+def _pipeline(tmp_path: Path, recipe: Path, sft_overrides: dict) -> Path:
+    generate_values = yaml.safe_load(recipe.read_text())
+    generate_values.pop("output_dir")
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "unused"), "stages": [
+        {"name": "teacher-data", "method": "generate", "recipe": generate_values},
+        {"name": "sft", "method": "sft", "recipe": str(REPO / "recipes" / "tiny" / "sft.yaml"),
+         "overrides": {"test_split_size": None, "max_steps": 2, "save_steps": 2, "eval_strategy": "no",
+                       "sample_prompts": None, "per_device_train_batch_size": 2, **sft_overrides}},
+    ]}), encoding="utf-8")
+    return path
+
+
+def test_a_pipeline_stage_trains_on_a_generate_stage(recipe, tmp_path, capsys):
+    require(gemma_tokenizer_tiny)
+    path = _pipeline(tmp_path, recipe, {"datasets": [{"path": {"from": "teacher-data"}}]})
+    code, out, err = run_cli(["validate", path], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["pipeline", "--config", path, "--output_dir", tmp_path / "run"], capsys)
+    assert code == 0, err[-3000:]
+    sft = json.loads((tmp_path / "run" / "stages" / "sft" / "run.json").read_text())
+    assert sft["datasets"][0]["path"].endswith("teacher-data") and sft["datasets"][0]["num_examples"] >= 1
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"model_name_or_path": {"from": "teacher-data"}, "preset": None, "preset_overrides": None},
+     "publishes a dataset (method generate), not a model"),
+    ({"datasets": [{"path": {"from": "nowhere"}}]}, "names no earlier stage"),
+])
+def test_a_generate_stage_is_read_as_data_only(recipe, tmp_path, capsys, overrides, message):
+    require(gemma_tokenizer_tiny)
+    path = _pipeline(tmp_path, recipe, overrides)
+    code, _, err = run_cli(["validate", path], capsys)
+    assert code == 2 and message in err, err[-3000:]

@@ -152,7 +152,7 @@ def claim_output_dir(recipe: Recipe, rundir: RunDir, resume: bool) -> str:
 
 # Keys that change how a run reports or keeps its files, not what it trains: a resume may change them.
 RESUMABLE_CHANGES = frozenset({"output_dir", "logging_steps", "report_to", "dataloader_num_workers",
-                               "disable_tqdm", "save_total_limit"})
+                               "disable_tqdm", "save_total_limit", "run_name"})
 
 
 def recorded_values(recipe: Recipe) -> dict[str, Any]:
