@@ -268,3 +268,21 @@ def test_a_generate_stage_is_read_as_data_only(recipe, tmp_path, capsys, overrid
     path = _pipeline(tmp_path, recipe, overrides)
     code, _, err = run_cli(["validate", path], capsys)
     assert code == 2 and message in err, err[-3000:]
+
+
+def test_a_later_stage_that_needs_the_teachers_tokenizer_checks_it(recipe, tmp_path, capsys):
+    # Generated text trains a student of any tokenizer; on-policy distillation from that teacher compares
+    # distributions token by token: the distill stage refuses a teacher whose tokenizer differs from its
+    # student's (here the SFT stage's, still to run), before the first stage starts.
+    require(gemma_tokenizer_tiny)
+    path = _pipeline(tmp_path, recipe, {"datasets": [{"path": {"from": "teacher-data"}}]})
+    data = yaml.safe_load(path.read_text())
+    data["stages"].append({"name": "distill", "method": "distill", "recipe": str(REPO / "recipes/tiny/distill.yaml"),
+                           "overrides": {"model_name_or_path": {"from": "sft"}, "student_init": None,
+                                         "teacher_name_or_path": str(shared_teacher()), "attn_implementation": "eager",
+                                         "datasets": [{"path": {"from": "teacher-data"}}], "test_split_size": None,
+                                         "eval_strategy": "no"}})
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    code, _, err = run_cli(["validate", path], capsys)
+    assert code == 2 and "stages[2] (distill).teacher_name_or_path" in err and "differs from the student's" in err, \
+        err[-3000:]
