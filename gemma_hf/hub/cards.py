@@ -685,17 +685,27 @@ def render_card(
     method_name = str(run.run.get("title") or method)  # run.json's title: the method's own (Method.title)
     pipeline = method == "pipeline"
     distinct = len(dict.fromkeys(str(d.get("path") if isinstance(d, dict) else d) for d in run.run["datasets"]))
+    merge = run.run.get("merge") if isinstance(run.run.get("merge"), dict) else None
     if pipeline:
         stages = [str(s.get("name")) for s in run.run.get("stages") or []]
         what = f"a pipeline of {len(stages)} stages ({' → '.join(stages)})"
     else:
         what = method_name
     # The title is the heading above; the paragraph says what the run did, once (the tables below give the facts).
-    summary = (
-        f"`{_cell(base)}` ({_family_name(family)}) after {what}, trained with gemma_hf "
-        f"{_cell(run.run.get('gemma_hf_version') or '?')} on {distinct} dataset(s). The facts and numbers below "
-        "were read from the run directory."
-    )
+    if merge is not None:  # a merge trains nothing: its data (if any) is the held-out evaluation's
+        summary = (
+            f"The {_cell(merge.get('method'))} weight average of {len(merge.get('models') or [])} models"
+            + (f" from the base `{_cell(merge['base'])}`" if merge.get("base") else "")
+            + f" ({_family_name(family)}), made with gemma_hf {_cell(run.run.get('gemma_hf_version') or '?')}; "
+            + (f"evaluated beside its inputs on the held-out records of {distinct} dataset(s). " if distinct else "")
+            + "The facts and numbers below were read from the run directory."
+        )
+    else:
+        summary = (
+            f"`{_cell(base)}` ({_family_name(family)}) after {what}, trained with gemma_hf "
+            f"{_cell(run.run.get('gemma_hf_version') or '?')} on {distinct} dataset(s). The facts and numbers below "
+            "were read from the run directory."
+        )
     card = ModelCard.from_template(
         card_data(run, title),
         template_path=str(template),
@@ -713,7 +723,8 @@ def render_card(
         repo_id=repo_id or "path/to/this/model",
         stock_model_type=GEMMA_FAMILIES[config.family].stock_model_type,
         datasets_table=_pipeline_datasets_table(run) if pipeline else _datasets_table(run.run["datasets"]),
-        hyperparameters_table=_pipeline_stages_table(run) if pipeline else _hyperparameters_table(run.recipe),
+        hyperparameters_table=(_pipeline_stages_table(run) if pipeline else _merge_table(merge) if merge is not None
+                               else _hyperparameters_table(run.recipe)),
         run_table=_run_table({**run.run, "started": _started(run)}),
         recipe_block=_fenced(run.recipe_text, "yaml"),
         metrics_table=_metrics_section(run.metrics),
@@ -726,6 +737,22 @@ def render_card(
         text += "\n"
     validate_card(text)
     return text
+
+
+def _merge_table(merge: dict) -> str:
+    """A merge's inputs (by identity) with their weights, and its settings (run.json's ``merge``)."""
+    models = merge.get("models") or []
+    weights = [m.get("weight") for m in models]
+    if merge.get("method") == "linear" and all(w is None for w in weights):
+        weights = [1 / len(models)] * len(models) if models else []
+    rows = [[_Raw(f"model {i}"), _Raw(_link(str(m.get("model")))), w] for i, (m, w) in enumerate(zip(models, weights))]
+    if merge.get("base"):
+        rows.insert(0, [_Raw("base"), _Raw(_link(str(merge["base"]))), "–"])
+    settings = ", ".join(f"{k} {merge[k]}" for k in ("eta", "dtype") if merge.get(k) is not None)
+    formula = {"linear": "θ = Σ w_i θ_i", "slerp": "θ = θ_base + SLERP of the task vectors θ_m − θ_base (WARP)",
+               "liti": "θ = (1 − η) θ_base + η θ_model"}.get(str(merge.get("method")), "")
+    return (f"Weight averaging, `{_cell(merge.get('method'))}`: {formula}" + (f" ({settings})" if settings else "")
+            + ". Details in `merge.json`.\n\n" + _table(["input", "model", "weight"], rows))
 
 
 def _method_of(run_dir) -> str | None:
