@@ -77,7 +77,8 @@ def policy_metrics(policy, init_model, tokenizer, prompts: list[list[dict]], fam
                    max_new_tokens: int = 64, temperature: float = 1.0, seed: int = 0, batch_size: int = 8,
                    columns: dict[str, list] | None = None, keep_samples: int = 3) -> dict[str, Any]:
     """Mean reward (total and per reward), KL to ``init_model`` per token, mean length and ended share,
-    on completions sampled from ``policy`` for held-out ``prompts``."""
+    on completions sampled from ``policy`` for held-out ``prompts`` (``init_model`` the very ``policy``
+    object: KL 0, not computed; the two log-prob passes cost about as much as the sampling)."""
     from gemma_hf.chat import stop_token_ids
 
     from .rewards import score
@@ -87,7 +88,9 @@ def policy_metrics(policy, init_model, tokenizer, prompts: list[list[dict]], fam
                                               temperature=temperature, seed=seed, batch_size=batch_size)
     kl_per_prompt = []  # (sum over the completion's tokens, tokens) per prompt
     for prompt_ids, completion in zip(encoded, completions):
-        if init_model is not None and completion:
+        if init_model is policy:  # KL of a policy to itself: exactly 0, without the two log-prob passes
+            kl_per_prompt.append((0.0, len(completion)))
+        elif init_model is not None and completion:
             kl_per_prompt.append((sequence_logprob(policy, prompt_ids, completion)
                                   - sequence_logprob(init_model, prompt_ids, completion), len(completion)))
         else:
