@@ -199,7 +199,8 @@ def test_pareto_intervals_are_paired_against_init():
     }
     out = paired_intervals(per_prompt, "init", num_resamples=500, seed=3)
     assert out == paired_intervals(per_prompt, "init", num_resamples=500, seed=3)
-    assert out["init"]["reward_gain"] == 0.0 and (out["init"]["reward_gain_ci_low"], out["init"]["reward_gain_ci_high"]) == (0.0, 0.0)
+    init_row = out["init"]
+    assert init_row["reward_gain"] == 0.0 and (init_row["reward_gain_ci_low"], init_row["reward_gain_ci_high"]) == (0, 0)
     better = out["better"]
     assert better["reward_gain"] == pytest.approx(0.25)
     assert (better["reward_gain_ci_low"], better["reward_gain_ci_high"]) == pytest.approx((0.25, 0.25))

@@ -129,11 +129,12 @@ def merge_coincident(points: list[Point], x_span: float, y_span: float,
 
 
 # Where a label may go, in points from its anchor (x, y, horizontal alignment), nearest first: the
-# first that overlaps no other label and no marker and stays inside the axes is taken; one away from
-# the first gets a leader line to its point.
+# first that overlaps nothing drawn and stays inside the axes is taken (else the least covering one).
+# The first four touch their point; a label moved farther gets a leader line to it.
 _LABEL_OFFSETS = [(5, 5, "left"), (5, -13, "left"), (-5, 5, "right"), (-5, -13, "right")] + [
     (dx, dy * step, ha) for step in (1, 2, 3, 4, 5) for dx, dy, ha in
     ((14, 14, "left"), (14, -18, "left"), (-14, 14, "right"), (-14, -18, "right"))]
+_TOUCHING = 4  # the first offsets of _LABEL_OFFSETS: no leader line
 
 
 def _place_labels(fig, ax, anchors: list[tuple[float, float, str]], points: list[Point]) -> list:
@@ -181,7 +182,7 @@ def _place_labels(fig, ax, anchors: list[tuple[float, float, str]], points: list
                 break
         _, rank, box = best
         dx, dy, ha = _LABEL_OFFSETS[rank]
-        leader = dict(arrowstyle="-", color="0.45", linewidth=0.6, shrinkA=1, shrinkB=3) if rank >= 4 else None
+        leader = dict(arrowstyle="-", color="0.45", linewidth=0.6, shrinkA=1, shrinkB=3) if rank >= _TOUCHING else None
         placed.append((text, ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=8,
                                          arrowprops=leader), box))
         taken.append(box)
@@ -210,7 +211,8 @@ def plot_points(groups: dict[str, list[Point]], path: Path, title: str, xlabel: 
                     [max(0.0, i[1] - v) if i else 0.0 for v, i in zip(values, intervals)]]
 
         xs, ys = [p.x for p in points], [p.y for p in points]
-        ax.errorbar(xs, ys, xerr=bars(xs, [p.x_interval for p in points]), yerr=bars(ys, [p.y_interval for p in points]),
+        ax.errorbar(xs, ys, xerr=bars(xs, [p.x_interval for p in points]),
+                    yerr=bars(ys, [p.y_interval for p in points]),
                     fmt=marker, linestyle="-" if group.startswith("LITI") else "none", label=group, capsize=3,
                     elinewidth=0.8, markersize=6, alpha=0.9)
     ax.set_xlabel(xlabel)
