@@ -84,13 +84,8 @@ def run_pipeline_demo(output_dir: str | None) -> int:
         results = RunDir(root / "stages" / stage.name).read_eval() or {}
         if stage.method == "eval":
             continue
-        for line in get_method(stage.method).summary(results):
+        for line in get_method(stage.method).summary(results):  # warp: its Pareto points, with intervals
             print(f"  {line}")
-        if stage.method == "warp" and results.get("pareto"):
-            for point in results["pareto"]:
-                reward, kl = point.get("reward"), point.get("kl_to_init")
-                print(f"  pareto {point.get('point', '?'):<10} reward {'-' if reward is None else f'{reward:+.4f}'}  "
-                      f"KL to init {'-' if kl is None else f'{kl:.4f}'}")
     evaluation = root / "stages" / "eval" / "evaluation.md"
     if evaluation.is_file():
         print("\nEvaluation of the final (WARP) model against the SFT model (held-out Alpaca instructions, greedy, "

@@ -79,6 +79,32 @@ def test_bootstrap_interval_is_seeded_reproducible_and_contains_the_estimate():
         bootstrap_interval([])
 
 
+def test_bootstrap_draws_are_shared_and_weights_give_a_ratio():
+    """The draws depend on (prompts, resamples, seed) only: intervals of scores on the same prompts are
+    paired. Weights: the weighted mean sum(w x) / sum(w); a weight 0 leaves a prompt out (NaN allowed)."""
+    rng = random.Random(1)
+    a = [rng.gauss(0, 3) for _ in range(24)]
+    b = [x + 0.5 for x in a]  # b beats a by 0.5 on every prompt, hidden in a spread of 3
+    low_a, high_a = bootstrap_interval(a, seed=7)
+    low_b, high_b = bootstrap_interval(b, seed=7)
+    assert (low_b - low_a, high_b - high_a) == pytest.approx((0.5, 0.5))  # the same draws, shifted
+    assert bootstrap_interval([y - x for x, y in zip(a, b)], seed=7) == pytest.approx((0.5, 0.5))
+    assert low_b < high_a  # the unpaired intervals overlap: only the paired difference separates them
+    ones = bootstrap_interval(a, seed=7, weights=[1.0] * len(a))
+    assert ones == pytest.approx((low_a, high_a))
+    # A per-token mean over prompts of different lengths: sums / tokens, a ratio per draw.
+    tokens = [rng.randint(1, 9) for _ in a]
+    low, high = bootstrap_interval(a, seed=7, weights=tokens)
+    estimate = sum(x * w for x, w in zip(a, tokens)) / sum(tokens)
+    assert low < estimate < high
+    assert bootstrap_interval([*a, float("nan")], seed=7, weights=[*tokens, 0]) != (low, high)  # 25 prompts
+    assert bootstrap_interval([2.0, float("nan"), 2.0], weights=[1, 0, 1]) == (2.0, 2.0)
+    with pytest.raises(ValueError):
+        bootstrap_interval([1.0, 2.0], weights=[0, 0])
+    with pytest.raises(ValueError):
+        bootstrap_interval([1.0, 2.0], weights=[1.0])
+
+
 def test_win_rate_splits_ties_evenly_and_reports_shares():
     outcomes = ["win"] * 5 + ["tie"] * 3 + ["loss"] * 2
     result = win_rate(outcomes, seed=0)

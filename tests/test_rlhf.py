@@ -147,11 +147,31 @@ def test_warp_merges_its_runs_and_keeps_every_stage(policy_dir, tmp_path):
     assert points["liti-1"]["reward"] == points["slerp"]["reward"]
     assert points["liti-1"]["kl_to_init"] == points["slerp"]["kl_to_init"]
     assert (out / "plots" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Every point has 95% intervals (one bootstrap over the 8 held-out prompts) around its estimates,
+    # and its reward gain over init, paired prompt by prompt.
+    assert results["pareto_intervals"]["num_prompts"] == 8 and results["pareto_intervals"]["confidence"] == 0.95
+    for name, row in points.items():
+        for key in ("reward", "kl_to_init", "reward_gain"):
+            assert row[f"{key}_ci_low"] - 1e-9 <= row[key] <= row[f"{key}_ci_high"] + 1e-9, (name, key, row)
+            assert results[f"{key}_{name}_ci_low"] == row[f"{key}_ci_low"]
+        assert row["reward_gain"] == pytest.approx(row["reward"] - points["init"]["reward"], abs=1e-9)
+    init_row = points["init"]
+    assert (init_row["reward_gain_ci_low"], init_row["reward_gain_ci_high"]) == (0.0, 0.0)
+    assert (init_row["kl_to_init_ci_low"], init_row["kl_to_init_ci_high"]) == (0.0, 0.0)
+    assert {k: v for k, v in points["liti-1"].items() if k not in ("point", "group")} == \
+        {k: v for k, v in points["slerp"].items() if k not in ("point", "group")}
+    from gemma_hf.recipes.warp import METHOD as WARP
+
+    lines = WARP.summary(results)
+    print("\n".join(lines))
+    assert len(lines) == 7 and all(line.count("[") >= 2 for line in lines)
     run = json.loads((out / "run.json").read_text())
     assert run["method"] == "warp" and [s["stage"] for s in run["stages"]] == [
         "iter-0/run-0", "iter-0/run-1", "iter-0/slerp", "iter-0/liti"]
     card = (out / "README.md").read_text()
     assert "pareto" in card and "WARP" in card
+    slerp_row = next(line for line in card.splitlines() if line.startswith("| slerp |"))
+    assert f"{points['slerp']['reward']:.6g} [{points['slerp']['reward_ci_low']:.6g}, " in slerp_row
     # The runs train with their own seeds but hold out the WARP recipe's records (split_seed), and
     # leave the init's evaluation to the Pareto view.
     import yaml
@@ -160,6 +180,60 @@ def test_warp_merges_its_runs_and_keeps_every_stage(policy_dir, tmp_path):
     for m in (0, 1):
         sub = yaml.safe_load((stages / f"run-{m}" / "recipe.yaml").read_text())
         assert sub["seed"] == warp_seed + m and sub["split_seed"] == warp_seed and sub["eval_before_training"] is False
+
+
+def test_pareto_intervals_are_paired_against_init():
+    """One bootstrap over prompts for every point: a point that beats init by 0.25 on every prompt has
+    a gain of exactly [0.25, 0.25] although its reward interval overlaps init's; KL is per token."""
+    import random
+
+    from gemma_hf.rl.metrics import paired_intervals
+
+    rng = random.Random(0)
+    init = [rng.uniform(0, 3) for _ in range(16)]
+    tokens = [rng.randint(1, 20) for _ in init]
+    per_prompt = {
+        "init": {"reward": init, "kl_sum": [0.0] * 16, "kl_tokens": tokens},
+        "better": {"reward": [r + 0.25 for r in init], "kl_sum": [0.1 * n for n in tokens], "kl_tokens": tokens},
+        "noisy": {"reward": [float("nan"), *init[1:]], "kl_sum": [0.0] * 16, "kl_tokens": [0] * 16},
+    }
+    out = paired_intervals(per_prompt, "init", num_resamples=500, seed=3)
+    assert out == paired_intervals(per_prompt, "init", num_resamples=500, seed=3)
+    init_row = out["init"]
+    assert init_row["reward_gain"] == 0.0 and (init_row["reward_gain_ci_low"], init_row["reward_gain_ci_high"]) == (0, 0)
+    better = out["better"]
+    assert better["reward_gain"] == pytest.approx(0.25)
+    assert (better["reward_gain_ci_low"], better["reward_gain_ci_high"]) == pytest.approx((0.25, 0.25))
+    assert better["reward_ci_low"] < out["init"]["reward_ci_high"]  # unpaired, they overlap
+    assert (better["kl_to_init_ci_low"], better["kl_to_init_ci_high"]) == pytest.approx((0.1, 0.1))
+    # A NaN reward is left out (as the mean leaves it out), of the gain too; no token sampled: no KL interval.
+    noisy = out["noisy"]
+    assert noisy["reward_gain"] == 0.0 and noisy["reward_ci_low"] <= sum(init[1:]) / 15 <= noisy["reward_ci_high"]
+    assert noisy["kl_to_init_ci_low"] is None
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_intervals({**per_prompt, "short": {"reward": init[:8]}}, "init")
+
+
+def test_pareto_plot_merges_coincident_labels_and_keeps_labels_apart(tmp_path):
+    from gemma_hf.recipes.plots import Point, merge_coincident, plot_points
+
+    merged = merge_coincident([Point(0.07, 2.14, "slerp"), Point(0.07, 2.14, "η=1"), Point(0.0701, 2.141, "run-1"),
+                               Point(0.0, 2.33, "init"), Point(0.0, 2.33)], x_span=0.1, y_span=1.0)
+    assert [text for _, _, text in merged] == ["slerp = η=1 ≈ run-1", "init"]
+    # WARP's points as the README measured them: η = 1 is the SLERP merge; η=0.5 sits near init.
+    bars = (0.1, 0.1)
+    groups = {"init": [Point(0.0, 2.33, "init", (0.0, 0.0), (2.1, 2.6))],
+              "RL runs": [Point(0.023, 2.63, "run-0", bars, (2.4, 2.9)), Point(0.062, 2.17, "run-1", bars, (1.9, 2.4))],
+              "SLERP merge": [Point(0.068, 2.14, "slerp")],
+              "LITI": [Point(0.002, 2.34, "η=0.3"), Point(0.014, 2.33, "η=0.5"), Point(0.068, 2.14, "η=1")]}
+    placed = plot_points(groups, tmp_path / "pareto.png", "title", "KL", "reward")
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    texts = [text for text, _ in placed]
+    assert sorted(texts) == sorted(["init", "run-0", "run-1", "slerp = η=1", "η=0.3", "η=0.5"])
+    boxes = [box for _, box in placed]
+    for i, a in enumerate(boxes):
+        for b in boxes[:i]:
+            assert min(a[2], b[2]) <= max(a[0], b[0]) or min(a[3], b[3]) <= max(a[1], b[1]), (a, b)
 
 
 @pytest.mark.faults

@@ -9,7 +9,12 @@ its 95% confidence interval and the shares of wins / ties / losses::
 The interval is a percentile bootstrap over prompts: ``num_resamples`` (1000) times, draw as many
 prompts as there are, with replacement, from a NumPy generator seeded with ``seed``, and take the
 mean score of each draw; the interval is the (1 - confidence)/2 and (1 + confidence)/2 quantiles of
-those means (NumPy's default, linear interpolation). Same scores + same seed = same interval.
+those means (NumPy's default, linear interpolation). Same scores + same seed = same interval. The
+prompts drawn depend only on (number of prompts, ``num_resamples``, ``seed``): intervals of several
+models' scores on the same prompts, with the same seed, come from the same draws -- they are
+paired, and the interval of per-prompt differences is that of the difference of the means.
+With ``weights`` (one per prompt) each draw's statistic is the weighted mean instead, sum(w x) /
+sum(w): a ratio such as a per-token mean over prompts of different lengths (tokens as weights).
 
 Two verdicts on one prompt (the judge asked in both orders) combine by summing their points
 (model preferred 1, tie 0.5, baseline preferred 0): above 1 is a win, 1 a tie, below 1 a loss. So
@@ -51,8 +56,12 @@ def combine_preferences(first: str, second: str) -> str:
 
 
 def bootstrap_interval(scores: Sequence[float], num_resamples: int = 1000, confidence: float = 0.95,
-                       seed: int = 0) -> tuple[float, float]:
-    """Percentile-bootstrap interval of the mean of ``scores`` (one score per prompt), seeded."""
+                       seed: int = 0, weights: Sequence[float] | None = None) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of ``scores`` (one score per prompt), seeded.
+
+    ``weights`` (one per prompt, >= 0): the interval of the weighted mean sum(w x) / sum(w) instead; a
+    draw whose weights sum to 0 has no mean and is left out of the quantiles (a prompt of weight 0 may
+    hold any score, NaN included)."""
     values = np.asarray(scores, dtype=np.float64)
     if values.ndim != 1 or values.size == 0:
         raise ValueError("bootstrap_interval needs a non-empty list of scores")
@@ -60,6 +69,11 @@ def bootstrap_interval(scores: Sequence[float], num_resamples: int = 1000, confi
         raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
     if num_resamples < 1:
         raise ValueError(f"num_resamples must be at least 1, got {num_resamples}")
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != values.shape or not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
+            raise ValueError("bootstrap_interval needs one finite weight >= 0 per score, not all 0")
+        values = np.where(w > 0, values, 0.0) * w
     rng = np.random.default_rng(seed)
     means = np.empty(num_resamples, dtype=np.float64)
     # Draw in blocks of about 2**22 indices, so a large evaluation does not build one huge matrix.
@@ -67,9 +81,15 @@ def bootstrap_interval(scores: Sequence[float], num_resamples: int = 1000, confi
     for start in range(0, num_resamples, block):
         count = min(block, num_resamples - start)
         picks = rng.integers(0, values.size, size=(count, values.size))
-        means[start:start + count] = values[picks].mean(axis=1)
+        if weights is None:
+            means[start:start + count] = values[picks].mean(axis=1)
+        else:
+            totals = w[picks].sum(axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                means[start:start + count] = np.where(totals > 0, values[picks].sum(axis=1) / totals, np.nan)
     alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    low, high = np.nanquantile(means, [alpha, 1.0 - alpha]) if weights is not None else \
+        np.quantile(means, [alpha, 1.0 - alpha])
     return float(low), float(high)
 
 

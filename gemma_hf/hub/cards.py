@@ -120,6 +120,35 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+# An estimate X with its interval is recorded as X, X_ci_low and X_ci_high (eval.json of eval and warp).
+INTERVAL_SUFFIXES = ("_ci_low", "_ci_high")
+
+
+def _is_interval_key(key: str, mapping: dict) -> bool:
+    """``key`` is the bound of an interval whose estimate ``mapping`` also holds."""
+    return key.endswith(INTERVAL_SUFFIXES) and key.rsplit("_ci_", 1)[0] in mapping
+
+
+def _with_intervals(mapping: dict) -> dict:
+    """X, X_ci_low, X_ci_high as one entry X: ``value [low, high]`` (cells of the card's tables)."""
+    out = {}
+    for key, value in mapping.items():
+        if _is_interval_key(key, mapping):
+            continue
+        low, high = mapping.get(f"{key}_ci_low"), mapping.get(f"{key}_ci_high")
+        if _is_number(value) and _is_number(low) and _is_number(high):
+            value = f"{_cell(value)} [{_cell(low)}, {_cell(high)}]"
+        out[key] = value
+    return out
+
+
+def _is_row_table(value) -> bool:
+    """A list of flat records (e.g. warp's ``pareto``): shown as one table, a row per record."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(row, dict) and row and all(v is None or isinstance(v, (str, int, float, bool)) for v in row.values())
+        for row in value)
+
+
 def read_run(run_dir: str | os.PathLike) -> CardInputs:
     """Read and check everything the card needs from a run directory (CardError names what is wrong)."""
     rundir = RunDir(run_dir)
@@ -435,8 +464,11 @@ def _evaluation_section(evaluation: dict | None) -> str:
         )
     numbers = {k: v for k, v in evaluation.items() if v is None or _is_number(v)}
     samples = {k: v for k, v in evaluation.items() if isinstance(v, list) and v and all(_is_sample(i) for i in v)}
-    other = {k: v for k, v in evaluation.items() if k not in numbers and k not in samples}
-    parts = ["From `eval.json` (held-out results of the model before and after training):"]
+    tables = {k: v for k, v in evaluation.items() if k not in samples and _is_row_table(v)}
+    other = {k: v for k, v in evaluation.items() if k not in numbers and k not in samples and k not in tables}
+    numbers = _with_intervals(numbers)  # value [low, high] in one cell
+    parts = ["From `eval.json` (held-out results of the model before and after training; `value [low, high]`: an "
+             "estimate and its interval):"]
     paired = {}
     for key in numbers:
         for when in ("before", "after"):
@@ -449,6 +481,11 @@ def _evaluation_section(evaluation: dict | None) -> str:
     single = {k: v for k, v in numbers.items() if not any(k in keys.values() for keys in paired.values())}
     if single:
         parts.append(_table(["result", "value"], [[_Raw(f"`{_cell(k)}`"), v] for k, v in single.items()]))
+    for key, rows in tables.items():
+        rows = [_with_intervals(row) for row in rows]
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        parts.append(f"`{_cell(key)}`:\n\n" + _table([_cell(c) for c in columns],
+                                                     [[row.get(c) for c in columns] for row in rows]))
     for key, items in samples.items():
         parts.append(f"Generations recorded under `{_cell(key)}`:")
         for item in items:
@@ -635,7 +672,8 @@ def _eval_entries(evaluation: dict, datasets: list, task: str, prefix: str = "")
         if not key.startswith(prefix):
             continue
         name = key[len(prefix):]
-        if not _is_number(value) or not math.isfinite(value) or name.endswith("_before") or "num_" in name:
+        if not _is_number(value) or not math.isfinite(value) or name.endswith("_before") or "num_" in name \
+                or _is_interval_key(key, evaluation):
             continue
         name = key[: -len("_after")] if key.endswith("_after") else key
         out.append(EvalResult(task_type=task, dataset_type=dataset_type, dataset_name=dataset_name,

@@ -17,6 +17,13 @@ atomically (skipped when present). A kill at any instant and a re-run (with --re
 the job without redoing a finished stage. The held-out Pareto view of the last iteration -- (KL to
 θ_init, reward) of the M runs, their SLERP merge and each LITI point -- goes to eval.json, to
 plots/pareto.png and to the card.
+
+Every Pareto point is measured on the same ``eval_max_prompts`` held-out prompts and comes with
+95% intervals of its reward and its KL to θ_init, and with its reward gain over θ_init (its reward
+minus θ_init's, prompt by prompt) and that gain's interval: one percentile bootstrap over the
+prompts (``bootstrap_resamples`` draws, seeded by ``seed``), the same draws for every point, so the
+gains are paired (gemma_hf.rl.metrics.paired_intervals). A gain whose interval excludes 0 is one
+the prompts can tell apart from θ_init.
 """
 
 from __future__ import annotations
@@ -35,21 +42,22 @@ from gemma_hf.faults import fault_point
 from gemma_hf.io import atomic_directory, sha256_file
 from gemma_hf.merging import liti, slerp_merge
 from gemma_hf.references import identity
-from gemma_hf.rl.metrics import policy_metrics
+from gemma_hf.rl.metrics import paired_intervals, policy_metrics
 from gemma_hf.rundir import STAGES, RunDir, read_metrics, weight_files, write_json, write_metrics, write_text
 
 from .config import load_recipe
 from .data import held_out_seed
 from .distributed import on_main_process
 from .engine import run_recipe, write_marker
-from .plots import plot_points
+from .plots import Point, plot_points
 from .publish import copy_model, finish, open_staging, record
 from .rlhf import RLHF, RLHFArguments, evaluation_prompts
 from .runtime import (Run, RunResult, build_model, load_model, load_tokenizer, prepare_splits, read_mixture,
                       set_generation_stops)
 from .schema import plain, shareable
 
-WARP_KEYS = ("warp_runs", "warp_seeds", "warp_iterations", "warp_etas", "warp_eta", "warp_eval")
+WARP_KEYS = ("warp_runs", "warp_seeds", "warp_iterations", "warp_etas", "warp_eta", "warp_eval", "bootstrap_resamples")
+CONFIDENCE = 0.95  # of the Pareto view's intervals
 
 
 @dataclass
@@ -65,6 +73,9 @@ class WarpArguments(RLHFArguments):
         default=0.5, metadata={"help": "The eta whose LITI point becomes the next init (and the final model)."})
     warp_eval: bool = field(
         default=True, metadata={"help": "Measure the held-out Pareto view (KL to init, reward) of the last iteration."})
+    bootstrap_resamples: int = field(
+        default=1000, metadata={"help": "Bootstrap resamples (over the held-out prompts, seeded by seed) of the Pareto "
+                                        "view's 95% intervals."})
 
 
 class Warp(RLHF):
@@ -90,6 +101,7 @@ class Warp(RLHF):
         if not args.warp_etas or not all(0 <= e <= 1 for e in args.warp_etas):
             c.error("warp_etas", f"{args.warp_etas} must be a non-empty list of numbers in [0, 1]", "e.g. [0.3, 0.5, 1.0]")
         c.in_range("warp_eta", args.warp_eta, 0 <= args.warp_eta <= 1, "a number in [0, 1]")
+        c.in_range("bootstrap_resamples", args.bootstrap_resamples, args.bootstrap_resamples >= 100, "100 or more")
         if args.ema_anchor is None:
             c.error("ema_anchor", "missing: WARP's KL anchor is an EMA of the policy", "set ema_anchor, e.g. 0.01")
         if t.max_steps is None or t.max_steps < 1:
@@ -202,7 +214,8 @@ class Warp(RLHF):
         return {"stage": name, "seconds": round(time.time() - started, 1)}
 
     def _pareto(self, recipe, rundir, init: Path, runs: list[Path], merged: Path, points: dict[float, Path]):
-        """Held-out (KL to init, reward) of the last iteration's runs, merge and LITI points."""
+        """Held-out (KL to init, reward) of the last iteration's runs, merge and LITI points, with their
+        intervals (one bootstrap over the prompts, the same draws for every point)."""
         run = Run(recipe, self, rundir, PartialState())
         run.tokenizer = load_tokenizer(recipe)
         mixture = read_mixture(recipe, self)
@@ -217,6 +230,7 @@ class Warp(RLHF):
                       ("slerp", merged, "SLERP merge"),
                       *[(f"liti-{eta:g}", path, "LITI") for eta, path in sorted(points.items())]]
         table = []
+        per_prompt: dict[str, dict] = {}
         measured: dict[str, dict] = {}  # weights' digest -> numbers: LITI at eta = 1 is the SLERP merge, byte for byte
         for label, path, group in candidates:
             digest = _weights_digest(path)
@@ -229,17 +243,28 @@ class Warp(RLHF):
                                          seed=recipe.training.seed, batch_size=recipe.training.per_device_eval_batch_size,
                                          columns=columns)
                 measured[digest] = numbers
-            table.append({"point": label, "group": group, **{k: v for k, v in numbers.items() if not k.startswith("_")}})
-            print(f"  pareto {label}: reward {numbers.get('reward')}, KL to init {numbers.get('kl_to_init'):.4f}",
-                  flush=True)
-        groups: dict[str, list] = {}
+            # Every point so far, bootstrapped again: the draws depend on the prompts' count and the seed
+            # only, so a point's intervals do not depend on the points measured after it.
+            per_prompt[label] = numbers["_per_prompt"]
+            intervals = paired_intervals(per_prompt, "init", num_resamples=args.bootstrap_resamples,
+                                         confidence=CONFIDENCE, seed=recipe.training.seed)[label]
+            row = {"point": label, "group": group, **{k: v for k, v in numbers.items() if not k.startswith("_")},
+                   **intervals}
+            table.append(row)
+            print(f"  pareto {_point_line(row)}", flush=True)
+        results = {"pareto": table, "pareto_intervals": {
+            "confidence": CONFIDENCE, "method": "percentile bootstrap over prompts, the same draws for every point",
+            "num_prompts": len(prompts), "num_resamples": args.bootstrap_resamples, "seed": recipe.training.seed,
+            "reward_gain": "reward minus init's reward, paired prompt by prompt"}}
         for row in table:
-            groups.setdefault(row["group"], []).append((row["kl_to_init"], row["reward"] or 0.0,
-                                                        row["point"].replace("liti-", "η=")))
-        results = {"pareto": table}
+            for name in ("reward", "kl_to_init", "reward_gain"):
+                for suffix in ("", "_ci_low", "_ci_high"):
+                    results[f"{name}_{row['point']}{suffix}"] = row.get(f"{name}{suffix}")
+        groups: dict[str, list[Point]] = {}
         for row in table:
-            results[f"reward_{row['point']}"] = row.get("reward")
-            results[f"kl_to_init_{row['point']}"] = row.get("kl_to_init")
+            groups.setdefault(row["group"], []).append(Point(
+                row["kl_to_init"], row["reward"] or 0.0, row["point"].replace("liti-", "η="),
+                x_interval=_interval(row, "kl_to_init"), y_interval=_interval(row, "reward")))
         return results, {"pareto.png": (plot_points, groups)}
 
     def _publish(self, recipe, rundir, final: Path, stages, results, plots, started, start, runs):
@@ -252,8 +277,10 @@ class Warp(RLHF):
             metrics += [{**row, "stage": name} for row in read_metrics(RunDir(path).metrics)]
         write_metrics(staged.metrics, metrics)
         for name, (plot, groups) in plots.items():
-            plot(groups, staged.plots / name, "WARP, last iteration: held-out reward vs KL to its init",
-                 "KL to init per token", "mean reward")
+            note = results.get("pareto_intervals", {})
+            plot(groups, staged.plots / name, "WARP, last iteration: held-out reward vs KL to its init\n"
+                 f"(bars: {note.get('confidence', CONFIDENCE):.0%} intervals, bootstrap over "
+                 f"{note.get('num_prompts', '?')} prompts)", "KL to init per token", "mean reward")
         if results:
             write_json(staged.eval_json, results)
         first = RunDir(runs[0]).read_run() if RunDir(runs[0]).is_finished() else {}
@@ -275,9 +302,34 @@ class Warp(RLHF):
         return RunResult(rundir.path, recipe.method, results, time.time() - start, run_info["global_step"])
 
     def summary(self, results: dict) -> list[str]:
-        rows = results.get("pareto") or []
-        return [f"{r['point']:>10}: reward {r.get('reward') if r.get('reward') is None else round(r['reward'], 4)}, "
-                f"KL to init {r.get('kl_to_init', 0):.4f}, length {r.get('length', 0):.1f}" for r in rows]
+        return [_point_line(r) for r in results.get("pareto") or []]
+
+
+def _interval(row: dict, name: str) -> tuple[float, float] | None:
+    low, high = row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")
+    return None if low is None or high is None else (low, high)
+
+
+def _with_interval(row: dict, name: str, digits: int, sign: str = "") -> str:
+    """``value [low, high]`` of a Pareto row's ``name`` ("-" when it was not measured)."""
+    value = row.get(name)
+    if value is None:
+        return "-"
+    interval = _interval(row, name)
+    text = f"{value:{sign}.{digits}f}"
+    return text if interval is None else f"{text} [{interval[0]:{sign}.{digits}f}, {interval[1]:{sign}.{digits}f}]"
+
+
+def _point_line(row: dict) -> str:
+    """One Pareto point, as the console and the summary print it: each number with its interval."""
+    line = (f"{row['point']:>10}: reward {_with_interval(row, 'reward', 4)}, "
+            f"KL to init {_with_interval(row, 'kl_to_init', 4)}, length {row.get('length', 0):.1f}")
+    if row["point"] != "init" and row.get("reward_gain") is not None:
+        interval = _interval(row, "reward_gain")
+        apart = "" if interval is None else " (apart from init)" if interval[0] > 0 or interval[1] < 0 else \
+            " (not apart from init)"
+        line += f", gain over init {_with_interval(row, 'reward_gain', 4, '+')}{apart}"
+    return line
 
 
 def _stage_numbers(run_dir: Path) -> dict:

@@ -5,6 +5,12 @@ KL(π || π_init) per token is estimated as the mean over sampled completion tok
 ``log π(y_t | y_<t, x) - log π_init(y_t | y_<t, x)`` with y ~ π (temperature 1 unless told): an
 unbiased Monte-Carlo estimate of the sequence KL divided by the number of tokens. Log-probs come
 from the models' own chunked loss (never the [T, V] logits), exactly as they score any sequence.
+
+The per-prompt values behind those means stay in the result (``_per_prompt``), so that
+:func:`paired_intervals` can give several policies measured on the same prompts their 95% intervals
+by one percentile bootstrap over prompts (gemma_hf.evaluation.winrate.bootstrap_interval): the
+same resampled prompts for every policy, so that the difference of a policy's reward to a
+reference's is paired, prompt by prompt.
 """
 
 from __future__ import annotations
@@ -71,7 +77,8 @@ def policy_metrics(policy, init_model, tokenizer, prompts: list[list[dict]], fam
                    max_new_tokens: int = 64, temperature: float = 1.0, seed: int = 0, batch_size: int = 8,
                    columns: dict[str, list] | None = None, keep_samples: int = 3) -> dict[str, Any]:
     """Mean reward (total and per reward), KL to ``init_model`` per token, mean length and ended share,
-    on completions sampled from ``policy`` for held-out ``prompts``."""
+    on completions sampled from ``policy`` for held-out ``prompts`` (``init_model`` the very ``policy``
+    object: KL 0, not computed; the two log-prob passes cost about as much as the sampling)."""
     from gemma_hf.chat import stop_token_ids
 
     from .rewards import score
@@ -79,12 +86,16 @@ def policy_metrics(policy, init_model, tokenizer, prompts: list[list[dict]], fam
     stops = set(stop_token_ids(tokenizer))
     encoded, completions = sample_completions(policy, tokenizer, prompts, family, max_new_tokens=max_new_tokens,
                                               temperature=temperature, seed=seed, batch_size=batch_size)
-    kl_tokens = kl_sum = 0.0
+    kl_per_prompt = []  # (sum over the completion's tokens, tokens) per prompt
     for prompt_ids, completion in zip(encoded, completions):
-        if init_model is not None and completion:
-            kl_sum += sequence_logprob(policy, prompt_ids, completion) - sequence_logprob(init_model, prompt_ids,
-                                                                                           completion)
-            kl_tokens += len(completion)
+        if init_model is policy:  # KL of a policy to itself: exactly 0, without the two log-prob passes
+            kl_per_prompt.append((0.0, len(completion)))
+        elif init_model is not None and completion:
+            kl_per_prompt.append((sequence_logprob(policy, prompt_ids, completion)
+                                  - sequence_logprob(init_model, prompt_ids, completion), len(completion)))
+        else:
+            kl_per_prompt.append((0.0, 0))
+    kl_sum, kl_tokens = sum(k for k, _ in kl_per_prompt), sum(n for _, n in kl_per_prompt)
     ended = [bool(c) and c[-1] in stops for c in completions]
     texts = [tokenizer.decode([t for t in c if t not in stops], skip_special_tokens=True).strip() for c in completions]
     out: dict[str, Any] = {
@@ -92,16 +103,68 @@ def policy_metrics(policy, init_model, tokenizer, prompts: list[list[dict]], fam
         "length": sum(map(len, completions)) / max(1, len(completions)),
         "ended_turn": sum(ended) / max(1, len(ended)),
     }
+    per_prompt: dict[str, list] = {}
     if init_model is not None:
         out["kl_to_init"] = kl_sum / kl_tokens if kl_tokens else 0.0
+        per_prompt["kl_sum"] = [k for k, _ in kl_per_prompt]
+        per_prompt["kl_tokens"] = [n for _, n in kl_per_prompt]
     if rewards is not None:
         funcs, classes, weights, names = rewards
         scored = score(funcs, classes, weights, prompts, texts, completions, columns)
         out["reward"] = _mean(scored["total"])
+        per_prompt["reward"] = [float(v) for v in scored["total"]]
         for name, values in zip(names, scored["per_function"]):
             out[f"reward_{name}"] = _mean(values)
+    out["_per_prompt"] = per_prompt
     out["_samples"] = [{"prompt": p[-1]["content"], "completion": t, "ended_turn": e}
                        for p, t, e in list(zip(prompts, texts, ended))[:keep_samples]]
+    return out
+
+
+def paired_intervals(per_prompt: dict[str, dict[str, list]], reference: str, *, num_resamples: int = 1000,
+                     confidence: float = 0.95, seed: int = 0) -> dict[str, dict[str, float | None]]:
+    """Intervals of policies measured on the same prompts (``policy_metrics``' ``_per_prompt``, by name),
+    by one percentile bootstrap over prompts: every interval comes from the same resampled prompts.
+
+    Per name: ``reward_ci_low``/``_ci_high`` (the mean reward's interval; a prompt whose reward is NaN
+    is left out, as the mean leaves it out), ``kl_to_init_ci_low``/``_ci_high`` (the per-token KL, a
+    ratio: the prompts' KL sums over their token counts) and, against the policy ``reference``,
+    ``reward_gain`` (its reward minus the reference's) with ``reward_gain_ci_low``/``_ci_high``: the
+    interval of the per-prompt differences, so paired -- it excludes 0 when the prompts separate the
+    two policies. A value that cannot be computed (no reward, no token sampled) is None."""
+    from gemma_hf.evaluation.winrate import bootstrap_interval
+
+    sizes = {len(values) for numbers in per_prompt.values() for values in numbers.values()}
+    if len(sizes) > 1:
+        raise ValueError(f"paired intervals need every policy measured on the same prompts; got sizes {sorted(sizes)}")
+    if reference not in per_prompt:
+        raise ValueError(f"the reference {reference!r} is not among the policies {sorted(per_prompt)}")
+
+    def interval(values, weights=None) -> tuple[float | None, float | None]:
+        if values is None or not values or (weights is not None and not sum(weights) > 0):
+            return None, None
+        return bootstrap_interval(values, num_resamples, confidence, seed, weights=weights)
+
+    def finite(values) -> list[float]:
+        return [0.0 if math.isnan(v) else 1.0 for v in values]
+
+    base = per_prompt[reference].get("reward")
+    out: dict[str, dict[str, float | None]] = {}
+    for name, numbers in per_prompt.items():
+        row: dict[str, float | None] = {}
+        reward = numbers.get("reward")
+        if reward is not None:
+            row["reward_ci_low"], row["reward_ci_high"] = interval(reward, finite(reward))
+        if "kl_sum" in numbers:
+            kl = [s / n if n else 0.0 for s, n in zip(numbers["kl_sum"], numbers["kl_tokens"])]
+            row["kl_to_init_ci_low"], row["kl_to_init_ci_high"] = interval(kl, [float(n) for n in numbers["kl_tokens"]])
+        if reward is not None and base is not None:
+            both = [a * b for a, b in zip(finite(reward), finite(base))]
+            gains = [r - b for r, b in zip(reward, base)]
+            kept = [g for g, w in zip(gains, both) if w]
+            row["reward_gain"] = sum(kept) / len(kept) if kept else None
+            row["reward_gain_ci_low"], row["reward_gain_ci_high"] = interval(gains, both)
+        out[name] = row
     return out
 
 
@@ -110,4 +173,4 @@ def _mean(values: list[float]) -> float | None:
     return sum(finite) / len(finite) if finite else None
 
 
-__all__ = ["policy_metrics", "sample_completions", "sequence_logprob"]
+__all__ = ["policy_metrics", "paired_intervals", "sample_completions", "sequence_logprob"]
