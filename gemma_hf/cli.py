@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("GEMMA_HF_DEBUG", "") not in ("", "0")
     setup_logging(logging.DEBUG if args.log_verbose else logging.WARNING if args.log_quiet else logging.INFO)
+    if not sys.stderr.isatty():
+        plain_progress()
     try:
         # Each subparser sets `func` (args -> exit code) via set_defaults.
         return int(args.func(args) or 0)
@@ -90,6 +92,24 @@ def setup_logging(level: int) -> None:
         handler = _Stderr()
         handler.setFormatter(_Format())
         logger.addHandler(handler)
+
+
+def plain_progress() -> None:
+    """Output that is not a terminal (a pipe, CI's log, a pipeline stage's log) gets no carriage-return bars
+    from the libraries: gemma_hf.progress prints plain lines for our own long steps, and the Trainer
+    prints its logged numbers instead of a bar (recipes.config sets disable_tqdm then). Library behaviour
+    relied on: datasets and huggingface_hub read these variables when first imported, transformers takes
+    huggingface_hub's setting at import; for a library already imported its switch is called."""
+    import os
+
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 class _Format(logging.Formatter):

@@ -27,6 +27,7 @@ import dataclasses
 import enum
 import math
 import os
+import sys
 import re
 from pathlib import Path
 from typing import Any
@@ -380,6 +381,10 @@ def load_recipe(
     config_fields = {f.name for f in dataclasses.fields(spec.config_class())}
     if spec.trains:  # the Trainer's own output_dir holds the checkpoints; the run directory is ours
         group_values["training"]["output_dir"] = str(output_dir / "checkpoints")
+    if "disable_tqdm" in config_fields and "disable_tqdm" not in typed and not sys.stderr.isatty():
+        # Not a terminal (a pipe, CI, a pipeline stage's log): the Trainer prints its logged numbers as
+        # lines (its PrinterCallback) instead of redrawing a bar with carriage returns.
+        group_values["training"]["disable_tqdm"] = True
     if "run_name" in config_fields and "run_name" not in typed:  # what trackers call the run (rundir.run_name_of)
         group_values["training"]["run_name"] = run_name_of(output_dir)
     for claimed in spec.claimed_keys & config_fields:

@@ -526,7 +526,8 @@ class Merge(Method):
         for name, path, weight in contenders:
             print(f"evaluating {name} ({identity(str(path)) if name != 'merged' else 'the merge'}) on {len(items)} "
                   "held-out records", flush=True)
-            numbers = self._pairwise(run, path, items) if reward else self._chat(run, path, items)
+            label = "the merge" if name == "merged" else identity(str(path))
+            numbers = self._pairwise(run, path, items) if reward else self._chat(run, path, items, label)
             rows.append({"name": name, "model": "merged" if name == "merged" else identity(str(path)),
                          **({"weight": weight} if weight is not None else {}), **numbers})
         results: dict[str, Any] = {f"merged_{k}": v for k, v in rows[0].items()
@@ -559,7 +560,7 @@ class Merge(Method):
         return {"accuracy": sum(correct) / len(correct), "accuracy_low": low, "accuracy_high": high,
                 "margin": sum(c - r for c, r in zip(chosen, rejected)) / len(correct), "num_pairs": len(correct)}
 
-    def _chat(self, run: Run, path: Path, items: list) -> dict:
+    def _chat(self, run: Run, path: Path, items: list, label: str) -> dict:
         """Held-out loss and chat health of a causal LM's greedy answers (ended-turn rate with its interval)."""
         import torch
 
@@ -571,7 +572,7 @@ class Merge(Method):
         conversations = [{"prompt": r["prompt"], **({"reference": r["reference"]} if r.get("reference") else {})}
                          for r in items]
         dtype = recipe.model.dtype if recipe.model.dtype not in (None, "auto") else "float32"
-        who = Contestant.from_pretrained(path, identity(str(path)), dtype=dtype, device=run.state.device)
+        who = Contestant.from_pretrained(path, label, dtype=dtype, device=run.state.device)
         with torch.no_grad():
             result = evaluate(who, conversations, loss=args.heldout_loss, max_new_tokens=args.max_new_tokens,
                               batch_size=t.per_device_eval_batch_size, num_resamples=args.bootstrap_resamples,
