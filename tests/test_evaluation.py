@@ -515,6 +515,20 @@ def test_evaluate_with_given_answers_and_no_baseline():
         evaluate(Contestant("given", answers=["a"]), [user("Hi")], judge=longer_answer_judge)
 
 
+@pytest.mark.parametrize("judge,consistency", [(lambda instruction, a, b: "A", 0.0),  # position-biased
+                                               (lambda instruction, a, b: "tie", 1.0)])  # ties everything
+def test_a_judge_that_does_not_discriminate_gets_no_win_rate(judge, consistency):
+    model = Contestant("sft", answers=["A long helpful answer.", "Another helpful answer."])
+    baseline = Contestant("base", answers=["", "no"])
+    result = evaluate(model, [user("Hi there"), user("Tell me")], baseline, judge=judge, loss=False)
+    summary = result["summary"]
+    assert summary["judge_discriminated"] is False and summary["judge_win_rate"] is None
+    assert summary["judge_position_consistency"] == consistency and summary["judge_ties"] == 1.0
+    assert "judge did not discriminate" in markdown_table(result)
+    rigged = evaluate(model, [user("Hi there"), user("Tell me")], baseline, judge=longer_answer_judge, loss=False)
+    assert rigged["summary"]["judge_discriminated"] is True and rigged["summary"]["judge_win_rate"] == 1.0
+
+
 # --------------------------------------------------------------------------------------------
 # lm-evaluation-harness (optional)
 # --------------------------------------------------------------------------------------------

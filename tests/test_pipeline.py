@@ -86,9 +86,11 @@ def test_a_pipeline_killed_mid_stage_completes_on_rerun(killed_then_rerun):
     final = (out / "model.safetensors").read_bytes()
     assert final == (out / "stages" / "rlhf" / "model.safetensors").read_bytes()
     results = json.loads((out / "eval.json").read_text())
-    assert "eval/judge_win_rate" in results and "reward/accuracy_after" in results
+    # (the judge's win rate is None when it did not discriminate: the tiny SFT model judges itself)
+    assert "eval/judge_win_rate" in results and "eval/judge_discriminated" not in results  # numbers only
+    assert "eval/reward_win_rate" in results and "reward/accuracy_after" in results
     card = (out / "README.md").read_text()
-    assert "a multi-stage pipeline" in card and "judge_win_rate" in card
+    assert "a multi-stage pipeline" in card and "reward_win_rate" in card
     assert (out / "logs" / "reward.log").read_text()
     assert not any(p.name.startswith(".") for p in out.iterdir())
 
@@ -167,7 +169,7 @@ def test_a_lost_stage_output_runs_again_with_the_stages_reading_it(killed_then_r
     # The published model was withdrawn and is published again: the final stage's, with a whole card.
     assert json.loads((copy / "run.json").read_text())["method"] == "pipeline"
     assert (copy / "model.safetensors").read_bytes() == (copy / "stages" / "rlhf" / "model.safetensors").read_bytes()
-    assert "judge_win_rate" in (copy / "README.md").read_text()
+    assert "reward_win_rate" in (copy / "README.md").read_text()
     assert not any(p.name.startswith(".") for p in copy.iterdir())
     assert "nothing to do" in run_here(path, copy).stdout
 

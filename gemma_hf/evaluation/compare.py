@@ -44,6 +44,11 @@ from .rewards import Scorer, mean_reward, reward_win_rate
 log = logging.getLogger(__name__)
 
 SIDES = ("model", "baseline")
+# An LM judge whose verdicts flip with the answers' order on more than half the prompts, or that ties more
+# than 80% of them, says nothing about the two models: its win rate is not reported (judge_discriminated
+# false, "judge did not discriminate"); its position consistency and shares stay in eval.json.
+JUDGE_MIN_POSITION_CONSISTENCY = 0.5
+JUDGE_MAX_TIES = 0.8
 
 DEFINITIONS = {
     "heldout_loss": "token-weighted mean NLL of the reference answers' model-turn tokens (the SFT loss mask); "
@@ -51,7 +56,9 @@ DEFINITIONS = {
     "win_rate": "share of prompts won by the model against the baseline, ties counted 0.5; interval: percentile "
                 "bootstrap over prompts (seeded)",
     "judge": "the judge compares both answers twice (model as A, then as B); two agreeing verdicts decide, a verdict "
-             "and a tie lean to the verdict, opposite verdicts are a tie",
+             "and a tie lean to the verdict, opposite verdicts are a tie; a judge with position consistency below "
+             f"{JUDGE_MIN_POSITION_CONSISTENCY} or more than {JUDGE_MAX_TIES:.0%} ties did not discriminate: no win "
+             "rate is reported",
     "ended_turn_rate": "share of answers that stopped at <end_of_turn>/<eos> rather than the token limit",
     "empty_rate": "share of answers that are empty after stripping whitespace",
     "repeat_prompt_rate": f"share of answers containing the prompt's first {REPEAT_WORDS} words (lower-cased \\w+ "
@@ -184,6 +191,14 @@ def evaluate(
         summary.update(_rate_keys("judge", result))
         summary["judge_position_consistency"] = result["position_consistency"]
         summary["judge_first_position_rate"] = result["first_position_rate"]
+        consistency = result["position_consistency"] or 0.0
+        summary["judge_discriminated"] = bool(consistency >= JUDGE_MIN_POSITION_CONSISTENCY
+                                              and result["ties"] <= JUDGE_MAX_TIES)
+        if not summary["judge_discriminated"]:
+            log.warning("the judge did not discriminate (position consistency %.2f, ties %.0f%%): no win rate "
+                        "is reported", consistency, 100 * result["ties"])
+            for key in ("judge_win_rate", "judge_win_rate_ci_low", "judge_win_rate_ci_high"):
+                summary[key] = None
         for sample, row in zip(samples, result["per_prompt"]):
             sample.update({f"judge_{key}": value for key, value in row.items()})
 
@@ -271,10 +286,11 @@ def markdown_table(result: dict) -> str:
         lines.append("| | " + " | ".join(f"`{names[s]}`" for s in sides) + " |")
         lines.append("|---|" + "---|" * len(sides))
         lines += [f"| {label} | " + " | ".join(show(v, fmt) for v in values) + " |" for label, values, fmt in rows]
+    silent_judge = summary.get("judge_discriminated") is False
     comparisons = [(prefix, label) for prefix, label in (("judge", f"LM judge ({settings.get('judge')})"),
                                                           ("reward", f"reward model ({settings.get('reward')})"))
                    if summary.get(f"{prefix}_win_rate") is not None]
-    if comparisons:
+    if comparisons or silent_judge:
         if lines:
             lines.append("")
         confidence = settings.get("confidence", 0.95)
@@ -287,10 +303,16 @@ def markdown_table(result: dict) -> str:
             interval = f"[{low:.1%}, {high:.1%}]"
             shares = " / ".join(f"{summary[f'{prefix}_{k}']:.1%}" for k in ("wins", "ties", "losses"))
             lines.append(f"| {label} | {rate:.1%} | {interval} | {shares} |")
+        if silent_judge:
+            shares = " / ".join(f"{summary[f'judge_{k}']:.1%}" for k in ("wins", "ties", "losses"))
+            lines.append(f"| LM judge ({settings.get('judge')}) | judge did not discriminate (position consistency "
+                         f"{summary.get('judge_position_consistency') or 0:.0%}; needs "
+                         f"{JUDGE_MIN_POSITION_CONSISTENCY:.0%} and at most {JUDGE_MAX_TIES:.0%} ties) | – | {shares} |")
         lines.append("")
         lines.append(f"Ties count 0.5; intervals: percentile bootstrap over the {summary['num_prompts']} prompts "
                      f"({settings.get('num_resamples')} resamples, seed {settings.get('seed')}).")
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["Contestant", "evaluate", "markdown_table", "DEFINITIONS", "SIDES"]
+__all__ = ["Contestant", "evaluate", "markdown_table", "DEFINITIONS", "SIDES", "JUDGE_MIN_POSITION_CONSISTENCY",
+           "JUDGE_MAX_TIES"]
