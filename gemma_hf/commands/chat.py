@@ -172,15 +172,11 @@ def _as_overrides(args: argparse.Namespace) -> list[str]:
 def generate_command(args: argparse.Namespace) -> int:
     from gemma_hf.errors import InputError
 
-    if args.config or args.help_keys:  # the recipe form: a generate run (gemma_hf.recipes.generate)
-        args.overrides = _as_overrides(args) + list(args.overrides)
-        from .recipes import run_command
+    from .recipes import recipe_form
 
-        return run_command(args)
-    if args.overrides:
-        raise InputError(f"unrecognized arguments: {' '.join(args.overrides)} (see gemma-hf generate --help)")
-    if args.resume:
-        raise InputError("--resume applies to the recipe form (gemma-hf generate --config R.yaml --resume)")
+    code = recipe_form(args, "generate", _as_overrides)  # the recipe form: a generate run (recipes.generate)
+    if code is not None:
+        return code
     if args.model_dir is None or not args.prompt:
         missing = " and ".join(n for n, v in (("MODEL_DIR", args.model_dir), ("--prompt", args.prompt)) if not v)
         raise InputError(f"gemma-hf generate needs {missing} (the one-shot form), or --config RECIPE.yaml (a "

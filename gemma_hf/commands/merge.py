@@ -187,15 +187,11 @@ def _as_overrides(args: argparse.Namespace) -> list[str]:
 def merge_command(args: argparse.Namespace) -> int:
     from ..errors import GemmaHFError, InputError
 
-    if args.config or args.help_keys:  # the recipe form: a merge run (gemma_hf.recipes.merge)
-        args.overrides = _as_overrides(args) + list(args.overrides)
-        from .recipes import run_command
+    from .recipes import recipe_form
 
-        return run_command(args)
-    if args.overrides:
-        raise InputError(f"unrecognized arguments: {' '.join(args.overrides)} (see gemma-hf merge --help)")
-    if args.resume:
-        raise InputError("--resume applies to the recipe form (gemma-hf merge --config R.yaml --resume)")
+    code = recipe_form(args, "merge", _as_overrides)  # the recipe form: a merge run (gemma_hf.recipes.merge)
+    if code is not None:
+        return code
     missing = [flag for flag, value in (("--method", args.method), ("--models", args.models),
                                         ("--output", args.output)) if value is None]
     if missing:

@@ -106,6 +106,21 @@ def add_recipe_options(parser: argparse.ArgumentParser, name: str) -> None:
     _collect_overrides(parser)
 
 
+def recipe_form(args: argparse.Namespace, name: str, as_overrides) -> int | None:
+    """For a command with two forms (merge, generate): with --config / --help-keys, run the recipe form
+    (the other form's options given turned into recipe overrides by ``as_overrides(args)``, which may refuse
+    them) and return its exit code; else None, after refusing what only the recipe form takes (leftover
+    `--key value` pairs, --resume)."""
+    if args.config or args.help_keys:
+        args.overrides = as_overrides(args) + list(args.overrides)
+        return run_command(args)
+    if args.overrides:
+        raise InputError(f"unrecognized arguments: {' '.join(args.overrides)} (see gemma-hf {name} --help)")
+    if args.resume:
+        raise InputError(f"--resume applies to the recipe form (gemma-hf {name} --config R.yaml --resume)")
+    return None
+
+
 def method_of_file(path: str) -> str | None:
     """The method a recipe file's name says (reward.yaml, sft-qlora.yaml -> reward, sft), or None."""
     from gemma_hf.recipes.methods import METHOD_MODULES
