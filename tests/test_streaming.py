@@ -147,3 +147,16 @@ def test_held_out_split_is_deterministic_exact_and_apart_from_training(tmp_path)
     jsonl(a, "alpha", 49)
     with pytest.raises(RuntimeError, match="changed since it was checked"):
         list(one.training_records())
+
+
+def test_one_bos_is_checked_as_the_stream_passes():
+    """A stream cannot be checked ahead (that would read it all): SFT maps the check over it, so a row
+    with two <bos> stops training when it comes, with its index."""
+    from datasets import IterableDataset
+
+    from gemma_hf.recipes.sft import _bos_checker
+
+    rows = [{"input_ids": [2, 5, 6]}, {"input_ids": [2, 7, 2, 8]}]
+    stream = IterableDataset.from_generator(lambda: iter(rows)).map(_bos_checker(2, "train"), with_indices=True)
+    with pytest.raises(RuntimeError, match="train example 1"):
+        list(stream)

@@ -626,13 +626,17 @@ def _check_streaming(c: Checks) -> None:
                 "seeded interleaving through the shuffle buffer)",
                 "remove train_sampling_strategy (shuffle_buffer_size: 1 keeps the interleaved order), or set "
                 "streaming: false")
+    counted = sum(p.num_examples for p in recipe.data_parts.values())
+    records = counted - held_out_count(data.test_split_size, counted)
+    complete = counted and len(recipe.data_parts) == len(data.datasets)
+    if complete and records > 0 and data.shuffle_buffer_size >= records:
+        c.note(f"streaming: shuffle_buffer_size {data.shuffle_buffer_size} holds all {records} training records: "
+               "the whole training split will be in memory (as without streaming)")
     if t.max_steps < 1:
-        counted = sum(p.num_examples for p in recipe.data_parts.values())
         hint = ""
-        if counted and len(recipe.data_parts) == len(data.datasets):
-            records = counted - held_out_count(data.test_split_size, counted)
+        if complete and records > 0:
             processes = int(os.environ.get("WORLD_SIZE", "1") or 1)
-            per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * processes
+            per_step = max(1, t.per_device_train_batch_size * t.gradient_accumulation_steps * processes)
             hint = (f" (one epoch of the {records} training records is about {math.ceil(records / per_step)} steps of "
                     f"{per_step} examples)")
         c.error("max_steps", "streaming: a stream has no length, so the Trainer cannot turn num_train_epochs into "
