@@ -9,11 +9,14 @@ and a bad record is reported with its index, the column at fault and the fix.
 :func:`load_mixture` builds the ``datasets.Dataset`` of the mixture (fractions applied, seeded),
 and splits off the held-out set. The canonical records are kept in memory (``Dataset.from_list``),
 which suits the instruction and preference sets this project trains on (up to a few hundred
-thousand records); Hub datasets are streamed the same way.
+thousand records); Hub datasets are streamed the same way. A recipe with ``streaming: true`` keeps
+counts instead (``read_dataset(..., keep_records=False)``) and reads its records again as a stream
+(gemma_hf.recipes.streaming, :func:`iter_canonical`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,16 +48,24 @@ class ReadDataset:
     rows: list[int] = field(default_factory=list)  # each record's index in its source (a split slice counts from 0)
     problems: list[DatasetProblem] = field(default_factory=list)
     bad_records: int = 0
+    count: int = 0  # good records read (kept in `records` too, unless read with keep_records=False)
 
     @property
     def num_examples(self) -> int:
-        return len(self.records)
+        return self.count
+
+
+def _renamed(spec: DatasetSpec, record):
+    if spec.columns and isinstance(record, dict):
+        return {spec.columns.get(name, name): value for name, value in record.items()}
+    return record
 
 
 def read_dataset(spec: DatasetSpec, index: int, data_format: str, family: str,
-                 forbidden_tokens: tuple[str, ...] = CONTROL_TOKENS) -> ReadDataset:
+                 forbidden_tokens: tuple[str, ...] = CONTROL_TOKENS, keep_records: bool = True) -> ReadDataset:
     """Read every record of ``spec`` as a canonical ``data_format`` record; problems are collected
-    (at most MAX_PROBLEMS_PER_DATASET listed, all counted), never raised."""
+    (at most MAX_PROBLEMS_PER_DATASET listed, all counted), never raised. ``keep_records=False``
+    (a streamed mixture) checks every record the same way but keeps only the count."""
     key = f"datasets[{index}]"
     try:
         source = resolve_source(spec, f"{key}.path")
@@ -97,25 +108,45 @@ def read_dataset(spec: DatasetSpec, index: int, data_format: str, family: str,
     out.format = fmt
     try:
         for row, record in iter_records(spec, source, key):
-            if spec.columns and isinstance(record, dict):
-                record = {spec.columns.get(name, name): value for name, value in record.items()}
             try:
-                out.records.append(canonical(record, data_format, fmt, family, forbidden_tokens))
-                out.rows.append(row)
+                checked = canonical(_renamed(spec, record), data_format, fmt, family, forbidden_tokens)
             except RecordError as err:
                 out.bad_records += 1
                 if len(out.problems) < MAX_PROBLEMS_PER_DATASET:
                     out.problems.append(DatasetProblem(
                         f"{key}.path", f"{spec.path}: record {row}, key '{err.key}': {err.message}", err.fix))
+                continue
+            out.count += 1
+            if keep_records:
+                out.records.append(checked)
+                out.rows.append(row)
     except SourceError as err:
         out.problems.append(DatasetProblem(err.key, err.message, err.fix, err.environment))
         return out
     if out.bad_records > MAX_PROBLEMS_PER_DATASET:
         out.problems.append(DatasetProblem(f"{key}.path", f"{spec.path}: {out.bad_records} bad records in all (the "
                                            f"first {MAX_PROBLEMS_PER_DATASET} are listed)", "fix or drop them"))
-    if not out.records and not out.problems:
+    if not out.count and not out.problems:
         out.problems.append(DatasetProblem(f"{key}.path", f"{spec.path} holds no records", "point it at a file with data"))
     return out
+
+
+def iter_canonical(part: ReadDataset, index: int, data_format: str, family: str,
+                   forbidden_tokens: tuple[str, ...] = CONTROL_TOKENS) -> Iterator[dict]:
+    """The canonical records of a dataset that :func:`read_dataset` read and checked, read again from
+    its source in the same order (a streamed mixture reads them once per epoch). A record that no
+    longer converts, or a source that no longer reads, means the data changed since it was checked:
+    RuntimeError, never a record skipped in silence."""
+    key = f"datasets[{index}]"
+    try:
+        for row, record in iter_records(part.spec, part.source, key):
+            try:
+                yield canonical(_renamed(part.spec, record), data_format, part.format, family, forbidden_tokens)
+            except RecordError as err:
+                raise RuntimeError(f"{part.spec.path}: record {row} changed since it was checked and is now bad "
+                                   f"(key '{err.key}': {err.message})") from None
+    except SourceError as err:
+        raise RuntimeError(f"{part.spec.path} can no longer be read as it was when checked: {err.message}") from None
 
 
 @dataclass
@@ -165,5 +196,5 @@ def split_held_out(dataset, data: DataArguments, seed: int):
     return split["train"], split["test"]
 
 
-__all__ = ["DatasetProblem", "ReadDataset", "Mixture", "read_dataset", "load_mixture", "held_out_seed", "split_held_out",
-           "MAX_PROBLEMS_PER_DATASET"]
+__all__ = ["DatasetProblem", "ReadDataset", "Mixture", "read_dataset", "iter_canonical", "load_mixture", "held_out_seed",
+           "split_held_out", "MAX_PROBLEMS_PER_DATASET"]

@@ -236,7 +236,9 @@ def _train(run: Run, resume: bool) -> RunResult:
         train(trainer, run.resume_from)
         check_finite_weights(trainer)
         losses = _trainer_eval_losses(run, trainer, eval_set)
-        results = publish_training(run, trainer, eval_set, before, losses, len(train_set))
+        # A stream has no length: its training records as counted (before any the method drops).
+        num_train = mixture.train_records if run.streamed(train_set) else len(train_set)
+        results = publish_training(run, trainer, eval_set, before, losses, num_train)
     except BaseException as err:
         full = isinstance(err, Exception) and disk_full(rundir.path)
         if state.is_main_process and created_dir and not rundir.list_checkpoints():

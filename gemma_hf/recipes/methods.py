@@ -91,6 +91,9 @@ class Method:
     model_heads: ClassVar[tuple[str, ...]] = (CAUSAL_LM,)
     # False for methods that run without data (a merge evaluates only when it is given datasets).
     needs_data: ClassVar[bool] = True
+    # True for methods whose training split may be a stream (`streaming: true`: a datasets.IterableDataset,
+    # gemma_hf.recipes.streaming): their prepare() takes one, lazily. Validation refuses the key elsewhere.
+    streams: ClassVar[bool] = False
     # True when `gemma-hf NAME` is also another command's form (merge's flags, generate's one-shot
     # prompts): that command's parser takes --config/--resume/--help-keys too (commands.recipes.
     # add_recipe_options) and hands a recipe to the run; the method table adds no parser of its own.

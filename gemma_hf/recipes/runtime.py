@@ -26,6 +26,7 @@ from .data import load_mixture, read_dataset, split_held_out
 from .methods import Method
 from .problems import Problem, RecipeError
 from .schema import Recipe
+from .streaming import StreamedMixture, load_streamed_mixture, shuffled, stream_features
 
 
 @dataclass
@@ -75,12 +76,42 @@ class Run:
         return self.state.is_main_process
 
     # -- helpers the methods share --------------------------------------------------------------
-    def map(self, dataset, function, desc: str, remove_columns: bool = True):
+    def map(self, dataset, function, desc: str, remove_columns: bool = True, int_lists: list[str] | None = None):
         """``dataset.map(function)`` without datasets' fingerprinting of ``function``: it pickles the
         function's closure (a 256k-entry tokenizer: ~20 s per call) to name a cache file, and our
-        datasets live in memory, so a fresh random fingerprint is both correct and instant."""
+        datasets live in memory, so a fresh random fingerprint is both correct and instant.
+
+        A stream (an IterableDataset, ``streaming: true``) is mapped lazily; ``int_lists`` names the
+        columns ``function`` returns (lists of integers), its schema: TRL reads a stream's column names
+        up front, and without a schema datasets would read the first example to learn them."""
+        if self.streamed(dataset):
+            features = None
+            if int_lists is not None:
+                from datasets import Features, List, Value
+
+                features = Features({name: List(Value("int64")) for name in int_lists})
+            return dataset.map(function, remove_columns=dataset.column_names if remove_columns else None,
+                               features=features)
         return dataset.map(function, remove_columns=dataset.column_names if remove_columns else None, desc=desc,
                            new_fingerprint=uuid.uuid4().hex)
+
+    @staticmethod
+    def streamed(dataset) -> bool:
+        """Whether ``dataset`` is a stream (a datasets.IterableDataset: the training split of a
+        ``streaming: true`` recipe), prepared lazily and without a length."""
+        from datasets import IterableDataset
+
+        return isinstance(dataset, IterableDataset)
+
+    def stream_long_examples(self, dataset, split: str, length):
+        """:meth:`apply_long_examples` for a stream: ``long_examples: drop`` is a lazy filter on
+        ``length(example)``, so how many are long is not known ahead (the stats say "streamed")."""
+        max_length = getattr(self.recipe.training, "max_length", None)
+        policy = getattr(self.recipe.method_args, "long_examples", "truncate")
+        stats = {"examples": "streamed", "handling": policy}
+        if max_length is not None and policy == "drop" and split != "eval":
+            dataset = dataset.filter(lambda example: length(example) <= max_length)
+        return dataset, stats
 
     def apply_long_examples(self, dataset, split: str, lengths: list[int], truncate):
         """Handle examples longer than max_length by the method's ``long_examples`` policy: drop
@@ -236,17 +267,29 @@ def merge_adapter(recipe: Recipe, head: str, model, adapter_dir: Path, reload: b
 
 
 def read_mixture(recipe: Recipe, method: Method):
-    """The mixture from the records validation read (Hub datasets are read here, and checked alike)."""
+    """The mixture from the records validation read (Hub datasets are read here, and checked alike):
+    a data.Mixture in memory, or a streaming.StreamedMixture (``streaming: true``: counts only)."""
     parts = []
+    streaming = recipe.data.streaming
+    family = recipe.family if recipe.family in FAMILIES else "gemma2"
     for index, spec in enumerate(recipe.data.datasets):
         part = recipe.data_parts.get(index)
         if part is None:
-            family = recipe.family if recipe.family in FAMILIES else "gemma2"
-            part = read_dataset(spec, index, method.data_format_for(recipe), family, CONTROL_TOKENS)
+            part = read_dataset(spec, index, method.data_format_for(recipe), family, CONTROL_TOKENS,
+                                keep_records=not streaming)
             if part.problems:
                 raise RecipeError(recipe.source, [Problem(p.key, p.message, p.fix, recipe.origin(p.key))
                                                   for p in part.problems])
         parts.append(part)
+    if streaming:
+        mixture = load_streamed_mixture(parts, recipe.data, method.data_format_for(recipe), family,
+                                        recipe.training.seed)
+        if recipe.data.test_split_size is not None and not 0 < len(mixture.held_out) < sum(mixture.taken):
+            # validation checks this for local data; a Hub dataset is counted only now
+            raise RecipeError(recipe.source, [Problem(
+                "test_split_size", f"holds out {len(mixture.held_out)} of the mixture's {sum(mixture.taken)} records",
+                "hold out at least one record and fewer than all", recipe.origin("test_split_size"))])
+        return mixture
     return load_mixture(parts, method.data_format_for(recipe), recipe.training.seed)
 
 
@@ -255,6 +298,9 @@ def prepare_splits(run: Run, mixture):
     examples too (drop_long_eval) prepares the whole mixture first, so that test_split_size counts
     the examples that are evaluated; otherwise the split comes first and each part is prepared."""
     recipe, method = run.recipe, run.method
+    if isinstance(mixture, StreamedMixture):
+        return _prepare_streamed_splits(run, mixture)
+
     def split(dataset):
         try:
             return split_held_out(dataset, recipe.data, recipe.training.seed)
@@ -274,6 +320,26 @@ def prepare_splits(run: Run, mixture):
     return train, held_out
 
 
+def _prepare_streamed_splits(run: Run, mixture: StreamedMixture):
+    """(train stream, held-out or None) of a streamed mixture: the held-out records in memory, prepared
+    like any; the training records as a stream the method prepares lazily, then shuffled in a buffer."""
+    import datasets
+
+    recipe, method = run.recipe, run.method
+    held_out = None
+    if mixture.held_out:
+        records = datasets.Dataset.from_list(mixture.held_out_records(), features=stream_features(mixture.data_format))
+        held_out, run.stats["eval"] = method.prepare(run, records, "eval")
+    train, run.stats["train"] = method.prepare(run, mixture.training_stream(), "train")
+    # The first example, read now: a stream whose every example the method drops would otherwise train no
+    # step at all (the Trainer stops on an empty epoch) and publish the untrained model.
+    if next(iter(train), None) is None:
+        raise RecipeError(recipe.source, [Problem(
+            "max_length", f"no training example is left after preparation (all {mixture.train_records} were "
+            "dropped: longer than max_length, or no answer token within it)",
+            "raise max_length, or set long_examples: truncate", recipe.origin("max_length"))])
+    data_seed = recipe.training.data_seed if recipe.training.data_seed is not None else recipe.training.seed
+    return shuffled(train, recipe.data, data_seed), held_out
 
 
 __all__ = ["Run", "RunResult", "load_tokenizer", "model_class", "seed_everything", "load_model", "build_model",

@@ -155,6 +155,22 @@ class DataArguments:
             "(e.g. WARP's runs, whose training seeds differ; a pipeline's stages on one dataset) share it."
         },
     )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read the training split as a stream (a datasets.IterableDataset) from the sources on every epoch, "
+            "never all in memory: for mixtures larger than RAM. Every record is still checked first (counted, not "
+            "kept). sft only; needs max_steps; the held-out split is the test_split_size records with the smallest "
+            "seeded hash of their position (docs/architecture.md); fraction < 1 and percentage slices are refused."
+        },
+    )
+    shuffle_buffer_size: int = field(
+        default=1000,
+        metadata={
+            "help": "streaming: the shuffle buffer, in examples (seeded by seed, reseeded each epoch); 1 keeps the "
+            "datasets' interleaved order. Memory grows with it."
+        },
+    )
 
 
 # TRL/transformers fields no gemma-hf recipe may set, with the reason (every method).

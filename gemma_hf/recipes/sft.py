@@ -68,6 +68,7 @@ class SFT(Method):
         "completion_only_loss": "gemma_hf tokenizes the chat itself; which tokens carry the loss is `assistant_only_loss`.",
     }
     claimed_keys = frozenset({"assistant_only_loss"})
+    streams = True
 
     def check(self, c) -> None:
         t = c.recipe.training
@@ -93,11 +94,17 @@ class SFT(Method):
             input_ids, mask = encode_with_assistant_mask(tokenizer, record["messages"], family)
             return {"input_ids": input_ids, **({"assistant_masks": mask} if assistant_only else {})}
 
-        tokenized = run.map(dataset, encode, f"Tokenizing {split} ({family} chat format)")
+        columns = ["input_ids", *(["assistant_masks"] if assistant_only else [])]
+        tokenized = run.map(dataset, encode, f"Tokenizing {split} ({family} chat format)", int_lists=columns)
+        max_length = run.recipe.training.max_length
+        if run.streamed(tokenized):  # streaming: the same policies, as lazy filters (nothing is counted ahead)
+            tokenized, stats = run.stream_long_examples(tokenized, split, lambda example: len(example["input_ids"]))
+            if assistant_only and max_length is not None:
+                tokenized = tokenized.filter(lambda example: 1 in example["assistant_masks"][:max_length])
+            return tokenized, stats
         lengths = [len(ids) for ids in tokenized["input_ids"]]
         # Truncation of long examples is TRL's (keep_start, in SFTTrainer._prepare_dataset).
         tokenized, stats = run.apply_long_examples(tokenized, split, lengths, truncate=None)
-        max_length = run.recipe.training.max_length
         if assistant_only and max_length is not None:
             # An example whose answer starts at or after max_length keeps no trained token once
             # truncated: it would add nothing (or a NaN loss, if a whole batch were such).
@@ -115,7 +122,11 @@ class SFT(Method):
     def make_trainer(self, run, model, train_set, eval_set):
         trainer = _trainer_class()(**run.trainer_kwargs(model, train_set, eval_set))
         bos = run.tokenizer.bos_token_id
-        check_bos(trainer.train_dataset, bos, "train")
+        if run.streamed(trainer.train_dataset):
+            # Checked as the examples stream past: the Trainer builds its dataloader from train_dataset in train().
+            trainer.train_dataset = trainer.train_dataset.map(_bos_checker(bos, "train"), with_indices=True)
+        else:
+            check_bos(trainer.train_dataset, bos, "train")
         if eval_set is not None:
             check_bos(trainer.eval_dataset, bos, "eval")
         return trainer
@@ -133,11 +144,18 @@ class SFT(Method):
 
 def check_bos(dataset, bos_id: int, name: str) -> None:
     """Exactly one <bos> per example, first -- also inside packed rows (per seq_lengths segment)."""
-    has_lengths = "seq_lengths" in dataset.column_names
+    check = _bos_checker(bos_id, name)
     for row, record in enumerate(dataset):
+        check(record, row)
+
+
+def _bos_checker(bos_id: int, name: str):
+    """check(record, row): raises unless each example of the row (a packed row: each seq_lengths
+    segment) has exactly one <bos>, first; returns no new columns (a stream maps it lazily)."""
+    def check(record, row) -> dict:
         ids = record["input_ids"]
         segments = [ids]
-        if has_lengths:
+        if record.get("seq_lengths") is not None:
             segments, start = [], 0
             for length in record["seq_lengths"]:
                 segments.append(ids[start:start + length])
@@ -147,6 +165,8 @@ def check_bos(dataset, bos_id: int, name: str) -> None:
                 check_single_bos(segment, bos_id)
             except ValueError as err:
                 raise RuntimeError(f"{name} example {row} after TRL's preparation: {err}") from None
+        return {}
+    return check
 
 
 def _trainer_class():

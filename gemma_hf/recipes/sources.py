@@ -138,6 +138,16 @@ def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
     yield from enumerate(data)
 
 
+def parses_whole(source: Source) -> bool:
+    """Whether reading ``source`` holds the whole file in memory: a JSON array or a CSV file (read whole
+    to report a bad byte with its line). JSON Lines, Parquet, save_to_disk and the Hub stream."""
+    if source.kind != "file":
+        return False
+    path = Path(source.location)
+    suffix = path.suffix.lower()
+    return suffix == ".csv" or (suffix == ".json" and _first_char(path) != "{")
+
+
 def _iter_file(path: Path, split: str) -> Iterator[tuple[int, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl" or (suffix == ".json" and _first_char(path) == "{"):
@@ -244,4 +254,4 @@ def columns_of(spec: DatasetSpec, source: Source, key: str, first_records: int =
     return names
 
 
-__all__ = ["FILE_BUILDERS", "Source", "SourceError", "resolve_source", "iter_records", "columns_of"]
+__all__ = ["FILE_BUILDERS", "Source", "SourceError", "resolve_source", "iter_records", "columns_of", "parses_whole"]

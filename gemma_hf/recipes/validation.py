@@ -34,7 +34,9 @@ from gemma_hf.references import (
 from gemma_hf.rundir import RunDirError, safetensors_complete, weight_files
 
 from .data import read_dataset
-from .methods import get_method
+from .methods import get_method, method_names
+from .sources import parses_whole
+from .streaming import held_out_count
 from .problems import Problem, RecipeError
 from .schema import Recipe
 
@@ -108,6 +110,7 @@ def check_recipe(recipe: Recipe, file_label: str, check_environment: bool = True
     split_seed = recipe.data.split_seed
     c.in_range("split_seed", split_seed, split_seed is None or 0 <= split_seed < 2**32, "an integer in [0, 2**32)")
     _check_datasets(c)
+    _check_streaming(c)
     _check_output_paths(c)
     if trains:
         _check_misc(c)
@@ -500,6 +503,8 @@ def _check_datasets(c: Checks) -> None:
         key = f"datasets[{index}]"
         if not 0 < spec.fraction <= 1:
             c.error(f"{key}.fraction", f"{spec.fraction} is not in (0, 1]", "use a share such as 0.5 (1 = all records)")
+        if recipe.data.streaming and "%" in spec.split:
+            continue  # refused (_check_streaming) unread: the slice would hold the whole split in memory
         if spec.path.startswith(STAGE_SCHEME) and spec.path[len(STAGE_SCHEME):] in PENDING_STAGES:
             _check_pending_dataset(c, key, spec.path[len(STAGE_SCHEME):])
             continue
@@ -510,7 +515,9 @@ def _check_datasets(c: Checks) -> None:
                 continue
             c.note(f"{key}: Hub dataset {spec.path} is read (and each record checked) when the run starts")
             continue
-        part = read_dataset(spec, index, method.data_format_for(recipe), family, forbidden)
+        # A streamed mixture is checked the same way, record by record, but only counted (data.py).
+        part = read_dataset(spec, index, method.data_format_for(recipe), family, forbidden,
+                            keep_records=not recipe.data.streaming)
         for problem in part.problems:
             (c.environment if problem.environment else c.error)(problem.key, problem.message, problem.fix)
         parts[index] = part
@@ -563,6 +570,13 @@ def _check_accumulation(c: Checks, train_records: int) -> None:
     t = c.recipe.training
     if train_records < 1 or not get_method(c.recipe.method).batches_records(c.recipe):
         return
+    if c.recipe.data.streaming:
+        # A stream has no epoch length the Trainer knows (nor do we: long_examples drops are found while
+        # training), and an optimizer step of a stream may span an epoch's end: no bound to check.
+        if t.gradient_accumulation_steps > 1:
+            c.note("streaming: gradient_accumulation_steps is not checked against an epoch's batches (a stream's "
+                   "epoch length is unknown ahead)")
+        return
     processes = int(os.environ.get("WORLD_SIZE", "1") or 1)
     batches = math.ceil(train_records / max(1, t.per_device_train_batch_size * processes))
     if t.gradient_accumulation_steps > batches:
@@ -570,6 +584,63 @@ def _check_accumulation(c: Checks, train_records: int) -> None:
                 f"an epoch ({train_records} training records, {t.per_device_train_batch_size} per batch): an "
                 "optimizer step never spans more than one epoch, so it would silently mean one step per epoch",
                 f"set it to at most {batches} (or raise per_device_train_batch_size)")
+
+
+def _check_streaming(c: Checks) -> None:
+    """``streaming: true`` (gemma_hf.recipes.streaming): a method that streams, and no option that needs
+    the whole mixture in memory or its length."""
+    recipe, data, t = c.recipe, c.recipe.data, c.recipe.training
+    method = get_method(recipe.method)
+    if not data.streaming:
+        if c.given("shuffle_buffer_size"):
+            c.error("shuffle_buffer_size", "has no effect: streaming is false (the mixture is in memory and the "
+                    "Trainer shuffles all of it)", "set streaming: true, or remove shuffle_buffer_size")
+        return
+    if not method.streams:
+        streaming = [name for name in method_names() if get_method(name).streams]
+        c.error("streaming", f"the {method.name} method reads its whole mixture into memory; streaming works with "
+                f"{', '.join(streaming)} only", f"remove streaming from this {method.name} recipe")
+        return
+    if data.shuffle_buffer_size < 1:
+        c.error("shuffle_buffer_size", f"{data.shuffle_buffer_size}: a shuffle buffer needs room for at least one "
+                "example (shuffling a stream fully would need all of it in memory)",
+                "set it to 1 (the datasets' interleaved order) or more, e.g. 1000")
+    for index, spec in enumerate(data.datasets):
+        key = f"datasets[{index}]"
+        if spec.fraction < 1:
+            c.error(f"{key}.fraction", f"{spec.fraction}: with streaming, a fraction (a seeded random subset, drawn "
+                    "from all the records in memory) is not available",
+                    "stream a slice instead (fraction: 1 and split: train[:N]), or set streaming: false")
+        if "%" in spec.split:
+            c.error(f"{key}.split", f"{spec.split!r}: a percentage slice needs the split's length, so it reads the "
+                    "whole split into memory first",
+                    "slice by record counts (e.g. train[:1000]), or set streaming: false")
+        part = recipe.data_parts.get(index)
+        if part is not None and not part.problems and parses_whole(part.source):
+            c.note(f"streaming: {key} ({spec.path}) is a {Path(part.source.location).suffix} file, parsed whole on "
+                   "each pass: convert it to JSON Lines (or Parquet) to bound memory")
+    strategy = getattr(t, "train_sampling_strategy", "random")
+    if strategy != "random":
+        # The Trainer builds no sampler for an IterableDataset: any other strategy would be ignored in silence.
+        c.error("train_sampling_strategy", f"{strategy!r}: a stream has no sampler (its order is the datasets' "
+                "seeded interleaving through the shuffle buffer)",
+                "remove train_sampling_strategy (shuffle_buffer_size: 1 keeps the interleaved order), or set "
+                "streaming: false")
+    counted = sum(p.num_examples for p in recipe.data_parts.values())
+    records = counted - held_out_count(data.test_split_size, counted)
+    complete = counted and len(recipe.data_parts) == len(data.datasets)
+    if complete and records > 0 and data.shuffle_buffer_size >= records:
+        c.note(f"streaming: shuffle_buffer_size {data.shuffle_buffer_size} holds all {records} training records: "
+               "the whole training split will be in memory (as without streaming)")
+    if t.max_steps < 1:
+        hint = ""
+        if complete and records > 0:
+            processes = int(os.environ.get("WORLD_SIZE", "1") or 1)
+            per_step = max(1, t.per_device_train_batch_size * t.gradient_accumulation_steps * processes)
+            hint = (f" (one epoch of the {records} training records is about {math.ceil(records / per_step)} steps of "
+                    f"{per_step} examples)")
+        c.error("max_steps", "streaming: a stream has no length, so the Trainer cannot turn num_train_epochs into "
+                "steps (it refuses an IterableDataset without max_steps)", f"set max_steps{hint}")
 
 
 # A file name may have 255 bytes (NAME_MAX on Linux, macOS and Windows filesystems); the run directory's
