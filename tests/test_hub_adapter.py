@@ -60,7 +60,10 @@ def lora_run(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def hub_card_checks(monkeypatch):
-    """The Hub's card validation (an HTTP call) replaced by a recorder, as in tests/test_hub.py."""
+    """The Hub's card validation (an HTTP call) replaced by a recorder, as in tests/test_hub.py; the pushes
+    reach only the recorder API, whatever HF_HUB_OFFLINE another module of this worker left set."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.is_offline_mode", lambda: False)
     texts = []
     monkeypatch.setattr("gemma_hf.hub.push.validate_card_on_hub", texts.append)
     return texts

@@ -80,13 +80,13 @@ def _accuracy_here(model_dir: Path) -> float:
     return correct / len(QUESTIONS)
 
 
-def test_a_local_lm_eval_task_runs_end_to_end_and_lands_in_eval_json(tmp_path):
+def test_a_local_lm_eval_task_runs_end_to_end_and_lands_in_eval_json(tmp_path, monkeypatch):
     _require_lm_eval()
     from tests.faults import tiny_recipe
     from tests.tiny import shared_teacher
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no Hub: the task's data is a local file
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     model_dir = shared_teacher()
     recipe = {**tiny_recipe("eval"), "bootstrap_resamples": 100, "max_new_tokens": 4, "heldout_loss": False,
               "lm_eval_tasks": [TASK], "lm_eval_include_path": str(_write_task(tmp_path))}
