@@ -36,7 +36,9 @@ def register(subparsers) -> None:
             "Upload RUN_DIR to the Hub repository ORG/NAME with huggingface_hub (create_repo + one "
             "upload_folder commit). Private by default. README.md is rendered first if missing. "
             "checkpoints/ and pickle files are never uploaded. Needs a token (HF_TOKEN or `hf auth login`) "
-            "unless --dry-run."
+            "unless --dry-run. --adapter-only uploads a LoRA run's adapter alone (PEFT's adapter_config.json and "
+            "adapter_model.safetensors, the tokenizer, the run record and a card naming the base model by Hub id); "
+            "the run directory is not changed."
         ),
     )
     push.add_argument("run_dir", metavar="RUN_DIR")
@@ -49,6 +51,12 @@ def register(subparsers) -> None:
     push.add_argument("--revision", default=None, help="branch to push to (default main)")
     push.add_argument("--commit-message", default=None)
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("--adapter-only", action="store_true",
+                      help="a LoRA run: upload its adapter (adapter/) instead of the merged model; the base model must "
+                           "be on the Hub")
+    push.add_argument("--base-model", default=None, metavar="ORG/NAME",
+                      help="with --adapter-only: the Hub id of the base, for a run trained from a local copy of it "
+                           "(e.g. a base run you pushed first)")
     push.set_defaults(func=_push)
 
     card = subparsers.add_parser(
@@ -96,6 +104,7 @@ def _push(args: argparse.Namespace) -> int:
         result = push_to_hub(
             args.run_dir, args.repo_id, private=args.private, dry_run=args.dry_run,
             revision=args.revision, commit_message=args.commit_message, create_pr=args.create_pr,
+            adapter_only=args.adapter_only, base_model=args.base_model,
         )
     except CardError as err:  # the run directory: bad input
         raise _bad_input(err) from None

@@ -29,7 +29,7 @@ Typical use::
 
 from .compare import DEFINITIONS, Contestant, evaluate, markdown_table
 from .generation import Answer, generate_answers
-from .harness import LMEvalUnavailable, run_lm_eval
+from .harness import LMEvalUnavailable, markdown_lm_eval, run_lm_eval
 from .judge import LMJudge, fill_template, load_template, read_verdict, side_by_side, template_path
 from .metrics import chat_health, distinct_n, heldout_loss, repeats_prompt
 from .prompts import HeldOut, held_out, held_out_items, plain_text, prompt_text
@@ -65,6 +65,7 @@ __all__ = [
     "repeats_prompt",
     "reward_win_rate",
     "run_lm_eval",
+    "markdown_lm_eval",
     "side_by_side",
     "template_path",
     "win_rate",

@@ -86,6 +86,9 @@ class CardInputs:
 
     @property
     def head(self) -> str:
+        """run.json's head (recorded by every training run), else the config's."""
+        if self.run.get("head") in (CAUSAL_LM, SEQUENCE_CLASSIFICATION):
+            return self.run["head"]
         return SEQUENCE_CLASSIFICATION if head_of_config(self.config) == SEQUENCE_CLASSIFICATION else CAUSAL_LM
 
 
@@ -108,11 +111,12 @@ def published_weight_files(run_dir: Path) -> list[str]:
 
 
 def refuse_adapter_only(run_dir: Path) -> None:
+    """A whole-model card or push of a run whose root holds only the adapter (merge_lora: false) is refused."""
     if (run_dir / "adapter_config.json").is_file() and not (run_dir / "config.json").is_file():
         raise CardError(
-            f"{run_dir} holds a LoRA adapter only (adapter_config.json, no config.json). Cards and pushes of "
-            "adapter-only runs are not supported: merge the adapter into the base model (merge_lora: true) "
-            "and push the merged run."
+            f"{run_dir} holds a LoRA adapter only (adapter_config.json, no config.json), not a whole model. Push "
+            f"the adapter with `gemma-hf push {run_dir} --adapter-only --repo-id ORG/NAME` (its card names the "
+            "base model), or merge the adapter into the base model (merge_lora: true) and push the merged run."
         )
 
 
@@ -149,8 +153,9 @@ def _is_row_table(value) -> bool:
         for row in value)
 
 
-def read_run(run_dir: str | os.PathLike) -> CardInputs:
-    """Read and check everything the card needs from a run directory (CardError names what is wrong)."""
+def read_run(run_dir: str | os.PathLike, *, adapter: bool = False) -> CardInputs:
+    """Read and check everything the card needs from a run directory (CardError names what is wrong).
+    ``adapter``: the card of the run's LoRA adapter (adapter/): no whole model (config.json, weights) needed."""
     rundir = RunDir(run_dir)
     path = rundir.path
     if not path.is_dir():
@@ -171,9 +176,12 @@ def read_run(run_dir: str | os.PathLike) -> CardInputs:
             raise CardError(f"{rundir.run_json} lacks {missing}.")
         if not isinstance(run["datasets"], list):
             raise CardError(f"{rundir.run_json}: 'datasets' must be a list.")
-        refuse_adapter_only(path)
-        config = rundir.read_json(path / "config.json", "the model config")
-        weights = published_weight_files(path)
+        if adapter:
+            config, weights = {}, []
+        else:
+            refuse_adapter_only(path)
+            config = rundir.read_json(path / "config.json", "the model config")
+            weights = published_weight_files(path)
         evaluation = rundir.read_eval()
         metrics = rundir.read_metrics()
     except RunDirError as err:
@@ -237,8 +245,13 @@ def _count_parameters(run: CardInputs) -> tuple[int, int, str]:
                 dtypes.add(tensor.get_dtype())
                 if key.endswith("embed_tokens.weight"):
                     embedding += count
+    return total, embedding, _dtype_names(dtypes)
+
+
+def _dtype_names(dtypes: set[str]) -> str:
+    """safetensors' dtype names (F32, BF16, ...) as torch's."""
     names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-    return total, embedding, ", ".join(sorted(names.get(d, d) for d in dtypes))
+    return ", ".join(sorted(names.get(d, d) for d in dtypes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -704,16 +717,9 @@ def render_card(
     """The model card (README.md text) for a run directory; validated before it is returned."""
     from huggingface_hub import ModelCard
 
-    from gemma_hf import __version__
-
     run = read_run(run_dir)
     run.name = name
-    template = Path(template) if template is not None else CARD_TEMPLATE
-    if not template.is_file():
-        raise CardError(
-            f"card template {template} not found (it ships in the repository's model_cards/ directory); "
-            "pass template= / --template with its path."
-        )
+    template = _template(template)
     config = _gemma_config(run.config)
     arch_table, arch_note, total, dtype = _architecture_section(run, config)
     family = run.run.get("family") or config.family
@@ -763,6 +769,159 @@ def render_card(
         datasets_table=_pipeline_datasets_table(run) if pipeline else _datasets_table(run.run["datasets"]),
         hyperparameters_table=(_pipeline_stages_table(run) if pipeline else _merge_table(merge) if merge is not None
                                else _hyperparameters_table(run.recipe)),
+        **_record_sections(run),
+    )
+    return _checked_text(card)
+
+
+def render_adapter_card(
+    run_dir: str | os.PathLike,
+    *,
+    base_model: str,
+    adapter_config: dict,
+    adapter_weights: Path,
+    repo_id: str | None = None,
+    declared: bool = False,
+    template: str | os.PathLike | None = None,
+) -> str:
+    """The card of a LoRA run's adapter alone (``gemma-hf push --adapter-only``): the same template and
+    record sections as the whole model's card, with the base model named by its Hub id ``base_model``
+    (``base_model_relation: adapter``, ``library_name: peft``), the adapter's settings from
+    ``adapter_config`` and its size from ``adapter_weights``. ``declared``: the base was named at push time
+    (``--base-model``), the run having been trained from a local copy of it. Validated before it is returned."""
+    from huggingface_hub import ModelCard
+
+    run = read_run(run_dir, adapter=True)
+    template = _template(template)
+    family = run.run.get("family")
+    recorded = str(run.run["base_model"])
+    method = str(run.run["method"])
+    title = repo_id.split("/")[-1] if repo_id else f"{run.path.resolve().name}-lora"
+    distinct = len(dict.fromkeys(str(d.get("path") if isinstance(d, dict) else d) for d in run.run["datasets"]))
+    summary = (
+        f"A LoRA adapter for {_link(base_model)} ({_family_name(family)}) from {_cell(run.run.get('title') or method)}, "
+        f"trained with gemma_hf {_cell(run.run.get('gemma_hf_version') or '?')} on {distinct} dataset(s). The "
+        "facts and numbers below were read from the run directory; the held-out results are those of the base "
+        "model with this adapter applied."
+    )
+    card = ModelCard.from_template(
+        _adapter_card_data(run, base_model, title),
+        template_path=str(template),
+        title=_cell(title),
+        summary=summary,
+        base_model_md=_link(base_model),
+        method_md=f"`{_cell(method)}`: {_cell(run.run.get('title') or method)}, LoRA",
+        family_md=_cell(_family_name(family)),
+        adapter_table=_adapter_table(adapter_config, adapter_weights),
+        adapter_note=_adapter_base_note(recorded, base_model, declared),
+        usage_block=_adapter_usage_block(run.head, repo_id or "path/to/this/adapter", base_model),
+        datasets_table=_datasets_table(run.run["datasets"]),
+        hyperparameters_table=_hyperparameters_table(run.recipe),
+        **_record_sections(run),
+    )
+    return _checked_text(card)
+
+
+def _adapter_card_data(run: CardInputs, base_model: str, title: str):
+    """Hub metadata of an adapter: the base by Hub id, relation ``adapter``, PEFT as its library."""
+    from huggingface_hub import ModelCardData
+
+    datasets = [d.get("path") if isinstance(d, dict) else d for d in run.run["datasets"]]
+    hub_datasets = [d for d in dict.fromkeys(datasets) if _looks_like_hub_id(d, dataset=True)]
+    family = run.run.get("family")
+    tags = ["gemma_hf", "gemma"] + ([family] if family and family != "gemma" else [])
+    tags += [str(run.run["method"]), "trl", "lora", "peft"]
+    kwargs = dict(license="gemma", library_name="peft", pipeline_tag=PIPELINE_TAGS[run.head],
+                  tags=list(dict.fromkeys(tags)), base_model=base_model, base_model_relation="adapter")
+    if hub_datasets:
+        kwargs["datasets"] = hub_datasets
+    results = _eval_results(run, datasets)
+    if results:
+        kwargs.update(model_name=title, eval_results=results)
+    return ModelCardData(**kwargs)
+
+
+_ADAPTER_KEYS = ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save",
+                 "trainable_token_indices", "use_rslora", "use_dora", "bias")
+
+
+def _adapter_table(adapter_config: dict, weights: Path) -> str:
+    from safetensors import safe_open
+
+    count, dtypes = 0, set()
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            tensor = f.get_slice(key)
+            count += math.prod(tensor.get_shape())
+            dtypes.add(tensor.get_dtype())
+    rows = [[_Raw(f"`{key}`"), sorted(value) if isinstance(value, (list, set)) else value]
+            for key, value in adapter_config.items() if key in _ADAPTER_KEYS and value not in (None, [], {})]
+    rows.append([_Raw("parameters"), f"{count:,} ({_dtype_names(dtypes)})"])
+    return ("From `adapter_config.json` and `adapter_model.safetensors` (PEFT's file layout):\n\n"
+            + _table(["setting", "value"], rows))
+
+
+def _adapter_base_note(recorded: str, base_model: str, declared: bool) -> str:
+    if declared:
+        return (f"The run was trained from `{_cell(recorded)}`, a local model; {_link(base_model)} was named as its "
+                "base when the adapter was pushed (`gemma-hf push --adapter-only --base-model`): the repository "
+                "holding those weights.")
+    if recorded != base_model:
+        source = ""
+        if recorded.startswith("asset:"):
+            from gemma_hf.assets import IDENTITY
+
+            source = (IDENTITY.get(recorded[len("asset:"):].split("/")[0]) or {}).get("source") or ""
+        return (f"The run was trained from `{_cell(recorded)}`" + (f" ({_cell(source)})" if source else "")
+                + f", which stands for {_link(base_model)}. Its weights may differ from that repository's (a "
+                "dequantised copy does), so on the Hub's base the adapter meets slightly different weights than "
+                "in training; the held-out results below were measured on the training base.")
+    return f"The run was trained from {_link(base_model)} itself."
+
+
+def _adapter_usage_block(head: str, repo_id: str, base_model: str) -> str:
+    repo, base = json.dumps(repo_id), json.dumps(base_model)
+    if head == "sequence-classification":
+        code = f"""from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained({repo})
+base = AutoModelForSequenceClassification.from_pretrained({base}, num_labels=1, trust_remote_code=True)
+model = PeftModel.from_pretrained(base, {repo})  # the adapter and its trained score head
+chat = [{{"role": "user", "content": "Name a primary colour."}},
+        {{"role": "assistant", "content": "Red is a primary colour."}}]
+inputs = tokenizer.apply_chat_template(chat, return_tensors="pt", return_dict=True)
+reward = model(**inputs).logits[0, 0].item()  # higher: more preferred"""
+    else:
+        code = f"""from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained({repo})
+base = AutoModelForCausalLM.from_pretrained({base}, trust_remote_code=True)
+model = PeftModel.from_pretrained(base, {repo})
+chat = [{{"role": "user", "content": "Name three primary colours."}}]
+inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+output = model.generate(**inputs, max_new_tokens=64, eos_token_id=stops)
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))"""
+    return _fenced(code, "python")
+
+
+def _template(template: str | os.PathLike | None) -> Path:
+    template = Path(template) if template is not None else CARD_TEMPLATE
+    if not template.is_file():
+        raise CardError(
+            f"card template {template} not found (it ships in the repository's model_cards/ directory); "
+            "pass template= / --template with its path."
+        )
+    return template
+
+
+def _record_sections(run: CardInputs) -> dict:
+    """The card's sections read from the run's record (run.json, recipe, metrics, plots, eval.json)."""
+    from gemma_hf import __version__
+
+    return dict(
         run_table=_run_table({**run.run, "started": _started(run)}),
         recipe_block=_fenced(run.recipe_text, "yaml"),
         metrics_table=_metrics_section(run.metrics),
@@ -770,6 +929,9 @@ def render_card(
         evaluation_md=_evaluation_section(run.evaluation),
         gemma_hf_version=__version__,
     )
+
+
+def _checked_text(card) -> str:
     text = str(card)
     if not text.endswith("\n"):
         text += "\n"

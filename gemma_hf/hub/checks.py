@@ -41,7 +41,8 @@ def validate_card(content: str | os.PathLike):
 
     `ModelCard.validate()` asks the Hub's /api/validate-yaml endpoint. Offline we check what we
     can: the card parses with ModelCard (YAML front matter is a mapping), the metadata fields
-    the Hub reads have the right types and values (license `gemma`, library_name `transformers`,
+    the Hub reads have the right types and values (license `gemma`, library_name `transformers`
+    (`peft` for an adapter, which names its base_model),
     a pipeline_tag, tags, base_model / datasets as Hub ids), the metadata round-trips through
     ModelCardData and through the card text unchanged, and the body has every required section.
     Raises CardError listing every problem.
@@ -62,8 +63,13 @@ def validate_card(content: str | os.PathLike):
 
     if data.get("license") != "gemma":
         problems.append(f"license must be 'gemma' (Gemma Terms of Use), got {data.get('license')!r}")
-    if data.get("library_name") != "transformers":
-        problems.append(f"library_name must be 'transformers', got {data.get('library_name')!r}")
+    adapter = data.get("base_model_relation") == "adapter"  # a LoRA adapter's card (gemma-hf push --adapter-only)
+    library = "peft" if adapter else "transformers"
+    if data.get("library_name") != library:
+        problems.append(f"library_name must be {library!r}" + (" (the card of an adapter)" if adapter else "")
+                        + f", got {data.get('library_name')!r}")
+    if adapter and not data.get("base_model"):
+        problems.append("an adapter's card must name its base_model (a Hub id)")
     if data.get("pipeline_tag") not in PIPELINE_TAGS.values():
         problems.append(f"pipeline_tag must be one of {sorted(PIPELINE_TAGS.values())}, got {data.get('pipeline_tag')!r}")
     tags = data.get("tags")

@@ -52,7 +52,15 @@ class EvalArguments:
     heldout_loss: bool = field(default=True, metadata={"help": "Held-out loss on the reference answers."})
     bootstrap_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples of the win-rate intervals."})
     lm_eval_tasks: list[str] | None = field(
-        default=None, metadata={"help": "lm-evaluation-harness tasks to run on the model (needs `pip install lm-eval`)."})
+        default=None, metadata={"help": "lm-evaluation-harness tasks to run on the model (e.g. [arc_easy], or your own "
+                                        "from lm_eval_include_path; needs the [eval] extra: pip install 'gemma_hf[eval]')."})
+    lm_eval_include_path: str | None = field(
+        default=None, metadata={"help": "A directory of your own lm-eval task YAML files (lm-eval's include_path); "
+                                        "their data may be local files, e.g. dataset_path: json."})
+    lm_eval_num_fewshot: int | None = field(
+        default=None, metadata={"help": "Few-shot examples per lm-eval task (default: each task's own)."})
+    lm_eval_limit: float | None = field(
+        default=None, metadata={"help": "Documents per lm-eval task: a count (>= 1) or a fraction (< 1); default all."})
 
 
 class Evaluate(Method):
@@ -105,8 +113,23 @@ class Evaluate(Method):
         if args.lm_eval_tasks:
             import importlib.util
 
+            from gemma_hf.evaluation.harness import INSTALL_HINT
+
             if importlib.util.find_spec("lm_eval") is None:
-                c.environment("lm_eval_tasks", "lm-evaluation-harness is not installed", "pip install lm-eval")
+                c.environment("lm_eval_tasks", "lm-evaluation-harness is not installed", INSTALL_HINT)
+        lm_eval_keys = ("lm_eval_include_path", "lm_eval_num_fewshot", "lm_eval_limit")
+        for key in lm_eval_keys:
+            if getattr(args, key) is not None and not args.lm_eval_tasks:
+                c.error(key, "set without lm_eval_tasks", "name the lm-eval tasks to run (lm_eval_tasks), or remove it")
+        if args.lm_eval_include_path is not None and not Path(args.lm_eval_include_path).is_dir():
+            c.error("lm_eval_include_path", f"{args.lm_eval_include_path} is not a directory",
+                    "name a directory of lm-eval task YAML files")
+        if args.lm_eval_num_fewshot is not None:
+            c.in_range("lm_eval_num_fewshot", args.lm_eval_num_fewshot, args.lm_eval_num_fewshot >= 0, "0 or more")
+        if args.lm_eval_limit is not None:
+            limit = args.lm_eval_limit
+            c.in_range("lm_eval_limit", limit, 0 < limit < 1 or (limit >= 1 and float(limit).is_integer()),
+                       "a fraction in (0, 1) or a whole count of 1 or more")
 
     # -- the run: evaluated in the run directory the engine opened (lock, recovery, claim) ----------
     orchestrates = True
@@ -148,14 +171,30 @@ class Evaluate(Method):
                               num_resamples=args.bootstrap_resamples, seed=t.seed,
                               reward_name=identity(args.reward_name_or_path),
                               judge_name=identity(args.judge_name_or_path))
+        harness = None
         if args.lm_eval_tasks:
             from gemma_hf.evaluation import run_lm_eval
 
-            harness = run_lm_eval(resolve(recipe.model.model_name_or_path, "model").location, args.lm_eval_tasks)
+            limit = args.lm_eval_limit
+            harness = run_lm_eval(
+                resolve(recipe.model.model_name_or_path, "model").location, args.lm_eval_tasks,
+                num_fewshot=args.lm_eval_num_fewshot, limit=int(limit) if limit is not None and limit >= 1 else limit,
+                batch_size=t.per_device_eval_batch_size, device=str(device), dtype=dtype, seed=t.seed,
+                include_path=args.lm_eval_include_path)
             result["summary"].update(harness["summary"])
+            # by identity in eval.json: never a local absolute path
+            harness["settings"].update(model=identity(recipe.model.model_name_or_path),
+                                       include_path=identity(args.lm_eval_include_path))
         staged = open_staging(rundir)
-        write_json(staged.eval_json, {**result["summary"], "samples": result["samples"], "settings": result["settings"]})
-        write_text(staged / "evaluation.md", markdown_table(result) + "\n")
+        lm_eval_record = {"lm_eval": {k: harness[k] for k in ("results", "versions", "n-shot", "settings")}} if harness else {}
+        write_json(staged.eval_json, {**result["summary"], "samples": result["samples"], "settings": result["settings"],
+                                      **lm_eval_record})
+        table = markdown_table(result)
+        if harness:
+            from gemma_hf.evaluation import markdown_lm_eval
+
+            table += "\n" + markdown_lm_eval(harness)
+        write_text(staged / "evaluation.md", table + "\n")
         write_text(staged.recipe, recipe.to_yaml())
         run_info = record(
             "eval", self.title, run.started, run.start_time,
@@ -174,6 +213,9 @@ class Evaluate(Method):
     def summary(self, results: dict) -> list[str]:
         keys = ("model_heldout_loss", "baseline_heldout_loss", "model_ended_turn_rate", "baseline_ended_turn_rate",
                 "model_repeat_prompt_rate", "model_distinct_2", "reward_win_rate", "judge_win_rate")
+        from gemma_hf.evaluation.harness import is_metric
+
+        keys += tuple(k for k in results if k.startswith("lm_eval/") and is_metric(k.rsplit("/", 1)[-1]))
         return [f"{k}: {results[k]:.4f}" for k in keys if isinstance(results.get(k), (int, float))]
 
 
