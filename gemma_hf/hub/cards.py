@@ -124,22 +124,37 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-# An estimate X with its interval is recorded as X, X_ci_low and X_ci_high (eval.json of eval and warp).
+# An estimate X with its interval is recorded as X, X_ci_low and X_ci_high (eval.json of eval and warp); a
+# training run's held-out estimate X_before / X_after as X_ci_low_before, X_ci_high_after, ... (reward).
 INTERVAL_SUFFIXES = ("_ci_low", "_ci_high")
+_WHEN_SUFFIXES = ("_before", "_after")
+
+
+def _split_when(key: str) -> tuple[str, str]:
+    """(stem, "_before"/"_after"/"") of an eval.json key."""
+    for when in _WHEN_SUFFIXES:
+        if key.endswith(when):
+            return key[: -len(when)], when
+    return key, ""
 
 
 def _is_interval_key(key: str, mapping: dict) -> bool:
     """``key`` is the bound of an interval whose estimate ``mapping`` also holds."""
-    return key.endswith(INTERVAL_SUFFIXES) and key.rsplit("_ci_", 1)[0] in mapping
+    stem, when = _split_when(key)
+    return stem.endswith(INTERVAL_SUFFIXES) and stem.rsplit("_ci_", 1)[0] + when in mapping
 
 
 def _with_intervals(mapping: dict) -> dict:
-    """X, X_ci_low, X_ci_high as one entry X: ``value [low, high]`` (cells of the card's tables)."""
+    """X, X_ci_low, X_ci_high as one entry X: ``value [low, high]`` (cells of the card's tables); likewise
+    X_before with X_ci_low_before and X_ci_high_before."""
     out = {}
     for key, value in mapping.items():
         if _is_interval_key(key, mapping):
             continue
-        low, high = mapping.get(f"{key}_ci_low"), mapping.get(f"{key}_ci_high")
+        stem, when = _split_when(key)
+        low, high = mapping.get(f"{stem}_ci_low{when}"), mapping.get(f"{stem}_ci_high{when}")
+        if not (_is_number(low) and _is_number(high)) and when:  # an estimate whose name ends in _before/_after
+            low, high = mapping.get(f"{key}_ci_low"), mapping.get(f"{key}_ci_high")
         if _is_number(value) and _is_number(low) and _is_number(high):
             value = f"{_cell(value)} [{_cell(low)}, {_cell(high)}]"
         out[key] = value
