@@ -17,7 +17,6 @@ download (a local path, a preset's random weights) unless the push names the Hub
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ from gemma_hf.references import hub_id_of, is_hub_id
 from gemma_hf.rundir import ADAPTER, RunDir, RunDirError
 
 from .checks import CardError
-from .plan import IGNORE_PATTERNS, describe_files, is_link, record_extras, refuse_unholdable_names
+from .plan import ExactFiles, describe_files, is_link, record_extras, refuse_unholdable_names
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -70,7 +69,7 @@ def base_model_refusal(root: Path, recorded: str) -> str:
 
 
 @dataclass
-class AdapterPlan:
+class AdapterPlan(ExactFiles):
     """Exactly the files an adapter-only push uploads: ``sources`` (the repository's name -> the run's
     file) and ``generated`` (the repository's name -> bytes: the card and the rewritten adapter config)."""
 
@@ -83,15 +82,6 @@ class AdapterPlan:
     @property
     def files(self) -> list[str]:
         return sorted({**self.sources, **self.generated})
-
-    @property
-    def allow_patterns(self) -> list[str]:
-        # Each file by its escaped literal name: upload_folder then uploads exactly these.
-        return [glob.escape(f) for f in self.files]
-
-    @property
-    def ignore_patterns(self) -> list[str]:
-        return list(IGNORE_PATTERNS)
 
     def size_of(self, name: str) -> int:
         return len(self.generated[name]) if name in self.generated else self.sources[name].stat().st_size

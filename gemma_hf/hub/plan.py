@@ -27,13 +27,10 @@ _TOKENIZER_REQUIRED_ANY = ("tokenizer.json", "tokenizer.model")
 IGNORE_PATTERNS = ["checkpoints/*", ".*", "*/.*", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle"]
 
 
-@dataclass
-class UploadPlan:
-    """Exactly the files a push uploads (relative to run_dir), and what it leaves out."""
+class ExactFiles:
+    """The upload_folder patterns of a plan that names its files (``files``): exactly those, nothing else."""
 
-    run_dir: Path
     files: list[str]
-    skipped: list[str] = field(default_factory=list)
 
     @property
     def allow_patterns(self) -> list[str]:
@@ -43,6 +40,15 @@ class UploadPlan:
     @property
     def ignore_patterns(self) -> list[str]:
         return list(IGNORE_PATTERNS)
+
+
+@dataclass
+class UploadPlan(ExactFiles):
+    """Exactly the files a push uploads (relative to run_dir), and what it leaves out."""
+
+    run_dir: Path
+    files: list[str]
+    skipped: list[str] = field(default_factory=list)
 
     def size_of(self, name: str) -> int:
         return (self.run_dir / name).stat().st_size
