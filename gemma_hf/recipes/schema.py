@@ -187,7 +187,7 @@ REFUSED_TRAINING_KEYS = {
     "trust_remote_code": "gemma_hf loads Gemma checkpoints with its own classes; no remote code runs.",
     # The Trainer's own push would upload checkpoints/ (optimizer states, pickles) with its own card while
     # training, around our push plan (allowlist, no pickles, private by default).
-    **{key: "the Trainer never pushes: push the finished run with `gemma-hf push RUN_DIR ORG/NAME` (its files "
+    **{key: "the Trainer never pushes: push the finished run with `gemma-hf push RUN_DIR --repo-id ORG/NAME` (its files "
             "checked, private by default), or a pipeline's `push:`." for key in
        ("push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push",
         "hub_revision")},
