@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # Modules that contribute subcommands, in the order `gemma-hf --help` lists them.
@@ -46,8 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("GEMMA_HF_DEBUG", "") not in ("", "0")
@@ -100,8 +99,6 @@ def plain_progress() -> None:
     prints its logged numbers instead of a bar (recipes.config sets disable_tqdm then). Library behaviour
     relied on: datasets and huggingface_hub read these variables when first imported, transformers takes
     huggingface_hub's setting at import; for a library already imported its switch is called."""
-    import os
-
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if "huggingface_hub" in sys.modules:

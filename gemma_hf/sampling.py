@@ -15,6 +15,7 @@ import torch
 
 from gemma_hf.chat import END_OF_TURN, encode_chat, stop_token_ids
 from gemma_hf.errors import InputError
+from gemma_hf.references import CAUSAL_LM, WrongHead, check_head
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,6 @@ def load_chat_model(model_dir: str | Path, dtype: str = "float32", tokenizer_dir
 
     from gemma_hf import GemmaHFForCausalLM
 
-    from .references import CAUSAL_LM, WrongHead, check_head
     from .rundir import model_files_complete, safetensors_complete, weight_files
 
     model_dir = Path(model_dir)

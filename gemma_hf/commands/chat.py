@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from .recipes import add_recipe_options, recipe_form
+
 
 # The one-shot options' defaults. `gemma-hf generate` parses them as None, so that one given together with
 # --config (the recipe form) is told from one left out; the one-shot form fills these in.
@@ -68,8 +70,6 @@ def _generate_options(parser: argparse.ArgumentParser, model_dir: bool) -> None:
                         help="the user message (repeat for several prompts; '-' reads it from standard input)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per prompt: prompt, text, stop, new_tokens, seconds")
-    from .recipes import add_recipe_options
-
     add_recipe_options(parser, "generate")
     parser.set_defaults(func=generate_command, model_dir=None)
 
@@ -171,8 +171,6 @@ def _as_overrides(args: argparse.Namespace) -> list[str]:
 
 def generate_command(args: argparse.Namespace) -> int:
     from gemma_hf.errors import InputError
-
-    from .recipes import recipe_form
 
     code = recipe_form(args, "generate", _as_overrides)  # the recipe form: a generate run (recipes.generate)
     if code is not None:

@@ -14,6 +14,8 @@ import argparse
 import math
 import sys
 
+from .recipes import add_recipe_options, recipe_form
+
 DESCRIPTION = """\
 Average model checkpoints, tensor by tensor, into a new model directory.
 
@@ -81,8 +83,6 @@ def register(subparsers) -> None:
                        help="torch threads for the arithmetic, 1 to the CPUs available (default 1: the merge is "
                             "streaming I/O, and on a busy machine more threads are slower; try N on an idle many-core "
                             "machine)")
-    from .recipes import add_recipe_options
-
     add_recipe_options(merge, "merge")
     merge.set_defaults(func=merge_command)
 
@@ -186,8 +186,6 @@ def _as_overrides(args: argparse.Namespace) -> list[str]:
 
 def merge_command(args: argparse.Namespace) -> int:
     from ..errors import GemmaHFError, InputError
-
-    from .recipes import recipe_form
 
     code = recipe_form(args, "merge", _as_overrides)  # the recipe form: a merge run (gemma_hf.recipes.merge)
     if code is not None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from gemma_hf.references import hub_id_of, is_hub_id
 from gemma_hf.rundir import ADAPTER, RunDir, RunDirError
 
+from .cards import render_adapter_card
 from .checks import CardError
 from .plan import ExactFiles, describe_files, is_link, record_extras, refuse_unholdable_names
 
@@ -114,7 +115,6 @@ class AdapterPlan(ExactFiles):
 def adapter_plan(run_dir: str | os.PathLike, *, repo_id: str | None = None, base_model: str | None = None) -> AdapterPlan:
     """Check a LoRA run's adapter and decide what its push uploads (the card rendered and validated).
     ``base_model``: the Hub id of the base, for a run trained from a local copy of it (``--base-model``)."""
-    from .cards import render_adapter_card
 
     root = Path(run_dir)
     if root.is_symlink():

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gemma_hf.faults import fault_point
-from gemma_hf.references import BadReference, identity, resolve
+from gemma_hf.references import PENDING_STAGES, BadReference, identity, resolve
 from gemma_hf.rundir import RunDir
 
 from .methods import Method
@@ -416,8 +416,6 @@ def _teacher_config(c):
     if not c.role("teacher_name_or_path", text, "teacher"):  # a reward model has no next-token distribution
         return None
     if ref.kind == "stage":  # a pipeline stage's output: what that stage will write
-        from gemma_hf.references import PENDING_STAGES
-
         c._teacher_config = PENDING_STAGES[text[len("stage:"):]].architecture
         return c._teacher_config
     if not ref.is_local:

@@ -40,6 +40,7 @@ what each removed, per-shard sha256), recipe.yaml, run.json and a card. A later 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -51,11 +52,13 @@ from typing import Any
 from gemma_hf.chat import CONTROL_TOKENS
 from gemma_hf.errors import InputError
 from gemma_hf.faults import fault_point
+from gemma_hf.io import sha256_file
 from gemma_hf.references import CAUSAL_LM, identity, resolve
 from gemma_hf.rundir import CHECKPOINTS, DATASET, RunDir, write_json, write_text
 
 from .data import load_mixture
 from .distributed import on_main_process
+from .engine import write_marker
 from .formats import RecordError, canonical
 from .methods import Method
 from .publish import finish, open_staging, record
@@ -180,8 +183,6 @@ class Generate(Method):
     def prompts(self, run: Run) -> list[dict]:
         """The prompts to answer, in order: the recipe's mixture (its held-out split left out), each with
         ``source``: the dataset (by identity) and the record's index in it."""
-        import dataclasses
-
         from .data import split_held_out
 
         recipe = run.recipe
@@ -200,8 +201,6 @@ class Generate(Method):
 
         from gemma_hf.distillation.fingerprints import teacher_fingerprint
         from gemma_hf.evaluation.generation import generate_answers
-
-        from .engine import write_marker
 
         recipe, rundir = run.recipe, run.rundir
         args, t = recipe.method_args, recipe.training
@@ -369,8 +368,6 @@ def _whole_shard(path: Path, expected: int, shard: int) -> bool:
 
 
 def _sha256(path: Path) -> str:
-    from gemma_hf.io import sha256_file
-
     return sha256_file(path)
 
 

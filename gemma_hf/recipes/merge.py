@@ -56,6 +56,7 @@ from gemma_hf.references import (
 from gemma_hf.rundir import RUN_JSON, RunDir, write_json, write_text
 
 from .distributed import on_main_process
+from .engine import write_marker
 from .methods import Method
 from .publish import finish, link_model, open_staging, record
 from .runtime import Run, RunResult, prepare_splits, read_mixture
@@ -232,9 +233,7 @@ class Merge(Method):
         entries, _ = parse_models(recipe.method_args.models)
         out = []
         for entry in entries:
-            expanded = expand(entry)
-            share = entry.weight
-            out += [(text, key, share) for text, key in expanded]
+            out += [(text, key, entry.weight) for text, key in expand(entry)]
         return out
 
     def head_of_inputs(self, recipe) -> str:
@@ -244,6 +243,9 @@ class Merge(Method):
             if found is not None:
                 return found[0]
         return CAUSAL_LM
+
+    def published_head(self, recipe) -> str:
+        return self.head_of_inputs(recipe)
 
     def data_format_for(self, recipe) -> str:
         return "preference" if self.head_of_inputs(recipe) == SEQUENCE_CLASSIFICATION else "prompt"
@@ -469,8 +471,6 @@ class Merge(Method):
         return liti(base, paths[0], args.eta, out, allow_extrapolation=args.allow_extrapolation, **common)
 
     def _merge(self, run: Run) -> RunResult:
-        from .engine import write_marker
-
         recipe, rundir = run.recipe, run.rundir
         write_marker(run)  # the recipe's values: a resume after an edit is refused (engine.claim_output_dir)
         working = rundir.path / WORKING

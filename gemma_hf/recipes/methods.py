@@ -127,6 +127,10 @@ class Method:
         it depends on the recipe (a merge of reward models is evaluated on preference pairs)."""
         return self.data_format
 
+    def published_head(self, recipe) -> str:
+        """The head of the model this recipe's run publishes (a merge keeps its inputs' head)."""
+        return self.head
+
     def describe_model(self, recipe) -> str | None:
         """What `gemma-hf validate` says the recipe's model is, when model_name_or_path does not say it."""
         return None

@@ -80,7 +80,7 @@ from gemma_hf.rundir import MANIFEST, STAGES, RunDir, now_iso, write_json, write
 from .config import load_recipe, read_yaml, yaml_scalar
 from .distributed import on_main_process
 from .engine import open_run, run_recipe
-from .methods import METHOD_MODULES, get_method
+from .methods import METHOD_MODULES, get_method, key_index, refused_keys
 from .problems import Problem, RecipeError
 from .publish import copy_model, finish, open_staging, record
 from .runtime import RunResult
@@ -205,8 +205,6 @@ def _from_references(value: Any, known: dict[str, Stage], where: str, problems: 
 
 def _sweep_points(spec: Any, method: str, where: str, problems: list[Problem], source: str) -> list[dict]:
     """The override sets of a stage's ``sweep``: a grid ({key: [values]}) or an explicit list of sets."""
-    from .methods import key_index, refused_keys
-
     if isinstance(spec, dict):
         if not spec:
             problems.append(Problem(where, "an empty sweep", "give {key: [value, ...]} (a grid) or remove sweep",
@@ -452,8 +450,7 @@ def check_pipeline(pipeline: Pipeline) -> dict[str, Any]:
             recipes[stage.name] = recipe
             method = get_method(stage.method)
             # later stages' references are checked by what it will publish
-            head = (method.head_of_inputs(recipe) if hasattr(method, "head_of_inputs") else method.head) \
-                if method.publishes_model else None
+            head = method.published_head(recipe) if method.publishes_model else None
             PENDING_STAGES[stage.name] = PendingStage(stage.name, recipe.architecture, recipe.tokenizer_path, head,
                                                       publishes=stage.publishes, points=len(stage.points))
     finally:

@@ -50,11 +50,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from gemma_hf.chat import END_OF_TURN, START_OF_TURN
+from gemma_hf.chat import CONTROL_TOKENS, END_OF_TURN, FAMILIES, START_OF_TURN
 from gemma_hf.tokenization import encode_conversation
 
+from .data import read_dataset
 from .methods import HEADS, Method
 from .plots import plot_histograms
+from .problems import Problem, RecipeError
 from .schema import DatasetSpec
 
 BOOTSTRAP_RESAMPLES = 1000  # of the held-out accuracy's 95% interval
@@ -429,9 +431,7 @@ def _extra_entry_problem(entry, names: set) -> tuple[str, str] | None:
 def _read_extra(entry: dict, index: int, family: str):
     """The records of an ``extra_eval_datasets`` entry: preference pairs, or instruction records to
     build them from (read and checked as the mixture's datasets are)."""
-    from gemma_hf.chat import CONTROL_TOKENS, FAMILIES
 
-    from .data import read_dataset
 
     spec = DatasetSpec(path=entry["path"], split=entry.get("split", "train"), columns=entry.get("columns"),
                        format=entry.get("format", "auto"))
@@ -453,7 +453,6 @@ def _extra_sets(run) -> dict:
     says; their counts go to run.json under ``extra:NAME``)."""
     import datasets
 
-    from .problems import Problem, RecipeError
 
     prepared = run.info.get("_extra_eval_sets")
     if prepared is not None:
