@@ -16,6 +16,7 @@ counts instead (``read_dataset(..., keep_records=False)``) and reads its records
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -187,6 +188,13 @@ def held_out_seed(data: DataArguments, seed: int) -> int:
     return seed if data.split_seed is None else data.split_seed
 
 
+def held_out_count(size: int | float | None, total: int) -> int:
+    """How many of ``total`` records ``test_split_size`` holds out (the in-memory split, a stream's and validation's count alike)."""
+    if size is None:
+        return 0
+    return math.ceil(size * total) if isinstance(size, float) else int(size)
+
+
 def split_held_out(dataset, data: DataArguments, seed: int):
     """(train, held-out or None): datasets' seeded train_test_split by ``test_split_size``, seeded by
     ``split_seed`` if set, else ``seed`` (the training seed)."""
@@ -197,4 +205,5 @@ def split_held_out(dataset, data: DataArguments, seed: int):
 
 
 __all__ = ["DatasetProblem", "ReadDataset", "Mixture", "read_dataset", "iter_canonical", "load_mixture", "held_out_seed",
+           "held_out_count",
            "split_held_out", "MAX_PROBLEMS_PER_DATASET"]

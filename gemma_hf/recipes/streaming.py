@@ -38,14 +38,13 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from gemma_hf.chat import CONTROL_TOKENS
 
-from .data import ReadDataset, held_out_seed, iter_canonical
+from .data import ReadDataset, held_out_count, held_out_seed, iter_canonical
 from .schema import DataArguments
 
 
@@ -64,13 +63,6 @@ def held_out_key(split_seed: int, dataset_index: int, position: int) -> int:
     """The 64-bit key that ranks a record for the held-out split (smallest keys are held out)."""
     digest = hashlib.blake2b(f"{split_seed}/{dataset_index}/{position}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
-
-
-def held_out_count(size: int | float | None, total: int) -> int:
-    """How many of ``total`` records ``test_split_size`` holds out (validation counts the same way)."""
-    if size is None:
-        return 0
-    return math.ceil(size * total) if isinstance(size, float) else int(size)
 
 
 def choose_held_out(counts: list[int], size: int | float | None, split_seed: int) -> frozenset[tuple[int, int]]:
@@ -168,5 +160,5 @@ def shuffled(dataset, data: DataArguments, seed: int):
     return dataset.shuffle(seed=seed, buffer_size=data.shuffle_buffer_size)
 
 
-__all__ = ["StreamedMixture", "load_streamed_mixture", "choose_held_out", "held_out_key", "held_out_count",
+__all__ = ["StreamedMixture", "load_streamed_mixture", "choose_held_out", "held_out_key",
            "shuffled", "stream_features"]

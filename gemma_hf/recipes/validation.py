@@ -33,10 +33,9 @@ from gemma_hf.references import (
 )
 from gemma_hf.rundir import RunDirError, safetensors_complete, weight_files
 
-from .data import read_dataset
+from .data import held_out_count, read_dataset
 from .methods import get_method, method_names
 from .sources import parses_whole
-from .streaming import held_out_count
 from .problems import Problem, RecipeError
 from .schema import Recipe
 
@@ -552,7 +551,7 @@ def _check_split_sizes(c: Checks, parts) -> None:
     total = sum(max(1, round(p.spec.fraction * p.num_examples)) if p.spec.fraction < 1 else p.num_examples
                 for p in parts)
     size = c.recipe.data.test_split_size
-    held_out = 0 if size is None else math.ceil(size * total) if isinstance(size, float) else size
+    held_out = held_out_count(size, total)
     if size is None:
         _check_accumulation(c, total)
         return
