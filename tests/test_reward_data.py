@@ -151,3 +151,92 @@ def test_bad_extra_eval_datasets_are_refused_before_anything_runs(tmp_path, caps
     code, _, err = run_cli(["validate", str(path)], capsys)
     assert code == 2 and "extra_eval_datasets[0]" in err and text in err, err
     assert json.dumps(entry)  # the entry is plain YAML data
+
+
+def test_every_built_kind_is_the_corruption_it_names():
+    records = [{"messages": [{"role": "user", "content": f"Explain thing {i} in a few sentences."},
+                             {"role": "assistant", "content": f"Thing {i} is a thing. It has many parts, and each part "
+                                                              f"works with the others to make thing {i} do its job well."}]}
+               for i in range(12)]
+    answers = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in records}
+    kinds = ["truncated", "repeated", "echo", "continued"]
+    pairs = preference_pairs(records, kinds, seed=4)
+    assert Counter(p["kind"] for p in pairs) == {"truncated": 3, "repeated": 3, "echo": 3, "continued": 3}
+    assert pairs == preference_pairs(records, kinds, seed=4)
+    for pair in pairs:
+        instruction = pair["prompt"][-1]["content"]
+        chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+        assert chosen == answers[instruction] and rejected != chosen
+        if pair["kind"] == "truncated":  # a strict prefix, cut mid-sentence
+            assert chosen.startswith(rejected) and len(rejected.split()) < len(chosen.split())
+            assert not rejected.endswith((".", "!", "?", ":", ";"))
+        elif pair["kind"] == "repeated":  # the answer's first words, looped
+            words = rejected.split()
+            head = next(n for n in range(4, 13) if words[n:2 * n] == words[:n])
+            assert words[:head] == chosen.split()[:head] and len(words) >= len(chosen.split())
+        elif pair["kind"] == "continued":  # the whole answer, then the start of another one: the longer side
+            rest = rejected[len(chosen):]
+            assert rejected.startswith(chosen + "\n\n") and rest.strip() and rest.strip() not in chosen
+            assert any(other.startswith(rest.strip()) for other in answers.values() if other != chosen)
+        else:
+            assert rejected == instruction
+    assert len(preference_pairs(records, ["off_topic", "echo"], size=5, seed=0)) == 5
+    with pytest.raises(ValueError, match="unknown build"):
+        preference_pairs(records, ["loud"])
+
+
+def _reward_recipe(tmp_path, **changes):
+    recipe = yaml.safe_load(TINY_REWARD.read_text())
+    recipe.update(output_dir=str(tmp_path / "out"), **changes)
+    path = tmp_path / "reward.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+BUILT = {"path": "asset:llamafactory-data/alpaca_en_demo.json", "split": "train[:60]",
+         "build": ["off_topic", "truncated", "repeated", "echo"], "build_size": 40}
+
+
+@pytest.mark.parametrize("change,key,text", [
+    ({"build": ["off_topic", "loud"]}, "datasets[1].build", "not kinds of built pairs"),
+    ({"build": ["echo", "echo"]}, "datasets[1].build", "a kind named twice"),
+    ({"build_size": 0}, "datasets[1].build_size", "not a count of pairs"),
+    ({"format": "preference"}, "datasets[1].format", "build reads instruction records"),
+])
+def test_bad_builds_are_refused_before_anything_runs(tmp_path, capsys, change, key, text):
+    require(gemma_tokenizer_tiny)
+    require(llamafactory_data)
+    path = _reward_recipe(tmp_path, datasets=[{"path": "asset:llamafactory-data/dpo_en_demo.json"}, {**BUILT, **change}])
+    code, _, err = run_cli(["validate", "--method", "reward", str(path)], capsys)
+    assert code == 2 and key in err and text in err, err
+
+
+def test_a_build_in_a_recipe_that_reads_no_pairs_is_refused(tmp_path, capsys):
+    require(gemma_tokenizer_tiny)
+    require(llamafactory_data)
+    path = tmp_path / "sft.yaml"
+    recipe = yaml.safe_load((TINY_REWARD.parent / "sft.yaml").read_text())
+    recipe.update(output_dir=str(tmp_path / "out"), datasets=[BUILT])
+    path.write_text(yaml.safe_dump(recipe))
+    code, _, err = run_cli(["validate", "--method", "sft", str(path)], capsys)
+    assert code == 2 and "datasets[0].build" in err and "only reward recipes" in err, err
+
+
+def test_a_reward_model_on_real_and_built_pairs_reports_accuracy_by_origin(tmp_path, capsys):
+    """The mixture of real pairs and built ones: every pair carries its origin, and eval.json reads the held-out
+    accuracy by origin (with intervals) next to the mixture's, before and after."""
+    require(gemma_tokenizer_tiny)
+    require(llamafactory_data)
+    path = _reward_recipe(tmp_path, datasets=[{"path": "asset:llamafactory-data/dpo_en_demo.json"}, BUILT],
+                          test_split_size=24, max_steps=2, save_steps=2)
+    code, out, err = run_cli(["reward", "--config", str(path)], capsys)
+    assert code == 0, err
+    results = json.loads((tmp_path / "out" / "eval.json").read_text())
+    origins = {k[len("origin_"):-len("_num_pairs_after")] for k in results
+               if k.startswith("origin_") and k.endswith("_num_pairs_after")}
+    assert origins <= {"dpo_en_demo", "off_topic", "truncated", "repeated", "echo"} and len(origins) >= 3, origins
+    assert sum(results[f"origin_{o}_num_pairs_after"] for o in origins) == results["num_pairs_after"]
+    for origin in origins:
+        low, value, high = (results[f"origin_{origin}_accuracy{s}_after"] for s in ("_ci_low", "", "_ci_high"))
+        assert 0 <= low <= value <= high <= 1
+    assert "held-out pairs from" in out + err

@@ -1,25 +1,43 @@
-"""Preference pairs built from instruction data, for judging a reward model on pairs of another kind
-than the ones it was trained on (deterministic: the same records, size and seed give the same pairs).
+"""Preference pairs built from instruction data by a rule (deterministic: the same records, kinds, size
+and seed give the same pairs), to train a reward model on more signal than the preference data there
+is, and to judge one on pairs of another kind than it was trained on.
 
 Each pair takes one instruction record (a conversation ending with its reference answer): the prompt
-is the conversation up to that answer and ``chosen`` is the reference answer. ``rejected`` is
+is the conversation up to that answer and ``chosen`` is the reference answer. ``rejected`` is, by
+kind -- each one a way small policies fail:
 
 * ``off_topic``: the reference answer of *another* instruction, the one of the closest length among 8
   drawn at random. Both answers are fluent, human-written and of about the same length, so neither
   fluency nor length decides: only a model that reads the prompt and judges whether the answer
-  addresses it can tell them apart. This is the stronger test of the two.
-* ``shuffled``: the same answer with its words in a random order. Same words, same length; a model
-  can tell them apart from the answer alone (fluency), without reading the prompt, so it is the
-  weaker test -- a language model's features go a long way towards it before any reward training.
+  addresses it can tell them apart.
+* ``truncated``: the answer cut off mid-sentence, after 25% to 60% of its words (never right after a
+  sentence's end), so that it stops before it says what was asked: an unfinished answer.
+* ``repeated``: the answer's first words (4 to 12 of them) said again and again up to the answer's
+  length: the loop a greedy decoder falls into.
+* ``echo``: the instruction itself given back as the answer (the last user turn's text): an answer
+  that repeats the prompt.
+* ``continued``: the whole answer, then -- instead of stopping -- the start of another instruction's
+  answer (as many words as the answer has, at most): an answer that does not end when it is done.
+  Its rejected side is the *longer* one, where ``truncated`` and ``echo`` make it the shorter: together
+  they teach that an answer is good for being whole and to the point, not for its length.
+* ``shuffled``: the same answer with its words in a random order. Same words, same length; a model can
+  tell them apart from the answer alone (fluency), without reading the prompt -- a language model's
+  features go a long way towards it before any reward training.
+
+Every pair records its ``kind``. Pairs are labelled by the rule alone: the reference answer is taken
+to be better than each corruption of it, which holds by construction, not by a judge.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Mapping, Sequence
 
-BUILDS = ("off_topic", "shuffled")
+BUILDS = ("off_topic", "truncated", "repeated", "echo", "continued", "shuffled")
 CANDIDATES = 8  # answers drawn for each off-topic pair; the one closest in length is taken
+MIN_WORDS = {"truncated": 12, "repeated": 8}  # shorter answers give no pair of that kind
+_SENTENCE_END = re.compile(r"[.!?:;]$")
 
 
 def _split(record: Mapping) -> tuple[list[dict], str] | None:
@@ -43,33 +61,77 @@ def _shuffled(answer: str, rng: random.Random) -> str | None:
     return None
 
 
-def preference_pairs(records: Sequence[Mapping], build: str, size: int, seed: int = 0) -> list[dict]:
-    """Up to ``size`` canonical preference records ({prompt, chosen, rejected}, messages) built from
-    canonical conversation ``records`` by ``build`` (see the module docstring), seeded by ``seed``."""
-    if build not in BUILDS:
-        raise ValueError(f"unknown build {build!r}; expected one of {BUILDS}")
+def _truncated(answer: str, rng: random.Random) -> str | None:
+    words = answer.split(" ")
+    if len(answer.split()) < MIN_WORDS["truncated"]:
+        return None
+    cut = rng.randint(max(3, len(words) // 4), max(3, (len(words) * 3) // 5))
+    while cut > 3 and (_SENTENCE_END.search(words[cut - 1]) or words[cut - 1].endswith("\n")):
+        cut -= 1
+    text = " ".join(words[:cut]).rstrip()
+    return text if text and text != answer else None
+
+
+def _repeated(answer: str, rng: random.Random) -> str | None:
+    words = answer.split()
+    if len(words) < MIN_WORDS["repeated"]:
+        return None
+    head = words[:rng.randint(4, min(12, len(words) - 2))]
+    length = max(len(words), 3 * len(head))
+    loop = (head * (length // len(head) + 1))[:length]
+    return " ".join(loop)
+
+
+def _echo(prompt: list[dict], answer: str) -> str | None:
+    users = [m for m in prompt if m.get("role") == "user"]
+    text = str(users[-1].get("content") or "").strip() if users else ""
+    return text if text and text != answer else None
+
+
+def preference_pairs(records: Sequence[Mapping], build: str | Sequence[str], size: int | None = None,
+                     seed: int = 0) -> list[dict]:
+    """Canonical preference records ({prompt, chosen, rejected} as messages, and ``kind``) built from
+    canonical conversation ``records``: one pair per record taken in a seeded random order, the kinds of
+    ``build`` (one kind or a list; see the module docstring) in turn, until ``size`` pairs (default: one
+    per usable record). A record that cannot give the kind due (too short an answer) gives none."""
+    kinds = [build] if isinstance(build, str) else list(build)
+    unknown = [k for k in kinds if k not in BUILDS]
+    if unknown or not kinds:
+        raise ValueError(f"unknown build {unknown or kinds!r}; expected some of {BUILDS}")
     usable = [split for split in map(_split, records) if split is not None]
+    size = len(usable) if size is None else size
     rng = random.Random(seed)
     order = list(range(len(usable)))
     rng.shuffle(order)
     pairs = []
-    for index in order:
+    for turn, index in enumerate(order):
         if len(pairs) >= size:
             break
+        kind = kinds[turn % len(kinds)]
         prompt, answer = usable[index]
-        if build == "off_topic":
+        if kind == "off_topic":
             others = [j for j in rng.sample(range(len(usable)), min(len(usable), CANDIDATES + 1)) if j != index
                       and usable[j][1] != answer][:CANDIDATES]
-            if not others:
-                continue
-            rejected = usable[min(others, key=lambda j: (abs(len(usable[j][1]) - len(answer)), j))][1]
+            rejected = usable[min(others, key=lambda j: (abs(len(usable[j][1]) - len(answer)), j))][1] if others else None
+        elif kind == "truncated":
+            rejected = _truncated(answer, rng)
+        elif kind == "repeated":
+            rejected = _repeated(answer, rng)
+        elif kind == "echo":
+            rejected = _echo(prompt, answer)
+        elif kind == "continued":
+            others = [j for j in rng.sample(range(len(usable)), min(len(usable), 2)) if j != index
+                      and usable[j][1] != answer]
+            rejected = (answer + "\n\n" + " ".join(usable[others[0]][1].split(" ")[:len(answer.split(" "))])) \
+                if others else None
         else:
             rejected = _shuffled(answer, rng)
-            if rejected is None:
-                continue
+        if rejected is None:
+            continue
         pairs.append({"prompt": [dict(m) for m in prompt],
                       "chosen": [{"role": "assistant", "content": answer}],
-                      "rejected": [{"role": "assistant", "content": rejected}]})
+                      "rejected": [{"role": "assistant", "content": rejected}],
+                      "kind": kind})
     return pairs
 
 

@@ -68,6 +68,8 @@ def read_dataset(spec: DatasetSpec, index: int, data_format: str, family: str,
     (at most MAX_PROBLEMS_PER_DATASET listed, all counted), never raised. ``keep_records=False``
     (a streamed mixture) checks every record the same way but keeps only the count."""
     key = f"datasets[{index}]"
+    if spec.build is not None:
+        return _read_built(spec, index, data_format, family, forbidden_tokens, keep_records)
     try:
         source = resolve_source(spec, f"{key}.path")
     except SourceError as err:
@@ -132,6 +134,68 @@ def read_dataset(spec: DatasetSpec, index: int, data_format: str, family: str,
     return out
 
 
+def _build_problem(spec: DatasetSpec, key: str, data_format: str) -> DatasetProblem | None:
+    from gemma_hf.evaluation.preference_sets import BUILDS
+
+    if data_format != "preference":
+        return DatasetProblem(f"{key}.build", f"builds preference pairs, but this recipe reads {data_format} data",
+                              "remove build (only reward recipes train on built pairs)")
+    kinds = spec.build if isinstance(spec.build, list) else None
+    if not kinds or any(not isinstance(k, str) for k in kinds):
+        return DatasetProblem(f"{key}.build", f"{spec.build!r} is not a list of kinds",
+                              f"write e.g. build: [off_topic, truncated] (kinds: {', '.join(BUILDS)})")
+    unknown = [k for k in kinds if k not in BUILDS]
+    if unknown or len(set(kinds)) != len(kinds):
+        return DatasetProblem(f"{key}.build", f"{unknown or kinds}: " + ("not kinds of built pairs" if unknown else
+                                                                       "a kind named twice"),
+                              f"use each of {', '.join(BUILDS)} at most once")
+    if spec.build_size is not None and (isinstance(spec.build_size, bool) or not isinstance(spec.build_size, int)
+                                        or spec.build_size < 1):
+        return DatasetProblem(f"{key}.build_size", f"{spec.build_size!r} is not a count of pairs",
+                              "use a whole number of 1 or more, or remove it (one pair per record)")
+    if spec.format not in ("auto", "messages", "sharegpt", "alpaca", "prompt_completion"):
+        return DatasetProblem(f"{key}.format", f"build reads instruction records, not {spec.format!r} records",
+                              "use format: auto (or alpaca, sharegpt, messages, prompt_completion)")
+    return None
+
+
+def _read_built(spec: DatasetSpec, index: int, data_format: str, family: str, forbidden_tokens,
+                keep_records: bool) -> ReadDataset:
+    """A dataset with ``build``: its instruction records read and checked as conversations, then turned into
+    preference pairs by rule (gemma_hf.evaluation.preference_sets), each checked as any pair is, with its
+    ``kind``. A build that gives no pair (records too short for its kinds) is a problem."""
+    from dataclasses import replace
+
+    from gemma_hf.evaluation.preference_sets import preference_pairs
+
+    key = f"datasets[{index}]"
+    problem = _build_problem(spec, key, data_format)
+    if problem is not None:
+        out = ReadDataset(spec, Source("missing", spec.path, spec.path), None)
+        out.problems.append(problem)
+        return out
+    read = read_dataset(replace(spec, build=None), index, "conversation", family, forbidden_tokens)
+    out = ReadDataset(spec, read.source, read.format, problems=read.problems, bad_records=read.bad_records)
+    if read.problems:
+        return out
+    pairs = preference_pairs(read.records, spec.build, spec.build_size, spec.build_seed)
+    for number, pair in enumerate(pairs):
+        kind = pair.pop("kind")
+        try:
+            checked = canonical(pair, "preference", "preference", family, forbidden_tokens)
+        except RecordError as err:  # not expected: built from checked records
+            raise RuntimeError(f"{spec.path}: built pair {number} ({kind}) is not a valid pair: {err.message}") from None
+        out.count += 1
+        if keep_records:
+            out.records.append({**checked, "origin": kind})
+            out.rows.append(number)
+    if not out.count:
+        out.problems.append(DatasetProblem(f"{key}.build", f"{spec.path}: its {read.count} records give no "
+                                           f"{'/'.join(spec.build)} pair (answers too short)",
+                                           "add a kind every record can give (off_topic, echo), or other data"))
+    return out
+
+
 def iter_canonical(part: ReadDataset, index: int, data_format: str, family: str,
                    forbidden_tokens: tuple[str, ...] = CONTROL_TOKENS) -> Iterator[dict]:
     """The canonical records of a dataset that :func:`read_dataset` read and checked, read again from
@@ -178,9 +242,25 @@ def load_mixture(parts: list[ReadDataset], data_format: str, seed: int) -> Mixtu
             order = datasets.Dataset.from_dict({"i": list(range(len(records)))}).shuffle(seed=seed)["i"][:keep]
             records = [records[i] for i in order]
         all_records.append(records)
+    if data_format == "preference":
+        # Each pair's origin -- its dataset's file name, or the kind of a built pair -- so that a reward
+        # model's held-out accuracy can be read by origin (gemma_hf.recipes.reward).
+        for part, records in zip(parts, all_records):
+            name = _origin_name(part.spec.path)
+            for r in records:
+                r["origin"] = r.get("origin") or name
     flat = [r for records in all_records for r in records]
     _fill_optional(flat, data_format)
     return Mixture(datasets.Dataset.from_list(flat), parts, [len(r) for r in all_records])
+
+
+def _origin_name(path: str) -> str:
+    """A short name for a dataset's pairs: the stem of its file (``dpo_en_demo``), or the path's last part."""
+    import re
+
+    last = path.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1]
+    stem = last.rsplit(".", 1)[0] if "." in last else last
+    return re.sub(r"[^0-9a-zA-Z]+", "_", stem).strip("_").lower() or "data"
 
 
 def held_out_seed(data: DataArguments, seed: int) -> int:

@@ -205,7 +205,10 @@ def _train(run: Run, resume: bool) -> RunResult:
         train_set, eval_set = prepare_splits(run, mixture)
     run.info["datasets"] = [
         {"path": identity(part.source.reference), "format": part.format, "split": part.spec.split,
-         "fraction": part.spec.fraction, "num_examples": taken}
+         "fraction": part.spec.fraction, "num_examples": taken,
+         # pairs built by rule from instruction records: how (the records' count is the source's)
+         **({"build": list(part.spec.build), "build_size": part.spec.build_size, "build_seed": part.spec.build_seed}
+            if part.spec.build else {})}
         for part, taken in zip(mixture.parts, mixture.taken)
     ]
     run.train_set = train_set

@@ -80,9 +80,9 @@ class RewardArguments:
         default=None,
         metadata={"help": "Further held-out sets, evaluated before and after training and recorded under their own "
                           "prefix (NAME_accuracy, ...): each {name, path[, split, format, columns]} of preference "
-                          "pairs, or {name, path, build: off_topic|shuffled, size, seed} to build pairs from "
-                          "instruction data (the reference answer against another instruction's answer, or against "
-                          "its own words shuffled). Never trained on."},
+                          "pairs, or {name, path[, split], build: KIND, size, seed} to build pairs from "
+                          "instruction data (the reference answer against a corruption of it: off_topic, truncated, "
+                          "repeated, echo or shuffled; gemma_hf.evaluation.preference_sets). Never trained on."},
     )
     score_init_std: float | None = field(
         default=None,
@@ -143,6 +143,8 @@ class Reward(Method):
                    "rejected_ids": encode_conversation(tokenizer, record["prompt"] + record["rejected"], family)}
             if "margin" in record:
                 out["margin"] = float(record["margin"])
+            if record.get("origin"):  # kept for the held-out accuracy by origin; the collator ignores it
+                out["origin"] = record["origin"]
             return out
 
         if split != "extra":
@@ -199,6 +201,7 @@ class Reward(Method):
                               run.state.device)
         out = pair_metrics(rewards["chosen"], rewards["rejected"], rewards.get("margin"), seed=t.seed)
         out["_rewards"] = rewards
+        out.update(origin_metrics(eval_set, rewards, t.seed))
         for name, pairs in _extra_sets(run).items():
             scored = score_pairs(model, pairs, run.tokenizer.pad_token_id, t.per_device_eval_batch_size,
                                  run.state.device)
@@ -239,9 +242,13 @@ class Reward(Method):
             return fmt.format(value) + (f" [{low:.1%}, {high:.1%}]" if low is not None and high is not None else "")
 
         names = [("accuracy", "held-out pairwise accuracy", "{:.1%}"), ("margin", "held-out mean margin", "{:+.3f}")]
-        names += [(key[: -len("_accuracy_after")] + "_accuracy", f"{key[: -len('_accuracy_after')]} pairwise accuracy",
-                   "{:.1%}") for key in results if key.endswith("_accuracy_after") and key != "accuracy_after"
-                  and "_ci_" not in key]
+        def label(stem):
+            if stem.startswith("origin_"):
+                return f"  held-out pairs from {stem[len('origin_'):]}: accuracy"
+            return f"{stem} pairwise accuracy"
+
+        names += [(key[: -len("_accuracy_after")] + "_accuracy", label(key[: -len("_accuracy_after")]), "{:.1%}")
+                  for key in results if key.endswith("_accuracy_after") and key != "accuracy_after" and "_ci_" not in key]
         return [f"{label}: {show('before', name, fmt)} -> {show('after', name, fmt)}" for name, label, fmt in names
                 if results.get(f"{name}_before") is not None or results.get(f"{name}_after") is not None]
 
@@ -313,6 +320,25 @@ def pair_metrics(chosen: list[float], rejected: list[float], margins: list[float
         "reward_rejected_mean": sum(rejected) / count,
         "num_pairs": count,
     }
+
+
+def origin_metrics(eval_set, rewards: dict, seed: int) -> dict:
+    """Held-out accuracy (with its interval) of each origin of a mixture of two or more -- a dataset by its
+    file's stem, a built pair by its kind -- as ``origin_NAME_accuracy``, ...: so that a mixture's accuracy
+    is never read as one number where one origin is easy and another at chance."""
+    if "origin" not in getattr(eval_set, "column_names", ()):
+        return {}
+    origins = eval_set["origin"]
+    names = sorted({o for o in origins if o})
+    if len(names) < 2:
+        return {}
+    out = {}
+    for name in names:
+        rows = [i for i, o in enumerate(origins) if o == name]
+        metrics = pair_metrics([rewards["chosen"][i] for i in rows], [rewards["rejected"][i] for i in rows], seed=seed)
+        out.update({f"origin_{name}_{k}": metrics[k] for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high",
+                                                                "margin", "num_pairs")})
+    return out
 
 
 def _softplus(x: float) -> float:
@@ -418,7 +444,7 @@ def _extra_entry_problem(entry, names: set) -> tuple[str, str] | None:
         return (f"name {name!r} must be a new lower-case identifier (it prefixes the results in eval.json)",
                 "use e.g. off_topic, and each name once")
     if "build" in entry and entry["build"] not in BUILDS:
-        return f"build {entry['build']!r} is not one of {list(BUILDS)}", "set build to off_topic or shuffled, or remove it"
+        return f"build {entry['build']!r} is not one of {list(BUILDS)}", f"set build to one of {', '.join(BUILDS)}, or remove it"
     for key in ("size", "seed"):
         if key in entry and "build" not in entry:
             return f"{key} applies to built sets only", "add build: off_topic (or shuffled), or remove it"

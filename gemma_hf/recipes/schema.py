@@ -131,6 +131,20 @@ class DatasetSpec:
             "choices": list(FORMAT_NAMES),
         },
     )
+    build: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Reward recipes: preference pairs built by a rule from this instruction dataset instead of read "
+            "from it -- the reference answer (chosen) against a corruption of it (rejected), one pair per record, "
+            "the kinds in turn: off_topic (another instruction's answer), truncated (cut mid-sentence), repeated "
+            "(its first words looped), echo (the instruction given back), shuffled (its words in random order). "
+            "See gemma_hf.evaluation.preference_sets."
+        },
+    )
+    build_size: int | None = field(
+        default=None, metadata={"help": "build: how many pairs (default: one per usable record)."}
+    )
+    build_seed: int = field(default=0, metadata={"help": "build: the seed of the record order and of the corruptions."})
 
 
 @dataclass
@@ -139,7 +153,8 @@ class DataArguments:
 
     datasets: list[DatasetSpec] = field(
         default_factory=list,
-        metadata={"help": "The datasets of the mixture, each {path, split, name, fraction, columns, format}."},
+        metadata={"help": "The datasets of the mixture, each {path, split, name, fraction, columns, format} (reward "
+                          "recipes: also build, build_size, build_seed)."},
     )
     test_split_size: int | float | None = field(
         default=None,
