@@ -56,7 +56,8 @@ from .callbacks import TrainingDiverged, attach_token_count, restore_token_count
 from .methods import get_method
 from .problems import Problem, RecipeError
 from .publish import discard_unready, publish_training, recover
-from .runtime import Run, RunResult, build_model, load_tokenizer, prepare_splits, read_mixture, set_generation_stops
+from .runtime import (Run, RunResult, build_model, freeze_below_top_layers, load_tokenizer, prepare_splits, read_mixture,
+                      set_generation_stops)
 from .schema import Recipe, plain, shareable
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,7 @@ def _train(run: Run, resume: bool) -> RunResult:
 
     try:
         method.configure_model(run, model)
+        freeze_below_top_layers(run, model)
         before = _before(run, model, eval_set)
         trainer = method.make_trainer(run, model, train_set, eval_set)
         fault_point("train")

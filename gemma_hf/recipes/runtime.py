@@ -225,12 +225,57 @@ def peft_config_for(run: Run):
     config = get_peft_config(recipe.model)
     if config.target_modules is None:
         config.target_modules = "all-linear"  # PEFT has no default target list for model_type gemma_hf
+    if recipe.gemma.train_top_layers is not None:
+        # One regular expression over module names (PEFT full-matches a str target_modules): the named
+        # linear layers inside the top layers only. (PEFT 0.21 ignores layers_to_transform when target_modules
+        # is "all-linear", which it expands after that check: measured, hence no layers_to_transform here.)
+        import re
+
+        names = LINEAR_MODULES if config.target_modules == "all-linear" else sorted(
+            [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules)
+        layers = "|".join(str(i) for i in top_layer_indices(run, recipe.gemma.train_top_layers))
+        config.target_modules = (rf".*\.layers\.({layers})\.(?:.*\.)?({'|'.join(map(re.escape, names))})")
     if recipe.gemma.lora_trainable_tokens:
         # PEFT's TrainableTokens: a delta on these embedding rows; with tied embeddings the lm_head rows
         # follow (and gemma_hf's loss reads lm_head.weight, which includes the delta).
         ids = run.tokenizer.convert_tokens_to_ids(list(recipe.gemma.lora_trainable_tokens))
         config.trainable_token_indices = {"embed_tokens": sorted(set(ids))}
     return config
+
+
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # a Gemma layer's
+
+
+def top_layer_indices(run: Run, top: int) -> list[int]:
+    layers = run.info["num_hidden_layers"]
+    return list(range(max(0, layers - top), layers))
+
+
+def freeze_below_top_layers(run: Run, model) -> None:
+    """``train_top_layers`` without LoRA: only the top layers, the final norm and what comes after them (the
+    head: lm_head or score) keep requires_grad; embeddings and lower layers are frozen. (With LoRA, PEFT's
+    layers_to_transform places the adapters: see :func:`peft_config_for`.) The count of trainable parameters
+    goes to run.info."""
+    import re
+
+    top = run.recipe.gemma.train_top_layers
+    layers = model.config.num_hidden_layers
+    run.info["num_hidden_layers"] = layers
+    if top is None or run.recipe.model.use_peft:
+        return
+    keep = set(top_layer_indices(run, top))
+    pattern = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+    for name, parameter in model.named_parameters():
+        match = pattern.search(name)
+        if match:
+            parameter.requires_grad_(int(match.group(1)) in keep)
+        elif "embed_tokens" in name:
+            parameter.requires_grad_(False)
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
+        # a tied lm_head is the embedding matrix: frozen with it (its gradient would reach every row)
+        model.lm_head.weight.requires_grad_(False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    run.info["trainable_parameters"] = trainable
 
 
 def set_generation_stops(model, tokenizer) -> list[int]:
@@ -343,4 +388,4 @@ def _prepare_streamed_splits(run: Run, mixture: StreamedMixture):
 
 
 __all__ = ["Run", "RunResult", "load_tokenizer", "model_class", "seed_everything", "load_model", "build_model",
-           "peft_config_for", "set_generation_stops", "merge_adapter", "read_mixture", "prepare_splits"]
+           "peft_config_for", "top_layer_indices", "freeze_below_top_layers", "set_generation_stops", "merge_adapter", "read_mixture", "prepare_splits"]

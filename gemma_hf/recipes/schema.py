@@ -79,6 +79,15 @@ class GemmaArguments:
             "tokens, and LoRA alone is slow to make it emit <end_of_turn>."
         },
     )
+    train_top_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Train only the top N decoder layers (and what sits above them: the final norm and the head); "
+            "the embeddings and the layers below stay frozen, so the backward pass stops at layer L-N -- fewer "
+            "gradients, a cheaper step. With LoRA, the adapters go on those N layers only (PEFT "
+            "layers_to_transform); without, those layers are fine-tuned in full. null: every layer."
+        },
+    )
     merge_lora: bool = field(
         default=True,
         metadata={

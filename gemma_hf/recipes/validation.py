@@ -105,6 +105,7 @@ def check_recipe(recipe: Recipe, file_label: str, check_environment: bool = True
     _check_lengths(c, architecture)
     if trains:
         _check_peft(c)
+        _check_top_layers(c, architecture)
         _check_eval(c)
     split_seed = recipe.data.split_seed
     c.in_range("split_seed", split_seed, split_seed is None or 0 <= split_seed < 2**32, "an integer in [0, 2**32)")
@@ -439,6 +440,20 @@ def _check_lengths(c: Checks, architecture) -> None:
 # Keys (of any method) bounding how many tokens a generation or a prompt may take.
 GENERATION_LENGTH_KEYS = ("sample_max_new_tokens", "max_new_tokens", "eval_max_new_tokens", "max_prompt_length",
                           "max_completion_length")
+
+
+def _check_top_layers(c: Checks, architecture) -> None:
+    top = c.recipe.gemma.train_top_layers
+    if top is None:
+        return
+    layers = getattr(architecture, "num_hidden_layers", None)
+    if layers is None:
+        c.in_range("train_top_layers", top, top >= 1, "a number of layers of 1 or more (null: every layer)")
+    else:
+        c.in_range("train_top_layers", top, 1 <= top <= layers,
+                   f"a number of layers from 1 to the model's {layers} (null: every layer)")
+    if c.recipe.model.use_peft and c.given("lora_target_parameters"):
+        c.error("train_top_layers", "cannot be combined with lora_target_parameters", "remove one of them")
 
 
 def _check_peft(c: Checks) -> None:
