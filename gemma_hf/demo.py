@@ -148,7 +148,8 @@ def _targets(summary: dict, against_baseline: bool) -> bool:
         met &= ok
         win = summary.get("reward_win_rate")
         print(f"  {'reward-model win rate over SFT':<32} "
-              + (f"{win:.1%} [{low:.1%}, {summary['reward_win_rate_ci_high']:.1%}]" if ok or win is not None else "-")
+              + (f"{win:.1%} [{low:.1%}, {summary['reward_win_rate_ci_high']:.1%}]" if win is not None and low is not None
+                 else "-")
               + f"  (target: interval above 50%)  {'met' if ok else 'NOT met'}")
     return met
 
@@ -157,19 +158,9 @@ def untouched_table(root: Path) -> str:
     """The final (WARP) and SFT models on the untouched split (records 951-998: no stage or decision saw them)."""
     e = json.loads((root / "stages" / "eval-untouched" / "eval.json").read_text())
     lines = [f"\nThe untouched split: {e.get('num_prompts')} Alpaca instructions no stage trained or was tuned on "
-             "(greedy, 96 new tokens; 95% bootstrap intervals over prompts):\n",
-             "| model | held-out loss | ended turn [95%] | repeats prompt | distinct-2 | reward win rate vs SFT |",
-             "|---|---|---|---|---|---|"]
-    for label, side in (("SFT", "baseline"), ("WARP (final)", "model")):
-        ended = e.get(f"{side}_ended_turn_rate")
-        low, high = e.get(f"{side}_ended_turn_rate_ci_low"), e.get(f"{side}_ended_turn_rate_ci_high")
-        ended_cell = "-" if ended is None else f"{ended:.1%}" + (f" [{low:.1%}, {high:.1%}]" if low is not None else "")
-        win = "-" if side == "baseline" or not isinstance(e.get("reward_win_rate"), (int, float)) else (
-            f"{e['reward_win_rate']:.1%} [{e['reward_win_rate_ci_low']:.1%}, {e['reward_win_rate_ci_high']:.1%}]")
-        loss, repeat, distinct = (e.get(f"{side}_{k}") for k in ("heldout_loss", "repeat_prompt_rate", "distinct_2"))
-        lines.append(f"| {label} | {'-' if loss is None else f'{loss:.3f}'} | {ended_cell} | "
-                     f"{'-' if repeat is None else f'{repeat:.1%}'} | {'-' if distinct is None else f'{distinct:.3f}'} "
-                     f"| {win} |")
+             "(greedy, 96 new tokens; win rate: the reward model's, 95% bootstrap interval over prompts):\n",
+             *TABLE_HEADER]
+    lines += [_table_row(label, e, side) for label, side in (("SFT", "baseline"), ("WARP (final)", "model"))]
     return "\n".join(lines) + "\n"
 
 
@@ -178,29 +169,33 @@ TABLE_ROWS = (("SFT", "eval", "baseline"), ("WARP (final)", "eval", "model"),
               ("phase average", "eval-average", "model"))
 
 
-def models_table(root: Path) -> str:
-    """SFT, WARP and their phase average side by side, on the same held-out instructions: held-out loss,
-    chat health and the reward model's win rate over SFT with its 95% interval (bootstrap over prompts)."""
+TABLE_HEADER = ("| model | held-out loss | ended turn | repeats prompt | distinct-2 | reward win rate vs SFT |",
+                "|---|---|---|---|---|---|")
+
+
+def _table_row(label: str, e: dict, side: str) -> str:
+    """One model's row of the demo's tables, from an evaluation's eval.json ``e`` and its ``side``."""
     def cell(value, fmt):
         return "-" if value is None else fmt.format(value)
 
+    win = "-" if side == "baseline" or not isinstance(e.get("reward_win_rate"), (int, float)) else (
+        f"{e['reward_win_rate']:.1%} [{e['reward_win_rate_ci_low']:.1%}, {e['reward_win_rate_ci_high']:.1%}]")
+    return (f"| {label} | {cell(e.get(f'{side}_heldout_loss'), '{:.3f}')} | "
+            f"{cell(e.get(f'{side}_ended_turn_rate'), '{:.1%}')} | "
+            f"{cell(e.get(f'{side}_repeat_prompt_rate'), '{:.1%}')} | "
+            f"{cell(e.get(f'{side}_distinct_2'), '{:.3f}')} | {win} |")
+
+
+def models_table(root: Path) -> str:
+    """SFT, WARP and their phase average side by side, on the same held-out instructions: held-out loss,
+    chat health and the reward model's win rate over SFT with its 95% interval (bootstrap over prompts)."""
     lines = ["\nSFT, WARP and their phase average on the same held-out instructions (greedy, 96 new tokens; "
              "win rate: the reward model's, over the SFT model's answer, ties count half, 95% bootstrap interval "
-             "over prompts):\n",
-             "| model | held-out loss | ended turn | repeats prompt | distinct-2 | reward win rate vs SFT |",
-             "|---|---|---|---|---|---|"]
+             "over prompts):\n", *TABLE_HEADER]
     for label, stage, side in TABLE_ROWS:
         path = root / "stages" / stage / "eval.json"
-        if not path.is_file():
-            continue
-        e = json.loads(path.read_text())
-        win = "-" if side == "baseline" else (
-            f"{e['reward_win_rate']:.1%} [{e['reward_win_rate_ci_low']:.1%}, {e['reward_win_rate_ci_high']:.1%}]"
-            if isinstance(e.get("reward_win_rate"), (int, float)) else "-")
-        lines.append(f"| {label} | {cell(e.get(f'{side}_heldout_loss'), '{:.3f}')} | "
-                     f"{cell(e.get(f'{side}_ended_turn_rate'), '{:.1%}')} | "
-                     f"{cell(e.get(f'{side}_repeat_prompt_rate'), '{:.1%}')} | "
-                     f"{cell(e.get(f'{side}_distinct_2'), '{:.3f}')} | {win} |")
+        if path.is_file():
+            lines.append(_table_row(label, json.loads(path.read_text()), side))
     return "\n".join(lines) + "\n"
 
 

@@ -16,18 +16,22 @@ counts instead (``read_dataset(..., keep_records=False)``) and reads its records
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gemma_hf.chat import CONTROL_TOKENS
+from gemma_hf.evaluation.preference_sets import BUILDS, preference_pairs
 
 from .formats import RecordError, canonical, describe_formats, detect_format, required_columns
 from .schema import DataArguments, DatasetSpec
 from .sources import Source, SourceError, columns_of, iter_records, resolve_source
 
 MAX_PROBLEMS_PER_DATASET = 5
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -135,8 +139,6 @@ def read_dataset(spec: DatasetSpec, index: int, data_format: str, family: str,
 
 
 def _build_problem(spec: DatasetSpec, key: str, data_format: str) -> DatasetProblem | None:
-    from gemma_hf.evaluation.preference_sets import BUILDS
-
     if data_format != "preference":
         return DatasetProblem(f"{key}.build", f"builds preference pairs, but this recipe reads {data_format} data",
                               "remove build (only reward recipes train on built pairs)")
@@ -164,10 +166,6 @@ def _read_built(spec: DatasetSpec, index: int, data_format: str, family: str, fo
     """A dataset with ``build``: its instruction records read and checked as conversations, then turned into
     preference pairs by rule (gemma_hf.evaluation.preference_sets), each checked as any pair is, with its
     ``kind``. A build that gives no pair (records too short for its kinds) is a problem."""
-    from dataclasses import replace
-
-    from gemma_hf.evaluation.preference_sets import preference_pairs
-
     key = f"datasets[{index}]"
     problem = _build_problem(spec, key, data_format)
     if problem is not None:
@@ -189,6 +187,9 @@ def _read_built(spec: DatasetSpec, index: int, data_format: str, family: str, fo
         if keep_records:
             out.records.append({**checked, "origin": kind})
             out.rows.append(number)
+    if spec.build_size is not None and 0 < out.count < spec.build_size:
+        log.warning("%s.build: %s gives %d pairs, not build_size %d (its %d records give one pair each at most, none where "
+                    "the answer is too short for its kind)", key, spec.path, out.count, spec.build_size, read.count)
     if not out.count:
         out.problems.append(DatasetProblem(f"{key}.build", f"{spec.path}: its {read.count} records give no "
                                            f"{'/'.join(spec.build)} pair (answers too short)",
@@ -256,8 +257,6 @@ def load_mixture(parts: list[ReadDataset], data_format: str, seed: int) -> Mixtu
 
 def _origin_name(path: str) -> str:
     """A short name for a dataset's pairs: the stem of its file (``dpo_en_demo``), or the path's last part."""
-    import re
-
     last = path.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1]
     stem = last.rsplit(".", 1)[0] if "." in last else last
     return re.sub(r"[^0-9a-zA-Z]+", "_", stem).strip("_").lower() or "data"

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gemma_hf.chat import CONTROL_TOKENS, END_OF_TURN, FAMILIES, START_OF_TURN
+from gemma_hf.evaluation.preference_sets import BUILDS, preference_pairs
 from gemma_hf.tokenization import encode_conversation
 
 from .data import read_dataset
@@ -431,8 +432,6 @@ def _cut_prompt(prompt: list[int], budget: int, start_of_turn: int, end_of_turn:
 
 def _extra_entry_problem(entry, names: set) -> tuple[str, str] | None:
     """(message, fix) of an ``extra_eval_datasets`` entry that is not well formed, or None."""
-    from gemma_hf.evaluation.preference_sets import BUILDS
-
     example = "{name: off_topic, path: asset:llamafactory-data/alpaca_en_demo.json, build: off_topic, size: 100}"
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("name"), str):
         return "each entry needs a name and a path", f"write e.g. {example}"
@@ -469,8 +468,6 @@ def extra_pairs(entry: dict, records: list[dict]) -> list[dict]:
     """The preference pairs of an ``extra_eval_datasets`` entry from its records (built if it says so)."""
     if "build" not in entry:
         return records
-    from gemma_hf.evaluation.preference_sets import preference_pairs
-
     return preference_pairs(records, entry["build"], entry.get("size", 100), entry.get("seed", 0))
 
 

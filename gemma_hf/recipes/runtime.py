@@ -13,6 +13,7 @@ Library behaviours relied on (easy to break on upgrades):
 from __future__ import annotations
 
 import copy
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,7 +149,7 @@ class Run:
                      FiniteGuard(lambda: self.rundir.latest_complete_checkpoint()[0]), SaveAtEnd(), TokenCount(), SavedFaultPoint(),
                      TrackerLogs(self.rundir.path / LOGS, args.report_to)]
         return dict(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                    processing_class=self.tokenizer, peft_config=peft_config_for(self), callbacks=callbacks)
+                    processing_class=self.tokenizer, peft_config=peft_config_for(self, model), callbacks=callbacks)
 
 
 def load_tokenizer(recipe: Recipe):
@@ -216,7 +217,7 @@ def build_model(recipe: Recipe, head: str):
                       revision=m.model_revision, **kwargs)
 
 
-def peft_config_for(run: Run):
+def peft_config_for(run: Run, model):
     recipe = run.recipe
     if not recipe.model.use_peft:
         return None
@@ -229,11 +230,9 @@ def peft_config_for(run: Run):
         # One regular expression over module names (PEFT full-matches a str target_modules): the named
         # linear layers inside the top layers only. (PEFT 0.21 ignores layers_to_transform when target_modules
         # is "all-linear", which it expands after that check: measured, hence no layers_to_transform here.)
-        import re
-
         names = LINEAR_MODULES if config.target_modules == "all-linear" else sorted(
             [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules)
-        layers = "|".join(str(i) for i in top_layer_indices(run, recipe.gemma.train_top_layers))
+        layers = "|".join(str(i) for i in top_layer_indices(model, recipe.gemma.train_top_layers))
         config.target_modules = (rf".*\.layers\.({layers})\.(?:.*\.)?({'|'.join(map(re.escape, names))})")
     if recipe.gemma.lora_trainable_tokens:
         # PEFT's TrainableTokens: a delta on these embedding rows; with tied embeddings the lm_head rows
@@ -246,24 +245,20 @@ def peft_config_for(run: Run):
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # a Gemma layer's
 
 
-def top_layer_indices(run: Run, top: int) -> list[int]:
-    layers = run.info["num_hidden_layers"]
+def top_layer_indices(model, top: int) -> list[int]:
+    """The indices of ``model``'s top ``top`` decoder layers (``train_top_layers``)."""
+    layers = model.config.num_hidden_layers
     return list(range(max(0, layers - top), layers))
 
 
 def freeze_below_top_layers(run: Run, model) -> None:
     """``train_top_layers`` without LoRA: only the top layers, the final norm and what comes after them (the
-    head: lm_head or score) keep requires_grad; embeddings and lower layers are frozen. (With LoRA, PEFT's
-    layers_to_transform places the adapters: see :func:`peft_config_for`.) The count of trainable parameters
-    goes to run.info."""
-    import re
-
+    head: lm_head or score) keep requires_grad; embeddings and lower layers are frozen. (With LoRA the
+    adapters' target pattern places them: see :func:`peft_config_for`.)"""
     top = run.recipe.gemma.train_top_layers
-    layers = model.config.num_hidden_layers
-    run.info["num_hidden_layers"] = layers
     if top is None or run.recipe.model.use_peft:
         return
-    keep = set(top_layer_indices(run, top))
+    keep = set(top_layer_indices(model, top))
     pattern = re.compile(r"(?:^|\.)layers\.(\d+)\.")
     for name, parameter in model.named_parameters():
         match = pattern.search(name)
@@ -274,8 +269,6 @@ def freeze_below_top_layers(run: Run, model) -> None:
     if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
         # a tied lm_head is the embedding matrix: frozen with it (its gradient would reach every row)
         model.lm_head.weight.requires_grad_(False)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    run.info["trainable_parameters"] = trainable
 
 
 def set_generation_stops(model, tokenizer) -> list[int]:
