@@ -566,3 +566,23 @@ def test_rule_rewards_give_an_empty_answer_nothing():
     finally:
         rules.STOP_IDS.clear()
         rules.STOP_IDS.update({1, 107})
+
+
+def test_overlong_penalty_is_dapo_soft_punishment():
+    """overlong: 0 up to L - L/4 tokens, then linear down to -1 at the limit L (a cut-off completion); it
+    refuses to score without the run's limit instead of guessing one."""
+    from gemma_hf.rl import rules
+
+    prompts = [[{"role": "user", "content": "Hi"}]] * 5
+    completions = [[{"role": "assistant", "content": "x"}]] * 5
+    ids = [[5] * n for n in (10, 72, 84, 96, 100)]
+    try:
+        rules.LIMIT["max_completion_length"] = None
+        with pytest.raises(RuntimeError, match="max_completion_length"):
+            rules.overlong(prompts, completions, ids)
+        rules.LIMIT["max_completion_length"] = 96  # window 24: from 72 tokens on
+        assert rules.overlong(prompts, completions, ids) == [0.0, 0.0, -0.5, -1.0, -1.0]
+        with pytest.raises(RuntimeError, match="completion_ids"):
+            rules.overlong(prompts, completions)
+    finally:
+        rules.LIMIT["max_completion_length"] = None

@@ -155,7 +155,7 @@ class RLHF(Method):
             from gemma_hf.rl import rules
             from gemma_hf.rl.rewards import load_rewards, parse_specs
 
-            rules.configure(run.tokenizer)
+            rules.configure(run.tokenizer, getattr(run.recipe.training, "max_completion_length", None))
             run.info["_rewards"] = load_rewards(parse_specs(run.recipe.method_args.rewards), device=run.state.device)
         return run.info["_rewards"]
 

@@ -15,14 +15,20 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 # The ids that end a turn (<eos>, <end_of_turn>) of the policy's tokenizer: set by the RLHF run
 # (configure(tokenizer)) before training; the defaults are the Gemma 1/2 ones.
 STOP_IDS: set[int] = {1, 107}
+# The most tokens a sampled completion may have (the run's max_completion_length), for ``overlong``:
+# set by the RLHF run (configure(tokenizer, max_completion_length)).
+LIMIT: dict[str, int | None] = {"max_completion_length": None}
+OVERLONG_WINDOW = 0.25  # ``overlong``'s soft window: the last quarter of max_completion_length
 
 
-def configure(tokenizer) -> None:
-    """Use ``tokenizer``'s stop ids (Gemma 3's <end_of_turn> is 106, Gemma 1/2's is 107)."""
+def configure(tokenizer, max_completion_length: int | None = None) -> None:
+    """Use ``tokenizer``'s stop ids (Gemma 3's <end_of_turn> is 106, Gemma 1/2's is 107) and the run's
+    completion limit."""
     from gemma_hf.chat import stop_token_ids
 
     STOP_IDS.clear()
     STOP_IDS.update(stop_token_ids(tokenizer))
+    LIMIT["max_completion_length"] = max_completion_length
 
 
 def _text(completion) -> str:
@@ -101,6 +107,22 @@ def chat_health(prompts, completions, completion_ids=None, **kwargs) -> list[flo
     return [0.0 if _empty(_text(t)) else x + y + z for t, x, y, z in zip(completions, a, b, c)]
 
 
+def overlong(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+    """DAPO's soft overlong punishment (Yu et al. 2025, section 3.4), in [-1, 0]: 0 for a completion of at most
+    L - W tokens, falling linearly to -1 at L (L = the run's max_completion_length, W = its last quarter), so a
+    completion the limit cut (never ending its turn) scores -1 and one that ends just before the limit
+    nearly as badly. It counters a reward model that prefers longer answers: without it, RLOO on the demo's
+    270M drifted within 3 steps to answers that all ran into the limit."""
+    limit = LIMIT["max_completion_length"]
+    if not limit:
+        raise RuntimeError("overlong needs the run's max_completion_length: gemma_hf.rl.rules.configure(tokenizer, "
+                           "max_completion_length) was not called")
+    if completion_ids is None:
+        raise RuntimeError("overlong needs completion_ids (TRL passes them to every reward function)")
+    window = max(1, round(limit * OVERLONG_WINDOW))
+    return [-min(1.0, max(0, len(ids) - (limit - window)) / window) for ids in completion_ids]
+
+
 def ascii_letters(prompts, completions, **kwargs) -> list[float]:
     """Toy reward with a dense signal for tiny random models: the share of ASCII letters among the
     completion's characters (a random policy over a 256k vocabulary scores well below 1)."""
@@ -116,5 +138,5 @@ def short(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
     return [1.0 / (1 + len(ids)) for ids in (completion_ids or [[]] * len(completions))]
 
 
-__all__ = ["ends_turn", "no_repetition", "not_echoing", "chat_health", "ascii_letters", "short", "distinct_2",
+__all__ = ["ends_turn", "no_repetition", "not_echoing", "chat_health", "overlong", "ascii_letters", "short", "distinct_2",
            "token_distinct_2"]
