@@ -180,6 +180,9 @@ def test_warp_merges_its_runs_and_keeps_every_stage(policy_dir, tmp_path):
     for m in (0, 1):
         sub = yaml.safe_load((stages / f"run-{m}" / "recipe.yaml").read_text())
         assert sub["seed"] == warp_seed + m and sub["split_seed"] == warp_seed and sub["eval_before_training"] is False
+        assert sub["eval_after_training"] is False  # the Pareto view measured each run: no second evaluation
+        assert not any(k.endswith("_after") and k.startswith("reward") for k in json.loads(
+            (stages / f"run-{m}" / "eval.json").read_text()) if (stages / f"run-{m}" / "eval.json").is_file())
 
 
 def test_pareto_intervals_are_paired_against_init():

@@ -225,7 +225,8 @@ def publish_training(run: Run, trainer, eval_set, before: dict, losses: dict, nu
         return {}
 
     final_model.eval()
-    after = run.method.evaluate(run, final_model, eval_set, "after") if eval_set is not None else {}
+    after = run.method.evaluate(run, final_model, eval_set, "after") \
+        if eval_set is not None and recipe.gemma.eval_after_training else {}
     results: dict[str, Any] = dict(losses)
     for when, values in (("before", before), ("after", after)):
         results.update({f"{k}_{when}": v for k, v in values.items() if not k.startswith("_")})

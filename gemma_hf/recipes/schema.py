@@ -71,6 +71,11 @@ class GemmaArguments:
         default=True,
         metadata={"help": "Evaluate the held-out split before training too (eval.json gets before and after)."},
     )
+    eval_after_training: bool = field(
+        default=True,
+        metadata={"help": "Evaluate the held-out split after training (eval.json's *_after numbers). WARP turns it "
+                          "off for its RL runs when its Pareto view measures them on the same prompts."},
+    )
     lora_trainable_tokens: list[str] | None = field(
         default=None,
         metadata={
