@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from gemma_hf.assets import gemma_tokenizer_tiny, llamafactory_data
-from gemma_hf.evaluation.preference_sets import preference_pairs
+from gemma_hf.evaluation.preference_sets import MAX_WORDS, preference_pairs
 from gemma_hf.recipes.reward import METHOD, PairFitter, pair_metrics
 from gemma_hf.tokenization import encode_conversation
 from tests.assets import require, tokenizer
@@ -159,10 +159,10 @@ def test_every_built_kind_is_the_corruption_it_names():
                                                               f"works with the others to make thing {i} do its job well."}]}
                for i in range(12)]
     answers = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in records}
-    kinds = ["truncated", "repeated", "echo", "continued"]
-    pairs = preference_pairs(records, kinds, seed=4)
-    assert Counter(p["kind"] for p in pairs) == {"truncated": 3, "repeated": 3, "echo": 3, "continued": 3}
-    assert pairs == preference_pairs(records, kinds, seed=4)
+    kinds = ["truncated", "repeated", "echo", "continued", "restated"]
+    pairs = preference_pairs(records, kinds, size=10, seed=4)
+    assert Counter(p["kind"] for p in pairs) == {"truncated": 2, "repeated": 2, "echo": 2, "continued": 2, "restated": 2}
+    assert pairs == preference_pairs(records, kinds, size=10, seed=4)
     for pair in pairs:
         instruction = pair["prompt"][-1]["content"]
         chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
@@ -174,6 +174,9 @@ def test_every_built_kind_is_the_corruption_it_names():
             words = rejected.split()
             head = next(n for n in range(4, 13) if words[n:2 * n] == words[:n])
             assert words[:head] == chosen.split()[:head] and len(words) >= len(chosen.split())
+        elif pair["kind"] == "restated":  # the whole answer, then its first sentence again and again
+            first = chosen.split(". ")[0] + "."
+            assert rejected.startswith(chosen + " " + first + " " + first)
         elif pair["kind"] == "continued":  # the whole answer, then the start of another one: the longer side
             rest = rejected[len(chosen):]
             assert rejected.startswith(chosen + "\n\n") and rest.strip() and rest.strip() not in chosen
@@ -181,6 +184,15 @@ def test_every_built_kind_is_the_corruption_it_names():
         else:
             assert rejected == instruction
     assert len(preference_pairs(records, ["off_topic", "echo"], size=5, seed=0)) == 5
+    # continued and restated take answers of at most MAX_WORDS words (a longer pair would be cut equal by
+    # a reward model's max_length); the other kinds make up the size, each up to an equal share.
+    long = [{"messages": [r["messages"][0], {"role": "assistant", "content": " ".join(
+        [r["messages"][1]["content"]] * 6)}]} for r in records]
+    mixed = preference_pairs(records[:4] + long[4:], kinds, size=10, seed=1)
+    by_kind = Counter(p["kind"] for p in mixed)
+    assert len(mixed) == 10 and by_kind["continued"] + by_kind["restated"] == 4 and max(by_kind.values()) == 2
+    assert all(len(p["chosen"][0]["content"].split()) <= MAX_WORDS["restated"]
+               for p in mixed if p["kind"] in ("continued", "restated"))
     with pytest.raises(ValueError, match="unknown build"):
         preference_pairs(records, ["loud"])
 

@@ -23,6 +23,19 @@ kind -- each one a way small policies fail:
 * ``shuffled``: the same answer with its words in a random order. Same words, same length; a model can
   tell them apart from the answer alone (fluency), without reading the prompt -- a language model's
   features go a long way towards it before any reward training.
+* ``restated``: the whole answer, then its own first sentence said again, and again (up to as many
+  words as the answer has, at most 40): an answer that keeps restating itself instead of ending -- what
+  the demo's 270M policy did after RL ("It is a simple sentence, which is a simple sentence. It is..."),
+  and what a reward model trained on the other kinds scored *above* the short, right answer.
+
+``continued`` and ``restated`` make the rejected side the longer one. They take only answers of at most
+60 words (``MAX_WORDS``), so that the pair still differs after a reward model's ``max_length`` cut
+(192 tokens in the demo, where 43 of 128 ``continued`` pairs built from longer answers were cut equal
+and dropped), and so that the reward model also sees short reference answers on the chosen side:
+without them, every short answer it saw in training was a rejected one. A record that cannot give the
+kind due (too short or too long an answer) gives another: each kind gets an equal share of the pairs
+(``size`` / the number of kinds, at most), a short answer the kinds that need one first, the others
+the kind furthest below its share.
 
 Every pair records its ``kind``. Pairs are labelled by the rule alone: the reference answer is taken
 to be better than each corruption of it, which holds by construction, not by a judge.
@@ -34,9 +47,11 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 
-BUILDS = ("off_topic", "truncated", "repeated", "echo", "continued", "shuffled")
+BUILDS = ("off_topic", "truncated", "repeated", "echo", "continued", "restated", "shuffled")
 CANDIDATES = 8  # answers drawn for each off-topic pair; the one closest in length is taken
-MIN_WORDS = {"truncated": 12, "repeated": 8}  # shorter answers give no pair of that kind
+MIN_WORDS = {"truncated": 12, "repeated": 8, "restated": 4}  # shorter answers give no pair of that kind
+MAX_WORDS = {"continued": 60, "restated": 60}  # longer answers give no pair of that kind (see above)
+RESTATED_WORDS = 40  # the most words a restated answer adds
 _SENTENCE_END = re.compile(r"[.!?:;]$")
 
 
@@ -82,6 +97,19 @@ def _repeated(answer: str, rng: random.Random) -> str | None:
     return " ".join(loop)
 
 
+def _restated(answer: str) -> str | None:
+    words = answer.split()
+    if len(words) < MIN_WORDS["restated"]:
+        return None
+    first = re.split(r"(?<=[.!?])\s+", answer.strip(), maxsplit=1)[0].strip()
+    budget = min(len(words), RESTATED_WORDS)
+    said, added = [], 0
+    while added < budget:
+        said.append(first)
+        added += len(first.split())
+    return answer + " " + " ".join(said)
+
+
 def _echo(prompt: list[dict], answer: str) -> str | None:
     users = [m for m in prompt if m.get("role") == "user"]
     text = str(users[-1].get("content") or "").strip() if users else ""
@@ -104,30 +132,29 @@ def preference_pairs(records: Sequence[Mapping], build: str | Sequence[str], siz
     order = list(range(len(usable)))
     rng.shuffle(order)
     pairs = []
+    share = -(-size // len(kinds))  # each kind's most pairs: an equal share of size
+    made = dict.fromkeys(kinds, 0)
     for turn, index in enumerate(order):
         if len(pairs) >= size:
             break
-        kind = kinds[turn % len(kinds)]
         prompt, answer = usable[index]
-        if kind == "off_topic":
-            others = [j for j in rng.sample(range(len(usable)), min(len(usable), CANDIDATES + 1)) if j != index
-                      and usable[j][1] != answer][:CANDIDATES]
-            rejected = usable[min(others, key=lambda j: (abs(len(usable[j][1]) - len(answer)), j))][1] if others else None
-        elif kind == "truncated":
-            rejected = _truncated(answer, rng)
-        elif kind == "repeated":
-            rejected = _repeated(answer, rng)
-        elif kind == "echo":
-            rejected = _echo(prompt, answer)
-        elif kind == "continued":
-            others = [j for j in rng.sample(range(len(usable)), min(len(usable), 2)) if j != index
-                      and usable[j][1] != answer]
-            rejected = (answer + "\n\n" + " ".join(usable[others[0]][1].split(" ")[:len(answer.split(" "))])) \
-                if others else None
-        else:
-            rejected = _shuffled(answer, rng)
+        # A short answer goes to the kinds only short answers can give (continued, restated) while they are
+        # below their share; else the kind furthest below its share first (ties: in turn from the kind due),
+        # else the next one this record can give.
+        words = len(answer.split())
+        due = sorted(range(len(kinds)), key=lambda k: (words > MAX_WORDS.get(kinds[k], -1),
+                                                       -(share - made[kinds[k]]), (k - turn) % len(kinds)))
+        rejected = None
+        for k in due:
+            if made[kinds[k]] >= share:
+                continue
+            kind = kinds[k]
+            rejected = _corrupt(kind, prompt, answer, index, usable, rng)
+            if rejected is not None:
+                break
         if rejected is None:
             continue
+        made[kind] += 1
         pairs.append({"prompt": [dict(m) for m in prompt],
                       "chosen": [{"role": "assistant", "content": answer}],
                       "rejected": [{"role": "assistant", "content": rejected}],
@@ -135,4 +162,28 @@ def preference_pairs(records: Sequence[Mapping], build: str | Sequence[str], siz
     return pairs
 
 
-__all__ = ["BUILDS", "preference_pairs"]
+def _corrupt(kind: str, prompt: list[dict], answer: str, index: int, usable: list, rng: random.Random) -> str | None:
+    """The rejected answer of ``kind`` for the record ``usable[index]`` (None: this record gives none)."""
+    if len(answer.split()) > MAX_WORDS.get(kind, len(answer.split())):
+        return None
+    if kind == "off_topic":
+        others = [j for j in rng.sample(range(len(usable)), min(len(usable), CANDIDATES + 1)) if j != index
+                  and usable[j][1] != answer][:CANDIDATES]
+        return usable[min(others, key=lambda j: (abs(len(usable[j][1]) - len(answer)), j))][1] if others else None
+    if kind == "truncated":
+        return _truncated(answer, rng)
+    if kind == "repeated":
+        return _repeated(answer, rng)
+    if kind == "echo":
+        return _echo(prompt, answer)
+    if kind == "continued":
+        others = [j for j in rng.sample(range(len(usable)), min(len(usable), 2)) if j != index
+                  and usable[j][1] != answer]
+        return (answer + "\n\n" + " ".join(usable[others[0]][1].split(" ")[:len(answer.split(" "))])) \
+            if others else None
+    if kind == "restated":
+        return _restated(answer)
+    return _shuffled(answer, rng)
+
+
+__all__ = ["BUILDS", "MAX_WORDS", "preference_pairs"]
