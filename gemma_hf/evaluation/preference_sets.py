@@ -20,13 +20,13 @@ kind -- each one a way small policies fail:
   answer (as many words as the answer has, at most): an answer that does not end when it is done.
   Its rejected side is the *longer* one, where ``truncated`` and ``echo`` make it the shorter: together
   they teach that an answer is good for being whole and to the point, not for its length.
-* ``shuffled``: the same answer with its words in a random order. Same words, same length; a model can
-  tell them apart from the answer alone (fluency), without reading the prompt -- a language model's
-  features go a long way towards it before any reward training.
 * ``restated``: the whole answer, then its own first sentence said again, and again (up to as many
   words as the answer has, at most 40): an answer that keeps restating itself instead of ending -- what
   the demo's 270M policy did after RL ("It is a simple sentence, which is a simple sentence. It is..."),
   and what a reward model trained on the other kinds scored *above* the short, right answer.
+* ``shuffled``: the same answer with its words in a random order. Same words, same length; a model can
+  tell them apart from the answer alone (fluency), without reading the prompt -- a language model's
+  features go a long way towards it before any reward training.
 
 ``continued`` and ``restated`` make the rejected side the longer one. They take only answers of at most
 60 words (``MAX_WORDS``), so that the pair still differs after a reward model's ``max_length`` cut
@@ -142,8 +142,12 @@ def preference_pairs(records: Sequence[Mapping], build: str | Sequence[str], siz
         # below their share; else the kind furthest below its share first (ties: in turn from the kind due),
         # else the next one this record can give.
         words = len(answer.split())
-        due = sorted(range(len(kinds)), key=lambda k: (words > MAX_WORDS.get(kinds[k], -1),
-                                                       -(share - made[kinds[k]]), (k - turn) % len(kinds)))
+
+        def order(k: int, words=words, turn=turn) -> tuple:
+            short_only = kinds[k] in MAX_WORDS and words <= MAX_WORDS[kinds[k]]
+            return (not short_only, made[kinds[k]] - share, (k - turn) % len(kinds))
+
+        due = sorted(range(len(kinds)), key=order)
         rejected = None
         for k in due:
             if made[kinds[k]] >= share:

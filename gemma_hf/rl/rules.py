@@ -111,8 +111,8 @@ def overlong(prompts, completions, completion_ids=None, **kwargs) -> list[float]
     """DAPO's soft overlong punishment (Yu et al. 2025, section 3.4), in [-1, 0]: 0 for a completion of at most
     L - W tokens, falling linearly to -1 at L (L = the run's max_completion_length, W = its last quarter), so a
     completion the limit cut (never ending its turn) scores -1 and one that ends just before the limit
-    nearly as badly. It counters a reward model that prefers longer answers: without it, RLOO on the demo's
-    270M drifted within 3 steps to answers that all ran into the limit."""
+    nearly as badly. It is meant against a reward model that prefers longer answers (the demo's WARP runs saw
+    answers grow towards the limit); on the demo's tuning split it made no difference beyond noise."""
     limit = LIMIT["max_completion_length"]
     if not limit:
         raise RuntimeError("overlong needs the run's max_completion_length: gemma_hf.rl.rules.configure(tokenizer, "
